@@ -1,0 +1,27 @@
+"""The one record every reader produces and every trainer consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """One math problem.
+
+    answer: the gold answer as text. For numeric problems it parses as a float ("72", "0.5");
+        for multiple choice it is the option letter ("a".."e").
+    options: option texts in letter order for multiple choice (("24", "120", ...)), else None.
+    cot: the reference chain of thought without the final "Therefore, the answer is" line;
+        empty when the source has none (evaluation-only data).
+    """
+
+    id: str
+    question: str
+    cot: str
+    answer: str
+    options: tuple[str, ...] | None = None
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return self.options is not None
