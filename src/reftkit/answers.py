@@ -1,0 +1,161 @@
+"""Reading final answers off model completions and grading them (N-CoT).
+
+Pure functions, no torch, no I/O. Rules (each one a decision, tested in tests/test_answers.py):
+
+* The answer lives after the LAST answer trigger ("Therefore, the answer is:"), matched
+  case-insensitively with the comma and colon optional, up to the end of that line. Text after
+  an earlier trigger is ignored even when the last one yields nothing.
+* No trigger -> None. There is deliberately no fallback to "the last number in the text": the
+  paper gives reward 0 when no answer can be extracted, and a fallback would pay a policy for
+  unformatted output. So "The answer is 5" (no "Therefore") -> None.
+* Numbers: the FIRST number in the answer text wins ("3 or 4" -> 3). Thousands commas
+  ("1,234"), currency/units ("$5", "rs . 150", "5 dollars") and "%" are dropped (5% -> 5, not
+  0.05). Fractions "a/b" and mixed numbers "1 1/2" (integer parts, proper fraction) are
+  evaluated; a zero denominator, inf or nan -> None. Only ASCII digits count.
+* Multiple choice: only an option letter a-e counts ("c", "(C)", "c)", "c .", "option c",
+  "c) 625"); a letter must stand alone ("a total of 5" -> None) and the option text alone
+  ("625") is not matched back to a letter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from reftkit.data.records import Example
+
+TRIGGER = "Therefore, the answer is:"
+
+# Comma and colon optional: the ReFT data files write "Therefore, the answer is <203>."
+_TRIGGER_RE = re.compile(r"\btherefore,?\s*the\s+answer\s+is\s*:?", re.IGNORECASE)
+
+# Light cleanup shared by numbers and letters: models and datasets wrap answers in markup.
+_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # \frac{3}{4} -> 3/4
+_LATEX_CMD_RE = re.compile(r"\\[A-Za-z]+")  # \boxed, \text, \left ... (arguments are kept)
+_MARKUP = str.maketrans({c: None for c in "\\{}$*<>`"} | {"\u2212": "-", "\u2013": "-"})
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+# One unsigned number: "72", "3.", "0.25", ".5", "1e-05" (format_number's output for tiny
+# values). A leading-dot decimal must not follow a letter, so "rs.150" is 150, not 0.15.
+_UNSIGNED = r"(?:[0-9]+(?:\.[0-9]*)?|(?<![A-Za-z])\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_NUMBER_RE = re.compile(
+    r"(?P<neg>-\s*)?"
+    r"(?:(?P<whole>[0-9]+)\s+(?=[0-9]+\s*/))?"  # whole part of a mixed number "1 1/2"
+    rf"(?P<num>{_UNSIGNED})"
+    rf"(?:\s*/\s*(?P<den>{_UNSIGNED}))?"
+)
+
+# An option letter standing alone, optionally in brackets or after "option"/"choice".
+_LETTER_RE = re.compile(
+    r"^(?:(?:option|choice)\s*:?\s*)?[(\[]?\s*(?P<letter>[a-e])\s*(?:[)\].:,]|$)",
+    re.IGNORECASE,
+)
+
+_DECIMALS = 10  # canonical text keeps this many decimals: short, and far below any tolerance
+_FLOAT_SLACK = 1e-9  # so a difference of exactly `tol` written in decimal is not lost to rounding
+
+
+def _clean(text: str) -> str:
+    text = _FRAC_RE.sub(r"\1/\2", text)
+    text = _LATEX_CMD_RE.sub("", text).translate(_MARKUP)
+    return _THOUSANDS_RE.sub("", text).strip()
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in a short answer string, or None (see the module rules). Never raises."""
+    match = _NUMBER_RE.search(_clean(text))
+    if match is None:
+        return None
+    value = float(match["num"])
+    if match["den"] is not None:
+        den = float(match["den"])
+        if den == 0:
+            return None
+        whole = match["whole"]
+        if whole is not None and not (match["num"].isdigit() and match["den"].isdigit() and value < den):
+            value = float(whole)  # "10 20/4" is not a mixed number: keep the first number only
+        else:
+            value = value / den + (float(whole) if whole is not None else 0.0)
+    if match["neg"] is not None:
+        value = -value
+    return value if math.isfinite(value) else None
+
+
+def format_number(x: float) -> str:
+    """Canonical text of a finite number: "72", "0.75", "-3", "0.00001" (no exponent)."""
+    text = f"{x:.{_DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _answer_line(completion: str) -> str | None:
+    """The text after the last trigger up to the end of its line, or None without a trigger."""
+    last = None
+    for last in _TRIGGER_RE.finditer(completion):
+        pass
+    if last is None:
+        return None
+    rest = completion[last.end() :].splitlines()
+    return rest[0] if rest else ""
+
+
+def extract_answer(completion: str, multiple_choice: bool = False) -> str | None:
+    """Canonical answer text after the last trigger: a number string or an option letter a-e."""
+    line = _answer_line(completion)
+    if line is None:
+        return None
+    if multiple_choice:
+        match = _LETTER_RE.match(_clean(line))
+        return match["letter"].lower() if match else None
+    value = parse_number(line)
+    return None if value is None else format_number(value)
+
+
+def is_correct(extracted: str | None, example: Example, tol: float = 1e-2) -> bool:
+    """Numeric: within `tol` of the gold answer. Multiple choice: same letter, any case."""
+    if extracted is None:
+        return False
+    if example.is_multiple_choice:
+        return extracted.strip().lower() == example.answer.strip().lower()
+    got, gold = parse_number(extracted), parse_number(example.answer)
+    return got is not None and gold is not None and abs(got - gold) <= tol + _FLOAT_SLACK
+
+
+@dataclass(frozen=True)
+class Grade:
+    extracted: str | None  # the answer read off the completion, canonical text, or None
+    correct: bool
+
+
+class Grader(Protocol):
+    """Grades a batch of completions; batched because program-CoT executes code in batches."""
+
+    def grade(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Grade]: ...
+
+
+class NaturalLanguageGrader:
+    """N-CoT grading: extract_answer + is_correct."""
+
+    def __init__(self, tol: float = 1e-2) -> None:
+        self.tol = tol
+
+    def grade(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Grade]:
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+        grades = []
+        for completion, example in zip(completions, examples):
+            extracted = extract_answer(completion, multiple_choice=example.is_multiple_choice)
+            grades.append(Grade(extracted, is_correct(extracted, example, self.tol)))
+        return grades
+
+
+def reward_from_grade(grade: Grade, correct_reward: float = 1.0, partial_reward: float = 0.1) -> float:
+    """Paper's reward: correct -> 1, answer extracted but wrong -> 0.1, nothing extracted -> 0.
+
+    partial_reward=0.0 turns partial credit off.
+    """
+    if grade.correct:
+        return correct_reward
+    return partial_reward if grade.extracted is not None else 0.0

@@ -1,0 +1,78 @@
+"""The paper's prompt format and its tokenization (the SFT loss covers response tokens only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reftkit.answers import TRIGGER
+from reftkit.data.records import Example
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+
+def question_text(example: Example) -> str:
+    if example.options is None:
+        return example.question
+    letters = "abcdefghij"
+    opts = " , ".join(f"{letters[i]} ) {o}" for i, o in enumerate(example.options))
+    return f"{example.question}\nOptions: {opts}"
+
+
+def prompt_text(example: Example) -> str:
+    """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n`."""
+    return f"Question:\n{question_text(example)}\nAnswer reasoning:\n"
+
+
+def response_text(example: Example) -> str:
+    """The training target: the reference CoT, then the answer trigger (EOS is added as a token)."""
+    return f"{example.cot}\n{TRIGGER} {example.answer}"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+    truncated: bool
+
+
+def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int) -> list[int]:
+    """Prompt token ids, keeping the last max_prompt_tokens (the question's end holds the ask)."""
+    ids = tokenizer(prompt_text(example), add_special_tokens=True)["input_ids"]
+    return ids[-max_prompt_tokens:]
+
+
+def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: int) -> Encoded:
+    """Prompt + response + EOS, truncated to max_length (truncation is reported, never silent)."""
+    prompt = encode_prompt(tokenizer, example, max_prompt_tokens)
+    response = tokenizer(response_text(example), add_special_tokens=False)["input_ids"]
+    response = response + [tokenizer.eos_token_id]
+    ids = (prompt + response)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+    return Encoded(ids, labels, truncated=len(prompt) + len(response) > max_length)
+
+
+def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def pad_left(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+
+def collate_sft(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids = pad_right([e.input_ids for e in batch], pad_id)
+    attention_mask = pad_right([[1] * len(e.input_ids) for e in batch], 0)
+    labels = pad_right([e.labels for e in batch], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts, as generation needs (every row's next token sits in the last column)."""
+    return {
+        "input_ids": pad_left(prompts, pad_id),
+        "attention_mask": pad_left([[1] * len(p) for p in prompts], 0),
+    }
