@@ -30,7 +30,7 @@ from reftkit.data.records import Example
 TRIGGER = "Therefore, the answer is:"
 
 # Comma and colon optional: the ReFT data files write "Therefore, the answer is <203>."
-_TRIGGER_RE = re.compile(r"\btherefore,?\s*the\s+answer\s+is\s*:?", re.IGNORECASE)
+_TRIGGER_RE = re.compile(r"therefore,?\s*the\s+answer\s+is\s*:?", re.IGNORECASE)
 
 # Light cleanup shared by numbers and letters: models and datasets wrap answers in markup.
 _FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # \frac{3}{4} -> 3/4

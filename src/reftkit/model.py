@@ -1,0 +1,95 @@
+"""Models: loading any causal LM, the value head that shares its backbone, and log-probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def load_tokenizer(name_or_path: str):
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as `generate` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state (the paper's shared backbone)."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        # Start from V = 0 so early advantages are the (whitened) rewards, not noise.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(dtype=lm.dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits [B, L, V], values [B, L])."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, values
+
+    def save_value_head(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(Path(directory) / VALUE_HEAD_FILE))
+
+    def load_value_head(self, directory: Path) -> bool:
+        """Loads the head if the directory has one (a warm-up SFT checkpoint does not)."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.exists():
+            return False
+        self.value_head.load_state_dict(load_file(str(path)))
+        return True
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under logits / temperature. logits [B, T, V], tokens [B, T] -> [B, T]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_slice(full: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Outputs at positions that predict the response tokens (position i predicts token i + 1)."""
+    return full[:, prompt_len - 1 : -1]
+
+
+def lm_response_logprobs(
+    lm: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probabilities [B, T] of the response tokens (columns prompt_len:) under a plain LM."""
+    logits = lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+    ).logits
+    return token_logprobs(response_slice(logits, prompt_len), input_ids[:, prompt_len:], temperature)

@@ -1,0 +1,93 @@
+"""Supervised fine-tuning recipe: (question, reference CoT) pairs, loss on response tokens only."""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reftkit.answers import NaturalLanguageGrader
+from reftkit.config import SFTConfig
+from reftkit.data.records import Example
+from reftkit.evaluate import evaluate
+from reftkit.prompts import collate_sft, encode_sft
+from reftkit.training import (
+    Metrics, Progress, load_examples_for, load_model_and_tokenizer, make_accelerator, make_optimizer,
+    prune_checkpoints, resume_from, save_checkpoint,
+)
+
+log = logging.getLogger("reftkit")
+
+
+def _lm(model):
+    return model
+
+
+def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
+    """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
+    accelerator = make_accelerator(cfg)
+    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+    if eval_set is None and cfg.eval_file:
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")
+    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed)
+
+    features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length) for ex in train]
+    truncated = sum(f.truncated for f in features)
+    if truncated:
+        log.warning("%d of %d training examples exceed max_length=%d and were truncated", truncated,
+                    len(features), cfg.max_length)
+    loader = DataLoader(features, batch_size=cfg.batch_size, shuffle=True,
+                        collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
+    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
+    metrics = Metrics(accelerator, cfg, "sft")
+    grader = NaturalLanguageGrader()
+    config = cfg.model_dump(mode="json")
+
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc="sft",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    model.train()
+    for epoch in range(progress.epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for i, batch in enumerate(batches, start=skip):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress.step += 1
+            progress.epoch, progress.batch_in_epoch = epoch, i + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(),
+                         "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        if eval_set and cfg.eval_every_epoch:
+            acc = evaluate(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader,
+                           batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                           max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
+                           predictions_path=cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
+            metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
+            log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
+        save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
+                        progress, config)
+        prune_checkpoints(accelerator, cfg.output_dir)
+    bar.close()
+    final = save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, "final", None, config)
+    metrics.close()
+    return final

@@ -1,0 +1,394 @@
+"""Readers: each format on small hand-written files, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from reftkit.data import DataError, Example, LoadResult, Skipped, load_examples
+from reftkit.data.readers import FORMATS, equation_cot
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def reft_item(item_id: str = "svamp_0", **overrides: object) -> dict:
+    item = {
+        "item_id": item_id,
+        "question": "Tyler has 29 species with 7 pairs each. How many pairs?",
+        "answer_cot": "29 * 7 = 203 pairs.\n\nTherefore, the answer is <203>.",
+        "answer_value": "203.0",
+    }
+    return {**item, **overrides}
+
+
+GSM8K_ROW = {
+    "question": "Natalia sold clips to 48 friends in April and half as many in May. How many in total?",
+    "answer": "In May: 48/2 = <<48/2=24>>24 clips.\nTotal: 48+24 = <<48+24=72>>72 clips.\n#### 72",
+}
+
+MATHQA_ROW = {
+    "Problem": "what is 5 ^ 4 ?",
+    "Rationale": '"5 * 5 * 5 * 5 = 625 . answer : c ."',
+    "options": "a ) 24 , b ) 120 , c ) 625 , d ) 720 , e ) 1024",
+    "correct": "c",
+    "annotated_formula": "power(5, 4)",
+}
+
+SVAMP_ROW = {
+    "ID": "chal-1",
+    "Body": "Each pack of dvds costs 76 dollars.  If there is a discount of 25 dollars on each pack",
+    "Question": "How much do you have to pay to buy each pack?",
+    "Equation": "( 76.0 - 25.0 )",
+    "Answer": 51.0,
+    "Type": "Subtraction",
+}
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_reft_json_strips_answer_line_and_canonicalises_answer(tmp_path):
+    items = [
+        reft_item("svamp_0"),
+        reft_item("svamp_1", answer_cot="Half of 1 is 0.5\nTherefore, the answer is: 0.5", answer_value="0.5"),
+        reft_item("svamp_2", answer_cot="6 / 100 = 6%\n\nTherefore, the answer is <6%>.", answer_value="6.0"),
+        reft_item("svamp_3", answer_cot="Already answered. The answer is <4>.", answer_value="4"),
+        reft_item("svamp_4", answer_cot="def solution():\n    result = 29 * 7\n    return result"),
+    ]
+    result = load_examples(write_json(tmp_path / "train_nl.json", items), "reft")
+    q = items[0]["question"]
+    assert result.examples == [
+        Example("svamp_0", q, "29 * 7 = 203 pairs.", "203"),
+        Example("svamp_1", q, "Half of 1 is 0.5", "0.5"),
+        Example("svamp_2", q, "6 / 100 = 6%", "6"),
+        Example("svamp_3", q, "Already answered.", "4"),
+        Example("svamp_4", q, "def solution():\n    result = 29 * 7\n    return result", "203"),
+    ]
+    assert result.skipped == []
+
+
+def test_reft_jsonl_is_accepted(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [reft_item("a"), reft_item("b", answer_value=7)])
+    result = load_examples(path)  # auto: answer_cot/answer_value -> reft
+    assert [(e.id, e.answer) for e in result.examples] == [("a", "203"), ("b", "7")]
+
+
+def test_gsm8k_removes_calculator_notes_and_final_line(tmp_path):
+    second = {"question": " Big? ", "answer": "It is 1,000 + 200.\n#### 1,200\n"}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GSM8K_ROW) + "\n\n" + json.dumps(second) + "\n", encoding="utf-8")
+    result = load_examples(path, "gsm8k")
+    assert result.examples == [
+        Example(
+            "train-1",
+            GSM8K_ROW["question"],
+            "In May: 48/2 = 24 clips.\nTotal: 48+24 = 72 clips.",
+            "72",
+        ),
+        Example("train-3", "Big?", "It is 1,000 + 200.", "1200"),  # ids count physical lines
+    ]
+
+
+def test_svamp_question_and_equation_cot(tmp_path):
+    no_id = {**SVAMP_ROW, "Equation": "( ( 3.0 + 4.0 ) * 2.5 )", "Answer": 17.5}
+    no_id.pop("ID")
+    path = write_json(tmp_path / "svamp.json", [SVAMP_ROW, no_id])
+    result = load_examples(path, "svamp")
+    question = (
+        "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
+        "How much do you have to pay to buy each pack?"
+    )
+    assert result.examples == [
+        Example("chal-1", question, "76 - 25 = 51", "51"),
+        Example("svamp-1", question, "( 3 + 4 ) * 2.5 = 17.5", "17.5"),
+    ]
+
+
+def test_equation_cot_keeps_parens_that_do_not_wrap_everything():
+    assert equation_cot("( 1.0 + 2.0 ) * ( 3.0 + 4.0 )", "21") == "( 1 + 2 ) * ( 3 + 4 ) = 21"
+    assert equation_cot(" 10.50 / 2.0 ", "5.25") == "10.50 / 2 = 5.25"
+
+
+def test_mathqa_multiple_choice(tmp_path):
+    commas = {
+        **MATHQA_ROW,
+        "Rationale": "plain rationale",
+        "options": "a ) rs . 1,200 , b ) 5 , 6 , c ) 3 / 4 , d ) none , e ) 7",
+        "correct": "A",
+    }
+    as_list = {**MATHQA_ROW, "options": ["a ) 1", "b ) 2", "c ) 3", "d ) 4", "e ) 5"]}
+    list_repr = {**MATHQA_ROW, "options": "['a ) 4', 'b ) 4 π', 'c ) 16', 'd ) 8', 'e ) 2']"}
+    doubled = {**MATHQA_ROW, "options": "a ) a ) 3 , b ) 2 , c ) c ) 5 , d ) d ) 21 , e ) e ) 28"}
+    path = write_json(tmp_path / "dev.json", [MATHQA_ROW, commas, as_list, list_repr, doubled])
+    result = load_examples(path, "mathqa")
+    q = MATHQA_ROW["Problem"]
+    cot = "5 * 5 * 5 * 5 = 625 . answer : c ."
+    assert result.examples == [
+        Example("dev-0", q, cot, "c", ("24", "120", "625", "720", "1024")),
+        Example("dev-1", q, "plain rationale", "a", ("rs . 1,200", "5 , 6", "3 / 4", "none", "7")),
+        Example("dev-2", q, cot, "c", ("1", "2", "3", "4", "5")),
+        Example("dev-3", q, cot, "c", ("4", "4 π", "16", "8", "2")),
+        Example("dev-4", q, cot, "c", ("3", "2", "5", "21", "28")),
+    ]
+
+
+def test_mathqa_numeric_uses_value_of_correct_option(tmp_path):
+    money = {**MATHQA_ROW, "options": "a ) rs . 1,200 , b ) 5 , c ) 6 , d ) 7 , e ) 8", "correct": "a"}
+    fraction = {**MATHQA_ROW, "options": "a ) 1 , b ) 1 / 2 , c ) 6 , d ) 7 , e ) 8", "correct": "b"}
+    path = write_json(tmp_path / "dev.json", [MATHQA_ROW, money, fraction])
+    result = load_examples(path, "mathqa-numeric")
+    cot = "5 * 5 * 5 * 5 = 625 . answer : c ."
+    q = MATHQA_ROW["Problem"]
+    assert result.examples == [
+        Example("dev-0", q, cot, "625"),
+        Example("dev-1", q, cot, "1200"),
+        Example("dev-2", q, cot, "0.5"),
+    ]
+
+
+def test_json_lines_file_named_json(tmp_path):
+    path = tmp_path / "gsm.json"
+    path.write_text(json.dumps(GSM8K_ROW) + "\n" + json.dumps(GSM8K_ROW) + "\n", encoding="utf-8")
+    assert [e.id for e in load_examples(path).examples] == ["gsm-1", "gsm-2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected_answer"),
+    [
+        ("a.jsonl", [GSM8K_ROW], "72"),
+        ("a.json", [reft_item()], "203"),
+        ("a.json", [SVAMP_ROW], "51"),
+        ("a.json", [MATHQA_ROW], "c"),
+    ],
+)
+def test_auto_detection(tmp_path, name, data, expected_answer):
+    path = tmp_path / name
+    write_jsonl(path, data) if name.endswith(".jsonl") else write_json(path, data)
+    assert load_examples(path).examples[0].answer == expected_answer
+
+
+def test_fields_map_other_column_names(tmp_path):
+    rows = [{"uid": "x1", "problem": "2+2?", "solution": "2+2=<<2+2=4>>4\n#### 4"}]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    fields = {"question": "problem", "answer": "solution", "id": "uid"}
+    assert load_examples(path, fields=fields).examples == [Example("x1", "2+2?", "2+2=4", "4")]
+    # numeric answers without a cot column: evaluation-only data, cot ""
+    path = write_jsonl(tmp_path / "eval.jsonl", [{"problem": "2+2?", "target": "4"}])
+    got = load_examples(path, fields={"question": "problem", "answer": "target"}).examples
+    assert got == [Example("eval-1", "2+2?", "", "4")]
+    # a missing mapped column is reported under the user's name
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "2+2?", "target": "4"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl line 1: missing field 'problem'"):
+        load_examples(path, fields={"question": "problem", "answer": "target"})
+    with pytest.raises(DataError, match=r"fields \['cot'\] do not apply to the gsm8k format"):
+        load_examples(path, "gsm8k", fields={"cot": "target"})
+    with pytest.raises(DataError, match="unknown keys"):
+        load_examples(path, fields={"solution": "target"})
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _raises(path: Path, *fragments: str, **kwargs: object) -> str:
+    with pytest.raises(DataError) as info:
+        load_examples(path, **kwargs)
+    message = str(info.value)
+    for fragment in (path.name, *fragments):
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_bad_json_in_json_file_reports_line_and_column(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"question": "q",\n   "answer": }\n]', encoding="utf-8")
+    _raises(path, "invalid JSON at line 3 column 14")
+
+
+def test_bad_json_line_in_jsonl(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GSM8K_ROW) + "\n{not json\n", encoding="utf-8")
+    _raises(path, "line 2", "invalid JSON", fmt="gsm8k")
+
+
+@pytest.mark.parametrize(
+    ("row", "fragments"),
+    [
+        ({"answer": GSM8K_ROW["answer"]}, ("line 1", "missing field 'question'")),
+        ({**GSM8K_ROW, "question": 5}, ("line 1", "field 'question': expected text, got number")),
+        ({**GSM8K_ROW, "question": None}, ("line 1", "field 'question': expected text, got null")),
+        ({**GSM8K_ROW, "question": "   "}, ("line 1", "field 'question': empty")),
+        ({**GSM8K_ROW, "answer": "so 72"}, ("line 1", "field 'answer': no '#### N' final line")),
+        ({**GSM8K_ROW, "answer": "x\n#### seventy"}, ("line 1", "field 'answer': not a number")),
+        ({**GSM8K_ROW, "answer": "#### 7\nmore"}, ("line 1", "field 'answer': no '#### N'")),
+        ([1, 2], ("line 1", "expected a JSON object, got list")),
+    ],
+)
+def test_bad_gsm8k_rows(tmp_path, row, fragments):
+    _raises(write_jsonl(tmp_path / "train.jsonl", [row]), *fragments, fmt="gsm8k")
+
+
+@pytest.mark.parametrize(
+    ("item", "fragments"),
+    [
+        (reft_item(answer_value="abc"), ("item 1", "field 'answer_value': not a number ('abc')")),
+        (reft_item(answer_value="about 5"), ("item 1", "field 'answer_value': not a number")),
+        (reft_item(answer_value=None), ("item 1", "field 'answer_value': expected a number, got null")),
+        (reft_item(answer_cot=["x"]), ("item 1", "field 'answer_cot': expected text, got list")),
+        ({"question": "q", "answer_cot": "c"}, ("item 1", "missing field 'answer_value'")),
+        (reft_item("svamp_0"), ("item 1", "field 'item_id': duplicate id ('svamp_0', first at item 0)")),
+        ("just text", ("item 1", "expected a JSON object, got text")),
+    ],
+)
+def test_bad_reft_items(tmp_path, item, fragments):
+    _raises(write_json(tmp_path / "train_nl.json", [reft_item("svamp_0"), item]), *fragments, fmt="reft")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "overrides", "fragments"),
+    [
+        ("mathqa", {"correct": "f"}, ("item 0", "field 'correct': not an option letter a-e ('f')")),
+        ("mathqa", {"correct": ""}, ("item 0", "field 'correct': not an option letter")),
+        ("mathqa", {"options": "24 , 120 , 625"}, ("item 0", "field 'options': expected 'a ) ... , b ) ...'")),
+        ("mathqa", {"options": 5}, ("item 0", "field 'options': expected text or a list of text, got number")),
+        ("mathqa", {"options": "a ) 1 , b ) , c ) 3"}, ("item 0", "field 'options': option 'b' is empty")),
+        ("mathqa", {"options": "a ) 1 , b ) 2 , c ) 3", "correct": "d"}, ("field 'correct'", "a-c")),
+        ("mathqa", {"Problem": None}, ("item 0", "field 'Problem': expected text, got null")),
+        (
+            "mathqa-numeric",
+            {"options": "a ) 1 , b ) 2 , c ) none , d ) 4 , e ) 5"},
+            ("item 0", "field 'options': correct option is not a single number (c: 'none')"),
+        ),
+        (
+            "mathqa-numeric",
+            {"options": "a ) 1 , b ) 2 , c ) 5 : 9 , d ) 4 , e ) 5"},
+            ("item 0", "correct option is not a single number (c: '5 : 9')"),
+        ),
+        ("svamp", {"Answer": "many"}, ("item 0", "field 'Answer': not a number")),
+        ("svamp", {"Equation": ""}, ("item 0", "field 'Equation': empty")),
+    ],
+)
+def test_bad_mathqa_and_svamp_items(tmp_path, fmt, overrides, fragments):
+    base = SVAMP_ROW if fmt == "svamp" else MATHQA_ROW
+    _raises(write_json(tmp_path / "dev.json", [{**base, **overrides}]), *fragments, fmt=fmt)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "file is empty"),
+        ("  \n\n", "file is empty"),
+        ("[]", "empty list"),
+        ('{"question": "q"}', "top level is a JSON object, expected a list"),
+    ],
+)
+def test_file_level_problems_raise_even_when_skipping(tmp_path, content, fragment):
+    path = tmp_path / "train.json"
+    path.write_text(content, encoding="utf-8")
+    _raises(path, fragment, skip_invalid=True)
+
+
+def test_missing_file(tmp_path):
+    _raises(tmp_path / "nope.jsonl", "file not found")
+    _raises(tmp_path / "nope.json", "file not found", fmt="gsm8k")
+
+
+def test_unknown_format_and_undetectable_fields(tmp_path):
+    path = write_json(tmp_path / "odd.json", [{"foo": 1}])
+    with pytest.raises(DataError, match="unknown format 'csv'"):
+        load_examples(path, "csv")
+    message = _raises(path, "cannot infer the format", "foo")
+    assert all(fmt in message for fmt in FORMATS)
+
+
+# ----------------------------------------------------------------------------- skipping
+
+
+def test_skip_invalid_keeps_good_rows_in_order_and_reports_reasons(tmp_path):
+    path = tmp_path / "train.jsonl"
+    lines = [
+        json.dumps(GSM8K_ROW),
+        json.dumps({"answer": "#### 1"}),
+        "{oops",
+        json.dumps({**GSM8K_ROW, "answer": "no final line"}),
+        json.dumps({"question": "Second good one?", "answer": "#### 2"}),
+        json.dumps({"answer": "#### 3"}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = load_examples(path, skip_invalid=True)
+    assert [(e.id, e.answer) for e in result.examples] == [("train-1", "72"), ("train-5", "2")]
+    assert result.skipped == [
+        Skipped("train.jsonl line 2", "missing field 'question'"),
+        Skipped("train.jsonl line 3", "invalid JSON at column 2: Expecting property name enclosed in double quotes"),
+        Skipped("train.jsonl line 4", "field 'answer': no '#### N' final line"),
+        Skipped("train.jsonl line 6", "missing field 'question'"),
+    ]
+    summary = result.summary()
+    assert summary.startswith(f"loaded 2 examples from {path}; skipped 4 (")
+    assert "2x missing field 'question'" in summary
+    assert "1x field 'answer': no '#### N' final line" in summary
+
+
+def test_skip_invalid_groups_details_in_summary():
+    skipped = [Skipped(f"a.json item {i}", f"field 'x': not a number ('{i}')") for i in range(3)]
+    result = LoadResult([Example("1", "q", "", "1")], skipped, "a.json")
+    assert result.summary() == "loaded 1 examples from a.json; skipped 3 (3x field 'x': not a number)"
+
+
+def test_all_rows_invalid_raises(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"answer": "#### 1"}, {"question": "q", "answer": "1"}])
+    _raises(path, "all 2 rows are invalid", "line 1", "missing field 'question'", skip_invalid=True)
+
+
+def test_duplicate_ids_can_be_skipped(tmp_path):
+    path = write_json(tmp_path / "t.json", [reft_item("a"), reft_item("a"), reft_item("b")])
+    result = load_examples(path, skip_invalid=True)
+    assert [e.id for e in result.examples] == ["a", "b"]
+    assert result.skipped == [
+        Skipped("t.json item 1", "field 'item_id': duplicate id ('a', first at item 0)")
+    ]
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    gsm = datasets.Dataset.from_dict({"question": [GSM8K_ROW["question"]], "answer": [GSM8K_ROW["answer"]]})
+    gsm.save_to_disk(str(tmp_path / "gsm"))
+    expected = Example(
+        "gsm-0", GSM8K_ROW["question"], "In May: 48/2 = 24 clips.\nTotal: 48+24 = 72 clips.", "72"
+    )
+    assert load_examples(tmp_path / "gsm", "hf").examples == [expected]
+    assert load_examples(str(tmp_path / "gsm")).examples == [expected]  # auto: a directory
+
+    reft = datasets.Dataset.from_dict({key: [value] for key, value in reft_item("s1").items()})
+    datasets.DatasetDict({"test": reft}).save_to_disk(str(tmp_path / "reft"))
+    got = load_examples(tmp_path / "reft", "hf", split="test").examples
+    assert [(e.id, e.cot, e.answer) for e in got] == [("s1", "29 * 7 = 203 pairs.", "203")]
+    with pytest.raises(DataError, match="no split 'train'"):
+        load_examples(tmp_path / "reft", "hf")
+
+    bad = datasets.Dataset.from_dict({"q": ["x", None], "a": ["#### 1", "#### 2"]})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    result = load_examples(tmp_path / "bad", "hf", fields={"question": "q", "answer": "a"}, skip_invalid=True)
+    assert [e.answer for e in result.examples] == ["1"]
+    assert result.skipped == [Skipped("bad row 1", "field 'q': expected text, got null")]
+
+
+def test_hf_without_datasets_package_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(DataError, match=r"pip install 'reftkit\[datasets\]'"):
+        load_examples("openai/gsm8k", "hf")
+    with pytest.raises(DataError, match=r"pip install 'reftkit\[datasets\]'"):
+        load_examples(tmp_path)  # auto: a directory is a saved dataset
