@@ -1,10 +1,10 @@
 """Synthetic multi-step arithmetic word problems for the built-in demo.
 
-Each problem follows one person's count of one item through 2-4 events (gains, losses,
-multiplications, bulk purchases). The reference chain of thought states one equation per
-event, so the difficulty is the arithmetic a tiny model must learn, as in GSM8K.
-Annotators vary: the generator picks one of several phrasings and operand orders per step,
-so one question's single reference CoT is only one of several valid reasoning paths.
+Each problem follows one person's count of one item through 2-3 events (gains, losses,
+doubling/tripling). The reference chain of thought is one equation per event, so what a tiny
+model must learn is reading the events and doing the arithmetic, as in GSM8K. Annotators vary:
+the generator picks the operand order of + and * at random, so a question's single reference
+CoT is only one of several valid reasoning paths.
 """
 
 from __future__ import annotations
@@ -14,56 +14,38 @@ import random
 from reftkit.data.records import Example
 
 NAMES = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Lily", "Omar", "Nina", "Ravi"]
-PRONOUN = {n: ("she" if n in {"Ava", "Mia", "Zoe", "Ivy", "Lily", "Nina"} else "he") for n in NAMES}
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells", "stamps", "cookies"]
-CONTAINERS = ["bags", "boxes", "packs", "jars"]
+GAINS = ["Then buys", "Then finds", "Then gets", "Then wins"]
+LOSSES = ["Then gives away", "Then loses", "Then sells", "Then eats"]
+TIMES = {2: "Then doubles", 3: "Then triples"}
 
 
-def _step(rng: random.Random, name: str, item: str, total: int) -> tuple[str, str, int]:
-    """One event: (question sentence, reasoning sentence, new total)."""
-    he = PRONOUN[name]
-    kind = rng.choice(["gain", "gain", "loss", "loss", "times", "bulk"])
-    if kind == "loss" and total < 4:
+def _step(rng: random.Random, total: int) -> tuple[str, str, int]:
+    """One event: (question sentence, reasoning line, new total)."""
+    kind = rng.choice(["gain", "loss", "times"] if total <= 20 else ["gain", "loss", "loss"])
+    if kind == "loss" and total < 3:
         kind = "gain"
-    if kind == "times" and total > 60:
-        kind = "loss"
     if kind == "gain":
-        n = rng.randint(2, 49)
-        verb = rng.choice(["buys", "finds", "gets", "wins"])
+        n = rng.randint(2, 19)
         eq = f"{total} + {n}" if rng.random() < 0.5 else f"{n} + {total}"
-        new = total + n
-        q = f"{he.capitalize()} {verb} {n} more {item}."
-        r = rng.choice([f"{eq} = {new}", f"{he.capitalize()} {verb} {n}, so {eq} = {new}"])
-        return q, r, new
+        return f"{rng.choice(GAINS)} {n} more.", f"{eq} = {total + n}", total + n
     if kind == "loss":
-        n = rng.randint(1, total - 1)
-        verb = rng.choice(["gives away", "loses", "sells", "uses"])
-        q = f"{he.capitalize()} {verb} {n} {item}."
-        r = rng.choice([f"{total} - {n} = {total - n}", f"After that {total} - {n} = {total - n} are left"])
-        return q, r, total - n
-    if kind == "times":
-        k = rng.randint(2, 4)
-        word = {2: "doubles", 3: "triples", 4: "quadruples"}[k]
-        eq = f"{total} * {k}" if rng.random() < 0.5 else f"{k} * {total}"
-        q = f"Then {he} {word} {he == 'she' and 'her' or 'his'} {item}."
-        return q, f"{eq} = {total * k}", total * k
-    bags, per = rng.randint(2, 9), rng.randint(2, 12)
-    box = rng.choice(CONTAINERS)
-    q = f"{he.capitalize()} buys {bags} {box} with {per} {item} in each."
-    r = f"{bags} * {per} = {bags * per} {item} in the {box}, and {total} + {bags * per} = {total + bags * per}"
-    return q, r, total + bags * per
+        n = rng.randint(1, min(total - 1, 19))
+        return f"{rng.choice(LOSSES)} {n}.", f"{total} - {n} = {total - n}", total - n
+    k = rng.randint(2, 3)
+    eq = f"{total} * {k}" if rng.random() < 0.5 else f"{k} * {total}"
+    return f"{TIMES[k]} them.", f"{eq} = {total * k}", total * k
 
 
 def make_problem(rng: random.Random, index: int, prefix: str = "synth") -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(5, 60)
-    question = [f"{name} has {total} {item}."]
-    reasoning = [f"{name} starts with {total} {item}."]
-    for _ in range(rng.randint(2, 4)):
-        q, r, total = _step(rng, name, item, total)
+    total = rng.randint(2, 30)
+    question, reasoning = [f"{name} has {total} {item}."], []
+    for _ in range(rng.randint(2, 3)):
+        q, r, total = _step(rng, total)
         question.append(q)
-        reasoning.append(r + ".")
-    question.append(f"How many {item} does {name} have now?")
+        reasoning.append(r)
+    question.append(f"How many {item} now?")
     return Example(id=f"{prefix}-{index}", question=" ".join(question), cot="\n".join(reasoning), answer=str(total))
 
 

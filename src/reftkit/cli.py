@@ -1,0 +1,208 @@
+"""`reftkit` command line: one subcommand per config model, options generated from its fields.
+
+Precedence: field defaults < YAML config file < command-line options. The merged dict is validated
+by the pydantic model only, so types, ranges and unknown keys are checked in one place.
+Heavy modules (torch, transformers) are imported only when a command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from reftkit import __version__
+from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
+
+
+class Command(NamedTuple):
+    module: str  # resolved with importlib at call time: lazy, and tests can swap the module
+    function: str
+    config: type[BaseModel]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command("reftkit.trainers.sft", "train_sft", SFTConfig, "supervised fine-tuning (warm-up)"),
+    "reft": Command("reftkit.trainers.reft", "train_reft", ReFTConfig, "ReFT: PPO from an SFT checkpoint"),
+    "eval": Command("reftkit.evaluate_cli", "run_eval", EvalConfig, "greedy accuracy of a checkpoint"),
+    "demo": Command("reftkit.demo", "run_demo", DemoConfig, "synthetic end-to-end demo: SFT, then ReFT vs SFT"),
+}
+
+CONVENTIONS = (
+    "Values: defaults < CONFIG (YAML mapping of option: value) < options given here. "
+    "Booleans: --flag / --no-flag. Lists: --log_with tensorboard wandb (no value: empty list). "
+    "Optional values: 'none' sets None. Options may be spelled --snake_case or --kebab-case. "
+    "Give CONFIG before list options."
+)
+_DEST = "cfg:"  # prefix keeping config fields apart from the parser's own dests (command, config_file)
+_NONE_TYPES = (type(None),)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows the metavar once after all spellings: `--kl_coef, --kl-coef FLOAT`."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return ", ".join(action.option_strings) + " " + self._format_args(action, action.dest)
+
+
+class UsageError(Exception):
+    """A bad config file or value: reported as one line per problem, exit code 2."""
+
+
+def _none_or(value: str) -> str | None:
+    return None if value.lower() in ("none", "null") else value
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
+    """One option per field; values stay strings (pydantic converts and checks them)."""
+    annotation, optional = field.annotation, False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a not in _NONE_TYPES]
+        optional, annotation = len(args) < len(typing.get_args(annotation)), args[0]
+    nargs = None
+    if typing.get_origin(annotation) is list:
+        nargs, annotation = "*", typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Literal:
+        metavar = "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    else:
+        metavar = getattr(annotation, "__name__", str(annotation)).upper()
+    default = field.get_default(call_default_factory=True)
+    shown = "none" if default is None else default
+    help_ = f"{field.description + ' ' if field.description else ''}(default: {shown})"
+    help_ = help_.replace("%", "%%")  # argparse %-formats help strings
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    kw: dict[str, Any] = dict(dest=_DEST + name, default=argparse.SUPPRESS, help=help_)
+    if annotation is bool and nargs is None:
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+    else:
+        parser.add_argument(*flags, nargs=nargs, metavar=metavar, type=_none_or if optional else str, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reftkit", description="ReFT: reinforced fine-tuning of LMs for math.")
+    parser.add_argument("--version", action="version", version=f"reftkit {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        # allow_abbrev=False: a prefix such as --lr must never silently mean another option
+        p = sub.add_parser(name, help=cmd.help, description=cmd.config.__doc__, epilog=CONVENTIONS,
+                           usage=f"reftkit {name} [CONFIG] [--option VALUE ...]", allow_abbrev=False, formatter_class=_HelpFormatter)
+        p.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG", help="YAML config file")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings and errors only")
+        for field_name, field in cmd.config.model_fields.items():
+            _add_field(p, field_name, field)
+    return parser
+
+
+def load_yaml(path: Path, config: type[BaseModel]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:  # an empty file configures nothing
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must be a mapping of option: value, not a {type(data).__name__}")
+    valid = list(config.model_fields)
+    unknown = [str(k) for k in data if k not in config.model_fields]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}' in {path}{hint}")
+        raise UsageError("\n".join(lines))
+    return data
+
+
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "path_type": "a path",
+}
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        keys = [str(part) for part in e["loc"] if isinstance(part, str)]
+        if not keys:  # a model-level check, e.g. max_prompt_tokens < max_length
+            lines.append(f"invalid configuration: {e['msg'].removeprefix('Value error, ')}")
+            continue
+        if e["type"] in _EXPECTED:
+            why = f"expected {_EXPECTED[e['type']]}"
+        elif e["type"] == "literal_error":
+            why = f"expected one of {e['ctx']['expected']}"
+        else:
+            why = e["msg"].replace("Input should be", "must be")
+        lines.append(f"invalid value for '{keys[0]}': {e['input']!r} ({why})")
+    return "\n".join(lines)
+
+
+def make_config(cmd: Command, ns: argparse.Namespace) -> BaseModel:
+    values = load_yaml(ns.config_file, cmd.config) if ns.config_file else {}
+    values.update({k[len(_DEST):]: v for k, v in vars(ns).items() if k.startswith(_DEST)})
+    try:
+        return cmd.config.model_validate(values)
+    except ValidationError as e:
+        raise UsageError(format_validation_error(e)) from None
+
+
+def _setup_logging(quiet: bool) -> None:
+    # third-party loggers stay at the root's WARNING; only our own logger says INFO
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("reftkit").setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("transformers", "accelerate", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(ns.quiet)
+    cmd = COMMANDS[ns.command]
+    try:
+        cfg = make_config(cmd, ns)
+    except UsageError as e:
+        for line in str(e).splitlines():
+            print(f"reftkit {ns.command}: {line}", file=sys.stderr)
+        return 2
+    from reftkit.data.readers import DataError  # lazy: keeps `--help` light
+
+    run = getattr(importlib.import_module(cmd.module), cmd.function)
+    try:
+        result = run(cfg)
+    except (DataError, FileNotFoundError, ValueError) as e:  # user-facing input problems, not bugs
+        print(f"reftkit {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(result, Path):
+        print(f"final model: {result}")
+    elif isinstance(result, float):
+        print(f"accuracy: {result:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

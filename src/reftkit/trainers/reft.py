@@ -1,0 +1,186 @@
+"""ReFT recipe: online PPO from a warm-up SFT checkpoint, rewarded by answer correctness.
+
+One rollout batch: sample `num_samples` responses per question from the current policy, grade
+them, score with the KL-penalised reward, compute GAE advantages (whitened over all processes),
+then `ppo_epochs` passes of clipped policy + value updates over minibatches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reftkit import ppo
+from reftkit.answers import NaturalLanguageGrader, reward_from_grade
+from reftkit.config import ReFTConfig
+from reftkit.data.records import Example
+from reftkit.evaluate import evaluate
+from reftkit.model import PolicyWithValueHead, lm_response_logprobs, load_causal_lm, load_tokenizer
+from reftkit.model import response_slice, token_logprobs
+from reftkit.prompts import encode_prompt
+from reftkit.rollout import Sampling, generate
+from reftkit.training import (
+    Metrics, Progress, load_examples_for, make_accelerator, make_optimizer, prune_checkpoints, resume_from,
+    save_checkpoint,
+)
+
+log = logging.getLogger("reftkit")
+
+
+def _lm(policy: PolicyWithValueHead):
+    return policy.lm
+
+
+@dataclass
+class RolloutBatch:
+    """Everything PPO needs from one rollout, all rows aligned. T = response length."""
+
+    sequences: torch.Tensor  # [N, P + T]
+    attention_mask: torch.Tensor  # [N, P + T]
+    prompt_len: int
+    mask: torch.Tensor  # [N, T]
+    old_logprobs: torch.Tensor  # [N, T]
+    old_values: torch.Tensor  # [N, T]
+    advantages: torch.Tensor  # [N, T]
+    returns: torch.Tensor  # [N, T]
+
+
+def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature):
+    """(log-probs [N, T], values [N, T]) of the response tokens under the (wrapped) policy."""
+    logits, values = policy(sequences, attention_mask)
+    logprobs = token_logprobs(response_slice(logits, prompt_len), sequences[:, prompt_len:], temperature)
+    return logprobs, response_slice(values, prompt_len).float()
+
+
+@torch.no_grad()
+def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader):
+    """Samples, grades and scores one batch of questions. Returns (RolloutBatch, stats)."""
+    sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
+    prompts = [encode_prompt(tokenizer, ex, cfg.max_prompt_tokens) for ex in examples]
+    out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, cfg.num_samples)
+    repeated = [ex for ex in examples for _ in range(cfg.num_samples)]  # generate keeps prompt order
+    grades = grader.grade(out.texts, repeated)
+    scores = torch.tensor([reward_from_grade(g, cfg.correct_reward, cfg.partial_reward) for g in grades],
+                          device=out.sequences.device)
+
+    old_logprobs, old_values = policy_outputs(policy, out.sequences, out.attention_mask, out.prompt_len,
+                                              cfg.temperature)
+    ref_logprobs = lm_response_logprobs(ref_lm, out.sequences, out.attention_mask, out.prompt_len, cfg.temperature)
+    mask = out.response_mask
+    rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_coef)
+    advantages, returns = ppo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = ppo.masked_whiten(advantages, mask, all_reduce=lambda t: accelerator.reduce(t, "sum"))
+
+    n_correct = sum(g.correct for g in grades)
+    stats = torch.tensor([scores.sum().item(), n_correct, len(grades), (kl.sum(1)).sum().item(),
+                          mask.sum().item()], device=out.sequences.device)
+    stats = accelerator.reduce(stats, "sum")  # totals over all processes
+    record = {"reward": (stats[0] / stats[2]).item(), "train_accuracy": (stats[1] / stats[2]).item(),
+              "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item()}
+    batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, mask, old_logprobs, old_values,
+                         advantages, returns)
+    return batch, record
+
+
+def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, cfg: ReFTConfig, generator):
+    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimiser step each."""
+    n = batch.sequences.shape[0]
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0}
+    updates = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(batch.sequences.device)
+        for start in range(0, n, cfg.mini_batch_size):
+            idx = order[start : start + cfg.mini_batch_size]
+            mask = batch.mask[idx]
+            with accelerator.autocast():
+                logprobs, values = policy_outputs(policy, batch.sequences[idx], batch.attention_mask[idx],
+                                                  batch.prompt_len, cfg.temperature)
+            pg_loss, clip_frac = ppo.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask,
+                                                 cfg.clip_range)
+            vf_loss = ppo.value_loss(values, batch.old_values[idx], batch.returns[idx], mask, cfg.value_clip_range)
+            accelerator.backward(pg_loss + cfg.vf_coef * vf_loss)
+            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_frac", clip_frac)):
+                sums[key] += value.item()
+            updates += 1
+    return {k: v / max(updates, 1) for k, v in sums.items()}
+
+
+def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
+    """Runs ReFT from the warm-up checkpoint `cfg.model`; returns the final model directory."""
+    accelerator = make_accelerator(cfg)
+    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+    if eval_set is None and cfg.eval_file:
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")
+    tokenizer = load_tokenizer(cfg.model)
+    policy = PolicyWithValueHead(load_causal_lm(cfg.model))
+    policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
+    ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
+
+    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True)
+    updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
+    batches_per_epoch = -(-len(loader) // accelerator.num_processes)
+    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
+    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
+    # PPO's minibatch order must be identical on every process (same number of steps, no deadlock).
+    generator = torch.Generator().manual_seed(cfg.seed + progress.step)
+    policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
+    metrics = Metrics(accelerator, cfg, "reft")
+    grader = NaturalLanguageGrader()
+    config = cfg.model_dump(mode="json")
+
+    def run_eval(tag: str) -> None:
+        if not eval_set:
+            return
+        acc = evaluate(accelerator, accelerator.unwrap_model(policy).lm, tokenizer, eval_set, grader,
+                       batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                       max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
+                       predictions_path=cfg.output_dir / f"predictions-{tag}.jsonl")
+        metrics.log({"eval_accuracy": acc}, progress.step)
+        log.info("%s: eval accuracy %.4f", tag, acc)
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
+                        progress, config)
+        prune_checkpoints(accelerator, cfg.output_dir)
+
+    bar = tqdm(total=batches_per_epoch * cfg.epochs, initial=progress.step, desc="reft",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    for epoch in range(progress.epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for i, indices in enumerate(batches, start=skip):
+            rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
+                                           [train[j] for j in indices.tolist()], cfg, grader)
+            record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator))
+            progress.step += 1
+            progress.epoch, progress.batch_in_epoch = epoch, i + 1
+            metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['train_accuracy']:.2f}",
+                            kl=f"{record['kl']:.2f}")
+            if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                run_eval(f"step{progress.step}")
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                checkpoint()
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        if not cfg.eval_every:
+            run_eval(f"epoch{epoch + 1}")
+        checkpoint()
+    bar.close()
+    final = save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, "final", None, config)
+    metrics.close()
+    return final
+

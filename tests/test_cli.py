@@ -1,0 +1,180 @@
+"""The `reftkit` CLI, driven through main() with fake command functions (no torch, no training)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from reftkit import __version__, cli
+from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
+from reftkit.data.readers import DataError
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Replaces every command's module with a fake that records the config it receives."""
+    received: list = []
+    results = {"sft": Path("runs/x/final"), "reft": Path("runs/y/final"), "eval": 0.625, "demo": None}
+    for name, cmd in cli.COMMANDS.items():
+        module = types.ModuleType(cmd.module)
+
+        def fake(cfg, _result=results[name]):
+            received.append(cfg)
+            return _result
+
+        setattr(module, cmd.function, fake)
+        monkeypatch.setitem(sys.modules, cmd.module, module)
+    return received
+
+
+def run(argv: list[str]) -> int:
+    """main()'s exit code, whether it returns it or argparse raises SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_yaml_and_cli_precedence(calls, tmp_path, capsys):
+    cfg_file = write(tmp_path, "kl_coef: 0.01\nlr: 1.0e-6\nseed: 7\ntrain_file: a.jsonl\n")
+    assert run(["reft", cfg_file, "--lr", "2e-6", "--top-k", "5", "--output_dir", "out"]) == 0
+    (cfg,) = calls
+    assert isinstance(cfg, ReFTConfig)
+    assert cfg.kl_coef == 0.01 and cfg.seed == 7 and cfg.train_file == "a.jsonl"  # from YAML
+    assert cfg.lr == 2e-6 and cfg.top_k == 5 and cfg.output_dir == Path("out")  # CLI wins, typed
+    assert cfg.vf_coef == 5.0 and cfg.lr_schedule == "constant"  # untouched defaults
+    assert "final model: runs/y/final" in capsys.readouterr().out
+
+
+def test_untouched_options_do_not_clobber_yaml(calls, tmp_path):
+    cfg_file = write(tmp_path, "progress: false\nlog_with: [wandb]\nmax_eval_examples: 3\n")
+    assert run(["sft", cfg_file, "--epochs", "1"]) == 0
+    assert calls[0].progress is False and calls[0].log_with == ["wandb"] and calls[0].max_eval_examples == 3
+
+
+def test_none_booleans_and_lists(calls, tmp_path):
+    cfg_file = write(tmp_path, "eval_file: e.jsonl\nmax_eval_examples: 10\nresume: false\n")
+    assert run(["sft", cfg_file, "--eval-file", "none", "--max_eval_examples", "None", "--resume",
+                "--no-progress", "--no-eval-every-epoch", "--log-with", "tensorboard", "wandb"]) == 0
+    cfg = calls[0]
+    assert cfg.eval_file is None and cfg.max_eval_examples is None
+    assert cfg.resume is True and cfg.progress is False and cfg.eval_every_epoch is False
+    assert cfg.log_with == ["tensorboard", "wandb"]
+
+
+def test_list_option_without_values_clears(calls, tmp_path):
+    assert run(["sft", write(tmp_path, "log_with: [wandb]\n"), "--log_with"]) == 0
+    assert calls[0].log_with == []
+
+
+def test_eval_and_demo_results(calls, capsys):
+    assert run(["eval", "--model", "ckpt", "--eval_file", "t.jsonl"]) == 0
+    assert isinstance(calls[0], EvalConfig) and calls[0].model == "ckpt"
+    assert "accuracy: 0.6250" in capsys.readouterr().out
+    assert run(["--quiet", "demo", "--n-train", "20"]) == 0
+    assert isinstance(calls[1], DemoConfig) and calls[1].n_train == 20
+
+
+@pytest.mark.parametrize("command,config", [("sft", SFTConfig), ("reft", ReFTConfig),
+                                            ("eval", EvalConfig), ("demo", DemoConfig)])
+def test_help_lists_every_field(command, config, capsys):
+    assert run([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for name, field in config.model_fields.items():
+        assert f"--{name}" in out
+        if "_" in name:
+            assert f"--{name.replace('_', '-')}" in out
+        if field.description:
+            assert " ".join(field.description.split()) in out, name
+    assert "--no-progress" in out and "(default: True)" in out
+
+
+def test_no_command_prints_help_and_version(capsys):
+    assert run([]) == 2
+    assert "sft" in capsys.readouterr().err
+    assert run(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_yaml_key_names_key_file_and_suggestion(calls, tmp_path, capsys):
+    cfg_file = write(tmp_path, "kl_coeff: 0.1\n")
+    assert run(["reft", cfg_file]) == 2
+    err = _error(capsys)
+    assert "'kl_coeff'" in err and cfg_file in err and "did you mean 'kl_coef'" in err
+    assert not calls
+
+
+def test_bad_value_type_names_key_and_value(calls, tmp_path, capsys):
+    assert run(["reft", "--kl_coef", "abc"]) == 2
+    assert "reftkit reft: invalid value for 'kl_coef': 'abc' (expected a number)" in _error(capsys)
+    assert run(["sft", write(tmp_path, "bf16: maybe\nseed: x\n")]) == 2
+    err = _error(capsys)
+    assert "'bf16': 'maybe'" in err and "'auto'" in err and "'seed': 'x' (expected an integer)" in err
+    assert run(["sft", "--log_with", "mlflow"]) == 2
+    assert "'log_with': 'mlflow'" in _error(capsys)
+    assert not calls
+
+
+def test_out_of_range_and_cross_field_checks(calls, capsys):
+    assert run(["sft", "--lr", "-1"]) == 2
+    assert "invalid value for 'lr': '-1' (must be greater than 0)" in _error(capsys)
+    assert run(["sft", "--max-length", "100"]) == 2
+    assert "max_prompt_tokens (300) must be < max_length (100)" in _error(capsys)
+    assert not calls
+
+
+def test_bad_yaml_syntax_names_file_and_line(calls, tmp_path, capsys):
+    cfg_file = write(tmp_path, "lr: 1.0\nlog_with: [wandb\nseed: 1\n")
+    assert run(["sft", cfg_file]) == 2
+    err = _error(capsys)
+    assert cfg_file in err and "line 3" in err
+
+
+def test_yaml_file_missing_or_not_a_mapping(calls, tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    assert run(["sft", missing]) == 2
+    assert f"config file not found: {missing}" in _error(capsys)
+    listing = write(tmp_path, "- 1\n- 2\n")
+    assert run(["sft", listing]) == 2
+    assert listing in _error(capsys)
+    assert run(["sft", write(tmp_path, "")]) == 0  # an empty file configures nothing
+
+
+def test_unknown_option_is_argparse_error(calls, capsys):
+    assert run(["sft", "--lrr", "1"]) == 2
+    assert "--lrr" in _error(capsys)
+    assert run(["sft", "--l", "1"]) == 2  # no silent abbreviations
+    assert not calls
+
+
+def test_data_error_exits_1_with_message(monkeypatch, calls, capsys):
+    def broken(cfg):
+        raise DataError("train.jsonl line 3: missing field 'answer'")
+
+    monkeypatch.setattr(sys.modules["reftkit.trainers.sft"], "train_sft", broken)
+    assert run(["sft"]) == 1
+    assert "reftkit sft: error: train.jsonl line 3: missing field 'answer'" in _error(capsys)
+
+
+def test_unexpected_exceptions_propagate(monkeypatch, calls):
+    def buggy(cfg):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(sys.modules["reftkit.trainers.sft"], "train_sft", buggy)
+    with pytest.raises(KeyError):
+        cli.main(["sft"])
