@@ -45,46 +45,51 @@ class CommonConfig(_Config):
 
 class OptimConfig(_Config):
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps for linear warm-up")
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
 
 
-class SFTConfig(CommonConfig, OptimConfig):
+class TrainConfig(CommonConfig, OptimConfig):
+    """What both training recipes share: passes over the data, batch size, checkpoint cadence."""
+
+    epochs: int = Field(3, gt=0, description="passes over the training data")
+    batch_size: int = Field(16, gt=0, description="examples (SFT) or questions (ReFT) per process per batch")
+    save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at the end of each epoch only)")
+
+
+class SFTConfig(TrainConfig):
     """Supervised fine-tuning on (question, reference CoT); loss on response tokens only."""
 
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(16, gt=0, description="examples per process per micro-batch")
     eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
 
 
-class ReFTConfig(CommonConfig, OptimConfig):
+class ReFTConfig(TrainConfig):
     """ReFT: PPO from a warm-up SFT checkpoint (`model`), rewarded by answer correctness."""
 
     lr: float = Field(3e-6, gt=0, description="the paper: 3e-7 (7B), 3e-6 (small models)")
-    lr_schedule: Literal["linear", "constant"] = "constant"
+    lr_schedule: Literal["linear", "constant"] = Field("constant", description="the paper keeps the rate constant")
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
     epochs: int = Field(1, gt=0, description="passes over the training questions")
     batch_size: int = Field(8, gt=0, description="questions per process per rollout batch")
     num_samples: int = Field(1, gt=0, description="sampled responses per question")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the paper: 1.0)")
     top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
     kl_coef: float = Field(0.05, ge=0, description="beta: 0.05 N-CoT, 0.01 P-CoT; 0 collapses training")
-    gamma: float = Field(1.0, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip")
-    value_clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0, description="clip of the value update around the rollout value")
     vf_coef: float = Field(5.0, ge=0, description="value loss coefficient")
     whiten_advantages: bool = Field(True, description="whiten over the global batch (all processes)")
-    correct_reward: float = 1.0
+    correct_reward: float = Field(1.0, description="reward of a correct final answer")
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
-    save_every: int = Field(0, ge=0, description="checkpoint every N rollout batches (0: each epoch only)")
 
 
 class EvalConfig(CommonConfig):
@@ -94,8 +99,17 @@ class EvalConfig(CommonConfig):
 class DemoConfig(_Config):
     """The built-in demo: synthetic problems, tiny model, SFT warm-up then ReFT vs continued SFT."""
 
-    output_dir: Path = Field(Path("runs/demo"), description="where the demo writes its runs")
-    seed: int = 0
-    n_train: int = Field(2000, gt=0)
-    n_test: int = Field(500, gt=0)
-    progress: bool = True
+    output_dir: Path = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
+    seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
+    n_train: int = Field(1500, gt=0, description="synthetic training questions (one reference CoT each)")
+    n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
+    warmup_epochs: int = Field(20, gt=0, description="warm-up SFT epochs")
+    extra_epochs: int = Field(2, gt=0, description="epochs after warm-up, for both continued SFT and ReFT")
+    sft_lr: float = Field(3e-3, gt=0, description="warm-up SFT learning rate")
+    sft_continue_lr: float = Field(3e-4, gt=0, description="learning rate of the continued-SFT baseline")
+    sft_batch_size: int = Field(32, gt=0, description="examples per SFT batch")
+    reft_lr: float = Field(2e-5, gt=0, description="ReFT learning rate (constant)")
+    reft_batch_size: int = Field(32, gt=0, description="questions per rollout batch")
+    num_samples: int = Field(4, gt=0, description="samples per question in ReFT")
+    kl_coef: float = Field(0.05, ge=0, description="ReFT KL coefficient")
+    progress: bool = Field(True, description="show progress bars")

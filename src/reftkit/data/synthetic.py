@@ -1,14 +1,21 @@
 """Synthetic multi-step arithmetic word problems for the built-in demo.
 
 Each problem follows one person's count of one item through 2-3 events (gains, losses,
-doubling/tripling). The reference chain of thought is one equation per event, so what a tiny
-model must learn is reading the events and doing the arithmetic, as in GSM8K. Annotators vary:
-the generator picks the operand order of + and * at random, so a question's single reference
-CoT is only one of several valid reasoning paths.
+doubling/tripling), as in GSM8K's simpler problems. Like real annotations, the reference chains
+of thought come from two "annotator" styles, one picked per question:
+
+- stepwise: one equation per event (`3 * 3 = 9`, `9 - 8 = 1`, `2 * 1 = 2`), operand order varying;
+- one-line: the whole computation as one expression (`(3 * 3 - 8) * 2 = 2`).
+
+Both are correct, but the one-line style asks a small model to do several operations in a
+single step, so it fails far more often. SFT imitates the mixture; ReFT's reward can teach the
+policy which of the paths it has seen actually reaches right answers. That is the paper's
+premise (one annotated CoT per question is one of many valid paths), made visible at demo scale.
 """
 
 from __future__ import annotations
 
+import operator
 import random
 
 from reftkit.data.records import Example
@@ -18,38 +25,63 @@ ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cards", 
 GAINS = ["Then buys", "Then finds", "Then gets", "Then wins"]
 LOSSES = ["Then gives away", "Then loses", "Then sells", "Then eats"]
 TIMES = {2: "Then doubles", 3: "Then triples"}
+APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+Op = tuple[str, int]  # ("+", 5): one event's operator and operand
 
 
-def _step(rng: random.Random, total: int) -> tuple[str, str, int]:
-    """One event: (question sentence, reasoning line, new total)."""
+def _step(rng: random.Random, total: int) -> tuple[str, Op, int]:
+    """One event: (question sentence, operator and operand, new total)."""
     kind = rng.choice(["gain", "loss", "times"] if total <= 20 else ["gain", "loss", "loss"])
     if kind == "loss" and total < 3:
         kind = "gain"
     if kind == "gain":
         n = rng.randint(2, 19)
-        eq = f"{total} + {n}" if rng.random() < 0.5 else f"{n} + {total}"
-        return f"{rng.choice(GAINS)} {n} more.", f"{eq} = {total + n}", total + n
+        return f"{rng.choice(GAINS)} {n} more.", ("+", n), total + n
     if kind == "loss":
         n = rng.randint(1, min(total - 1, 19))
-        return f"{rng.choice(LOSSES)} {n}.", f"{total} - {n} = {total - n}", total - n
+        return f"{rng.choice(LOSSES)} {n}.", ("-", n), total - n
     k = rng.randint(2, 3)
-    eq = f"{total} * {k}" if rng.random() < 0.5 else f"{k} * {total}"
-    return f"{TIMES[k]} them.", f"{eq} = {total * k}", total * k
+    return f"{TIMES[k]} them.", ("*", k), total * k
 
 
-def make_problem(rng: random.Random, index: int, prefix: str = "synth") -> Example:
+def stepwise_cot(start: int, ops: list[Op], rng: random.Random) -> str:
+    """One equation per event; operand order of + and * varies as between annotators."""
+    lines, total = [], start
+    for sym, n in ops:
+        new = APPLY[sym](total, n)
+        swap = sym in "+*" and rng.random() < 0.5
+        lines.append(f"{n} {sym} {total} = {new}" if swap else f"{total} {sym} {n} = {new}")
+        total = new
+    return "\n".join(lines)
+
+
+def one_line_cot(start: int, ops: list[Op]) -> str:
+    """The whole computation as one expression, e.g. `(3 * 3 - 8) * 2 = 2`."""
+    expr, total = str(start), start
+    for sym, n in ops:
+        if sym == "*" and any(c in expr for c in "+-"):
+            expr = f"({expr})"
+        expr, total = f"{expr} {sym} {n}", APPLY[sym](total, n)
+    return f"{expr} = {total}"
+
+
+def make_problem(rng: random.Random, index: int, prefix: str = "synth", one_line_fraction: float = 0.5) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(2, 30)
-    question, reasoning = [f"{name} has {total} {item}."], []
+    start = total = rng.randint(2, 30)
+    question, ops = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(2, 3)):
-        q, r, total = _step(rng, total)
+        q, op, total = _step(rng, total)
         question.append(q)
-        reasoning.append(r)
+        ops.append(op)
     question.append(f"How many {item} now?")
-    return Example(id=f"{prefix}-{index}", question=" ".join(question), cot="\n".join(reasoning), answer=str(total))
+    one_line = rng.random() < one_line_fraction
+    cot = one_line_cot(start, ops) if one_line else stepwise_cot(start, ops, rng)
+    return Example(id=f"{prefix}-{index}", question=" ".join(question), cot=cot, answer=str(total))
 
 
-def make_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def make_splits(
+    n_train: int, n_test: int, seed: int = 0, one_line_fraction: float = 0.5
+) -> tuple[list[Example], list[Example]]:
     """A training set and a test set with no question in common (deterministic in seed)."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -57,7 +89,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example]
     for name, size in (("train", n_train), ("test", n_test)):
         split: list[Example] = []
         while len(split) < size:
-            ex = make_problem(rng, len(split), prefix=f"synth-{name}")
+            ex = make_problem(rng, len(split), f"synth-{name}", one_line_fraction)
             if ex.question not in seen:
                 seen.add(ex.question)
                 split.append(ex)

@@ -52,6 +52,11 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
     grader = NaturalLanguageGrader()
     config = cfg.model_dump(mode="json")
 
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
+                        progress, config)
+        prune_checkpoints(accelerator, cfg.output_dir)
+
     bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc="sft",
                disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
@@ -76,6 +81,8 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
             bar.set_postfix(loss=f"{loss.item():.3f}")
             metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(),
                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                checkpoint()
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         if eval_set and cfg.eval_every_epoch:
             acc = evaluate(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader,
@@ -84,9 +91,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
                            predictions_path=cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
             metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
             log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
-        save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
-                        progress, config)
-        prune_checkpoints(accelerator, cfg.output_dir)
+        checkpoint()
     bar.close()
     final = save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, "final", None, config)
     metrics.close()

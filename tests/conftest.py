@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny synthetic dataset and tiny checkpoints, built in code (no download)."""
+
+import pytest
+
+from reftkit.config import SFTConfig
+from reftkit.data.synthetic import make_splits
+from reftkit.prompts import prompt_text, response_text
+from reftkit.tiny import build_model, build_tokenizer
+
+LENGTHS = {"max_prompt_tokens": 64, "max_length": 112}
+
+
+def tiny_model_dir(path, train):
+    """A small random Llama + tokenizer saved as a plain HF directory."""
+    tokenizer = build_tokenizer(prompt_text(e) + response_text(e) for e in train)
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def warmup_config(model, output_dir, **kw):
+    """SFT long enough that the model writes the answer trigger, so PPO rewards vary."""
+    return SFTConfig(model=str(model), output_dir=output_dir, epochs=12, batch_size=16, lr=3e-3,
+                     eval_every_epoch=False, progress=False, **LENGTHS, **kw)
+
+
+@pytest.fixture(scope="session")
+def splits():
+    return make_splits(48, 16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, splits):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", splits[0])
+
+
+@pytest.fixture(scope="session")
+def warm_checkpoint(tmp_path_factory, splits, tiny_checkpoint):
+    from reftkit.trainers.sft import train_sft
+
+    return train_sft(warmup_config(tiny_checkpoint, tmp_path_factory.mktemp("warm")), splits[0])

@@ -1,0 +1,39 @@
+"""Two CPU processes under `accelerate launch` (gloo): global whitening and identical weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_two_process_reft(tmp_path):
+    script = Path(__file__).parent / "distributed_reft.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    # Both processes end with bit-identical policy + value head weights.
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+
+    # Whitening used the global batch: per rollout, mean 0 and variance 1 hold over both
+    # processes' tokens together, while each process's own shard is not centred on its own.
+    assert len(ranks[0]["whitened"]) == len(ranks[1]["whitened"]) == 2
+    local_offsets = []
+    for (s0, q0, n0), (s1, q1, n1) in zip(ranks[0]["whitened"], ranks[1]["whitened"]):
+        n = n0 + n1
+        assert (s0 + s1) / n == pytest.approx(0.0, abs=1e-4)
+        assert (q0 + q1) / n == pytest.approx(1.0, abs=1e-3)
+        local_offsets.append(abs(s0 / n0))
+    assert max(local_offsets) > 1e-3  # local whitening would make every one of these 0
+
+    final = Path(ranks[0]["final"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(final)

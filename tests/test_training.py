@@ -1,0 +1,141 @@
+"""Short SFT and ReFT runs on a tiny model: checkpoints, metrics, and exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import LENGTHS
+from reftkit.config import ReFTConfig, SFTConfig
+from reftkit.trainers import reft as reft_module
+from reftkit.trainers import sft as sft_module
+from reftkit.trainers.reft import train_reft
+from reftkit.trainers.sft import train_sft
+from reftkit.training import latest_checkpoint
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def sft_config(tmp_path, model, **kw):
+    return SFTConfig(model=str(model), output_dir=tmp_path, epochs=2, batch_size=16, lr=1e-3, progress=False,
+                     eval_batch_size=16, **LENGTHS, **kw)
+
+
+def reft_config(tmp_path, model, **kw):
+    base = dict(model=str(model), output_dir=tmp_path, epochs=1, batch_size=8, num_samples=2, mini_batch_size=8,
+                lr=1e-4, progress=False, eval_batch_size=16, **LENGTHS)
+    return ReFTConfig(**{**base, **kw})
+
+
+def test_sft_then_reft_end_to_end(tmp_path, splits, warm_checkpoint):
+    train, test = splits
+    sft_dir = train_sft(sft_config(tmp_path / "sft", "tiny"), train, test)
+    # A plain HF directory: loads without reftkit, and generates.
+    lm = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    assert lm.config.model_type == "llama" and tok.eos_token == "</s>"
+    sft_rows = metrics(tmp_path / "sft")
+    losses = [r["loss"] for r in sft_rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # 48 examples / 16 = 3 steps x 2 epochs
+    assert [r["epoch"] for r in sft_rows if "eval_accuracy" in r] == [1, 2]
+    preds = [json.loads(l) for l in (tmp_path / "sft" / "predictions-epoch2.jsonl").read_text().splitlines()]
+    assert len(preds) == len(test) and set(preds[0]) == {"id", "question", "output", "extracted", "gold", "correct"}
+
+    reft_dir = train_reft(reft_config(tmp_path / "reft", warm_checkpoint), train[:16], test)
+    assert (reft_dir / "value_head.safetensors").exists()
+    before, after = weights(warm_checkpoint), weights(reft_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # PPO changed the policy
+    rows = [r for r in metrics(tmp_path / "reft") if "reward" in r]
+    assert len(rows) == 2  # 16 questions / 8 per rollout batch
+    for key in ("reward", "train_accuracy", "kl", "policy_loss", "value_loss", "clip_frac", "response_tokens"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+    AutoModelForCausalLM.from_pretrained(reft_dir)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        if count["n"] == calls:
+            raise Interrupt
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_reft_resume_matches_uninterrupted_run(tmp_path, splits, warm_checkpoint, monkeypatch):
+    train, _ = splits
+    cfg = dict(epochs=2, save_every=1)
+    full = train_reft(reft_config(tmp_path / "full", warm_checkpoint, **cfg), train[:16])
+    assert not torch.equal(weights(full)["model.norm.weight"], weights(warm_checkpoint)["model.norm.weight"])
+
+    interrupt_after(monkeypatch, reft_module, "ppo_update", calls=3)  # dies in epoch 2, batch 2
+    with pytest.raises(Interrupt):
+        train_reft(reft_config(tmp_path / "cut", warm_checkpoint, **cfg), train[:16])
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    resumed = train_reft(reft_config(tmp_path / "cut", warm_checkpoint, resume=True, **cfg), train[:16])
+
+    a, b = weights(full), weights(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert torch.allclose(load_file(str(full / "value_head.safetensors"))["weight"],
+                          load_file(str(resumed / "value_head.safetensors"))["weight"], atol=1e-6)
+
+
+def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_checkpoint, monkeypatch):
+    train, _ = splits
+    full = train_sft(sft_config(tmp_path / "full", tiny_checkpoint, save_every=1), train)
+    # 3 steps per epoch: die after logging step 5, i.e. in epoch 2 with one batch of it consumed
+    # and checkpointed (checkpoint-4): resume must skip exactly that batch of the same shuffle.
+    interrupt_after(monkeypatch, sft_module.Metrics, "log", calls=4)
+    with pytest.raises(Interrupt):
+        train_sft(sft_config(tmp_path / "cut", tiny_checkpoint, save_every=1), train)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "cut").name == "checkpoint-4"
+    resumed = train_sft(sft_config(tmp_path / "cut", tiny_checkpoint, save_every=1, resume=True), train)
+    a, b = weights(full), weights(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [r["step"] for r in metrics(tmp_path / "cut") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 5 is logged again by the resumed run, not lost
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, splits, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_sft(sft_config(tmp_path / "empty", tiny_checkpoint, resume=True), splits[0])
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, tiny_checkpoint, monkeypatch):
+    """A crash while writing a checkpoint must not leave a half-written checkpoint-* behind."""
+    from reftkit import training
+
+    train, _ = splits
+    real_save_state = training.Accelerator.save_state
+    calls = {"n": 0}
+
+    def failing_save_state(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt
+        return real_save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.Accelerator, "save_state", failing_save_state)
+    with pytest.raises(Interrupt):
+        train_sft(sft_config(tmp_path / "run", tiny_checkpoint), train)
+    done = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert done == ["checkpoint-3"]
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
