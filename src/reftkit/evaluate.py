@@ -42,7 +42,8 @@ def evaluate(
     bar = tqdm(total=len(examples), desc="eval", disable=not (progress and accelerator.is_main_process))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out = generate(lm, tokenizer, [prompts[i] for i in idx], greedy)
+        with accelerator.autocast():
+            out = generate(lm, tokenizer, [prompts[i] for i in idx], greedy)
         grades = grader.grade(out.texts, [examples[i] for i in idx])
         for i, text, grade in zip(idx, out.texts, grades):
             ex = examples[i]

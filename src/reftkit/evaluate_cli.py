@@ -18,11 +18,10 @@ def run_eval(cfg: EvalConfig) -> float:
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
     path = cfg.output_dir / "predictions.jsonl"
-    with accelerator.autocast():
-        acc = evaluate(accelerator, lm, load_tokenizer(cfg.model), examples, NaturalLanguageGrader(),
-                       batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                       max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
-                       predictions_path=path)
+    acc = evaluate(accelerator, lm, load_tokenizer(cfg.model), examples, NaturalLanguageGrader(),
+                   batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                   max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
+                   predictions_path=path)
     Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)}, 0)
     log.info("accuracy %.4f on %d examples; predictions in %s", acc, len(examples), path)
     return acc

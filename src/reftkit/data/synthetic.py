@@ -31,14 +31,14 @@ Op = tuple[str, int]  # ("+", 5): one event's operator and operand
 
 def _step(rng: random.Random, total: int) -> tuple[str, Op, int]:
     """One event: (question sentence, operator and operand, new total)."""
-    kind = rng.choice(["gain", "loss", "times"] if total <= 20 else ["gain", "loss", "loss"])
+    kind = rng.choice(["gain", "loss", "times"] if total <= 12 else ["gain", "loss", "loss"])
     if kind == "loss" and total < 3:
         kind = "gain"
     if kind == "gain":
-        n = rng.randint(2, 19)
+        n = rng.randint(2, 9)
         return f"{rng.choice(GAINS)} {n} more.", ("+", n), total + n
     if kind == "loss":
-        n = rng.randint(1, min(total - 1, 19))
+        n = rng.randint(1, min(total - 1, 9))
         return f"{rng.choice(LOSSES)} {n}.", ("-", n), total - n
     k = rng.randint(2, 3)
     return f"{TIMES[k]} them.", ("*", k), total * k
@@ -67,7 +67,7 @@ def one_line_cot(start: int, ops: list[Op]) -> str:
 
 def make_problem(rng: random.Random, index: int, prefix: str = "synth", one_line_fraction: float = 0.5) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = total = rng.randint(2, 30)
+    start = total = rng.randint(2, 20)
     question, ops = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(2, 3)):
         q, op, total = _step(rng, total)

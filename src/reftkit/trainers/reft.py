@@ -60,6 +60,11 @@ def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature):
 @torch.no_grad()
 def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader):
     """Samples, grades and scores one batch of questions. Returns (RolloutBatch, stats)."""
+    with accelerator.autocast():  # same precision for sampling, pi_old, pi_ref and the update
+        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
+
+
+def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader):
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
     prompts = [encode_prompt(tokenizer, ex, cfg.max_prompt_tokens) for ex in examples]
     out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, cfg.num_samples)
@@ -120,7 +125,7 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
     accelerator = make_accelerator(cfg)
     train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
     if eval_set is None and cfg.eval_file:
-        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     tokenizer = load_tokenizer(cfg.model)
     policy = PolicyWithValueHead(load_causal_lm(cfg.model))
     policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one

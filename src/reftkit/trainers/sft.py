@@ -33,7 +33,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
     accelerator = make_accelerator(cfg)
     train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
     if eval_set is None and cfg.eval_file:
-        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed)
 
     features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length) for ex in train]
