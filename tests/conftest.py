@@ -21,7 +21,7 @@ def tiny_model_dir(path, train):
 
 def warmup_config(model, output_dir, **kw):
     """SFT long enough that the model writes the answer trigger, so PPO rewards vary."""
-    return SFTConfig(model=str(model), output_dir=output_dir, epochs=12, batch_size=16, lr=3e-3,
+    return SFTConfig(model=str(model), output_dir=output_dir, epochs=40, batch_size=16, lr=1e-2,
                      eval_every_epoch=False, progress=False, **LENGTHS, **kw)
 
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `accelerate launch --num_processes 2 --cpu`.
+"""Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` on CPU.
 
 Warm-up SFT then ReFT with two processes (gloo). Each process records the whitened advantages
 of its local rollout shard and a hash of its final weights into OUT/rank{r}.json.
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import LENGTHS, tiny_model_dir, warmup_config  # noqa: E402
@@ -20,9 +19,10 @@ from reftkit.config import ReFTConfig  # noqa: E402
 from reftkit.data.synthetic import make_splits  # noqa: E402
 from reftkit.trainers import reft as reft_module  # noqa: E402
 from reftkit.trainers.sft import train_sft  # noqa: E402
+from reftkit.training import process_state  # noqa: E402
 
 out = Path(sys.argv[1])
-state = PartialState()
+state = process_state()
 train, _ = make_splits(48, 16, seed=1)
 if state.is_main_process:
     tiny_model_dir(out / "tiny", train)

@@ -139,3 +139,20 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, ti
     done = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert done == ["checkpoint-3"]
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
+
+
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    from reftkit.config import DemoConfig
+    from reftkit.demo import run_demo
+
+    cfg = DemoConfig(output_dir=tmp_path, n_train=64, n_test=16, warmup_epochs=1, sft_extra_epochs=1,
+                     reft_questions=16, reft_batch_size=8, num_samples=2, progress=False)
+    results = run_demo(cfg)
+    assert list(results) == ["warm-up SFT", "SFT (continued)", "ReFT"]
+    for r in results.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        AutoModelForCausalLM.from_pretrained(r["model"])
+    table = capsys.readouterr().out
+    assert "| ReFT |" in table and "| SFT (continued) |" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == results

@@ -1,8 +1,9 @@
 """`reftkit demo`: the whole pipeline offline on CPU, on synthetic problems with a tiny model.
 
-warm-up SFT -> (a) SFT continued for `extra_epochs` more epochs, (b) ReFT for `extra_epochs`
-epochs from the same warm-up; then greedy top-1 accuracy of each on a disjoint test set.
-Both arms see the training questions the same number of times, as in the paper's protocol.
+warm-up SFT -> (a) SFT continued on all training data for `sft_extra_epochs` more epochs,
+(b) ReFT from the same warm-up for one epoch over the first `reft_questions` training questions
+(a subset of the same questions: ReFT's rollouts are the expensive part); then greedy top-1
+accuracy of each on a disjoint test set.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import json
 import time
 from pathlib import Path
 
-from accelerate import PartialState
-
 from reftkit.config import DemoConfig, ReFTConfig, SFTConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
+from reftkit.training import process_state
 
 # Sequence lengths of the synthetic problems (prompts < 60 tokens, responses < 50).
 LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}
@@ -28,9 +28,9 @@ def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
     warmup = SFTConfig(model="tiny", output_dir=out / "warmup", epochs=cfg.warmup_epochs, lr=cfg.sft_lr,
                        batch_size=cfg.sft_batch_size, warmup_ratio=0.05, eval_every_epoch=False, **common)
     start = str(out / "warmup" / "final")
-    sft = SFTConfig(model=start, output_dir=out / "sft", epochs=cfg.extra_epochs, lr=cfg.sft_continue_lr,
+    sft = SFTConfig(model=start, output_dir=out / "sft", epochs=cfg.sft_extra_epochs, lr=cfg.sft_continue_lr,
                     batch_size=cfg.sft_batch_size, eval_every_epoch=False, **common)
-    reft = ReFTConfig(model=start, output_dir=out / "reft", epochs=cfg.extra_epochs, lr=cfg.reft_lr,
+    reft = ReFTConfig(model=start, output_dir=out / "reft", epochs=1, lr=cfg.reft_lr,
                       batch_size=cfg.reft_batch_size, num_samples=cfg.num_samples,
                       mini_batch_size=cfg.reft_batch_size * cfg.num_samples // 2, kl_coef=cfg.kl_coef, **common)
     return warmup, sft, reft
@@ -41,25 +41,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     from reftkit.evaluate_cli import run_eval
     from reftkit.config import EvalConfig
 
-    train, test = make_splits(cfg.n_train, cfg.n_test, seed=cfg.seed)
+    train, test = make_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, one_line_fraction=cfg.one_line_fraction)
     warmup, sft, reft = demo_configs(cfg)
     test_file = Path(cfg.output_dir) / "test.jsonl"
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         test_file.parent.mkdir(parents=True, exist_ok=True)
         test_file.write_text("".join(json.dumps({"item_id": e.id, "question": e.question, "answer_cot": e.cot,
                                                  "answer_value": e.answer}) + "\n" for e in test))
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
     results: dict[str, dict] = {}
-    stages = [("warm-up SFT", warmup, train_sft), ("SFT (continued)", sft, train_sft), ("ReFT", reft, train_reft)]
-    for name, stage_cfg, train_fn in stages:
+    stages = [("warm-up SFT", warmup, train_sft, train), ("SFT (continued)", sft, train_sft, train),
+              ("ReFT", reft, train_reft, train[: cfg.reft_questions])]
+    for name, stage_cfg, train_fn, data in stages:
         start = time.time()
-        final = train_fn(stage_cfg, train)
+        final = train_fn(stage_cfg, data)
         seconds = time.time() - start
         acc = run_eval(EvalConfig(model=str(final), eval_file=str(test_file), data_format="reft",
                                   output_dir=stage_cfg.output_dir / "test", progress=False, **LENGTHS))
         results[name] = {"test_accuracy": acc, "train_seconds": round(seconds, 1), "model": str(final)}
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         (Path(cfg.output_dir) / "results.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"),
                                                                        "results": results}, indent=2))
         print(format_table(results, cfg))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -22,14 +23,29 @@ from reftkit.prompts import prompt_text, response_text
 from reftkit.tiny import build_model, build_tokenizer
 
 log = logging.getLogger("reftkit")
+# accelerate warns on every save that tied embeddings are stored once; that is expected for
+# tied models (from_pretrained re-ties them), so the warning only buries real ones.
+logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
 
 STATE_FILE = "trainer_state.json"
 ACCELERATE_DIR = "accelerate_state"  # optimizer, scheduler, per-process RNG, model (for --resume)
 
 
+def cpu_multiprocess() -> bool:
+    """Several processes (`accelerate launch --multi_gpu`, torchrun) but no CUDA: accelerate only
+    sets up its gloo CPU backend when asked for the CPU, so ask for it exactly then."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state() -> PartialState:
+    """The process group (rank, world size); the same one the trainers' Accelerator uses."""
+    return PartialState(cpu=cpu_multiprocess())
+
+
 def make_accelerator(cfg: CommonConfig) -> Accelerator:
     use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(
+        cpu=cpu_multiprocess(),
         mixed_precision="bf16" if use_bf16 else "no",
         log_with=list(cfg.log_with) or None,
         project_dir=str(cfg.output_dir),
@@ -56,6 +72,13 @@ def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int)
         tokenizer = build_tokenizer(prompt_text(e) + response_text(e) for e in train)
         return build_model(tokenizer, seed=seed), tokenizer
     return load_causal_lm(name_or_path), load_tokenizer(name_or_path)
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own RNG. Without it each new iterator draws from the global torch RNG, which
+    also drives sampling, so a resumed run (new iterator after the RNG restore) would sample
+    differently from an uninterrupted one."""
+    return torch.Generator().manual_seed(seed)
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
@@ -164,4 +187,7 @@ class Metrics:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, and a pipeline
+        # (the demo: SFT then ReFT in one process) still needs it.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()

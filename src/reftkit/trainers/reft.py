@@ -25,7 +25,7 @@ from reftkit.model import response_slice, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.training import (
-    Metrics, Progress, load_examples_for, make_accelerator, make_optimizer, prune_checkpoints, resume_from,
+    Metrics, Progress, load_examples_for, loader_generator, make_accelerator, make_optimizer, prune_checkpoints, resume_from,
     save_checkpoint,
 )
 
@@ -131,15 +131,14 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
     policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
     ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
 
-    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True)
+    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True,
+                        generator=loader_generator(cfg.seed))
     updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
     batches_per_epoch = -(-len(loader) // accelerator.num_processes)
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
-    # PPO's minibatch order must be identical on every process (same number of steps, no deadlock).
-    generator = torch.Generator().manual_seed(cfg.seed + progress.step)
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
     metrics = Metrics(accelerator, cfg, "reft")
     grader = NaturalLanguageGrader()
@@ -169,6 +168,8 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
         for i, indices in enumerate(batches, start=skip):
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
                                            [train[j] for j in indices.tolist()], cfg, grader)
+            # Minibatch order: a function of (seed, step), identical on every process and after --resume.
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
             record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator))
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1

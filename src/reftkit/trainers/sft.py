@@ -17,7 +17,7 @@ from reftkit.data.records import Example
 from reftkit.evaluate import evaluate
 from reftkit.prompts import collate_sft, encode_sft
 from reftkit.training import (
-    Metrics, Progress, load_examples_for, load_model_and_tokenizer, make_accelerator, make_optimizer,
+    Metrics, Progress, load_examples_for, loader_generator, load_model_and_tokenizer, make_accelerator, make_optimizer,
     prune_checkpoints, resume_from, save_checkpoint,
 )
 
@@ -41,7 +41,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
     if truncated:
         log.warning("%d of %d training examples exceed max_length=%d and were truncated", truncated,
                     len(features), cfg.max_length)
-    loader = DataLoader(features, batch_size=cfg.batch_size, shuffle=True,
+    loader = DataLoader(features, batch_size=cfg.batch_size, shuffle=True, generator=loader_generator(cfg.seed),
                         collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
