@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from reftkit.answers import Grader
+from reftkit.config import CommonConfig
 from reftkit.data.records import Example
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
@@ -58,3 +59,11 @@ def evaluate(
             for r in rows:
                 f.write(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n")
     return sum(r["correct"] for r in rows) / max(len(rows), 1)
+
+
+def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
+                 cfg: CommonConfig, predictions_path: Path) -> float:
+    """`evaluate` with a run config's batch size, lengths and progress setting."""
+    return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
+                    max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
+                    progress=cfg.progress, predictions_path=predictions_path)

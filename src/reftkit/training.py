@@ -166,6 +166,22 @@ def prune_checkpoints(accelerator: Accelerator, output_dir: Path, keep: int = 2)
             shutil.rmtree(old, ignore_errors=True)
 
 
+def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg: CommonConfig,
+                         progress: Progress) -> None:
+    """checkpoint-{step} with everything --resume needs; older ones beyond the last two are removed."""
+    save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}", progress,
+                    cfg.model_dump(mode="json"))
+    prune_checkpoints(accelerator, cfg.output_dir)
+
+
+def epoch_batches(accelerator: Accelerator, loader, progress: Progress, epoch: int):
+    """(index, batch) pairs of one epoch; on the epoch a resumed run stopped in, the batches it
+    already consumed are skipped (the seedable sampler gives the same order again)."""
+    loader.set_epoch(epoch)
+    skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+    return enumerate(accelerator.skip_first_batches(loader, skip) if skip else loader, start=skip)
+
+
 class Metrics:
     """Appends one JSON line per record to metrics.jsonl; forwards to TensorBoard/W&B if configured."""
 

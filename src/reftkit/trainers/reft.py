@@ -19,14 +19,14 @@ from reftkit import ppo
 from reftkit.answers import NaturalLanguageGrader, reward_from_grade
 from reftkit.config import ReFTConfig
 from reftkit.data.records import Example
-from reftkit.evaluate import evaluate
+from reftkit.evaluate import evaluate_run
 from reftkit.model import PolicyWithValueHead, lm_response_logprobs, load_causal_lm, load_tokenizer
 from reftkit.model import response_slice, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.training import (
-    Metrics, Progress, load_examples_for, loader_generator, make_accelerator, make_optimizer, prune_checkpoints, resume_from,
-    save_checkpoint,
+    Metrics, Progress, epoch_batches, load_examples_for, loader_generator, make_accelerator, make_optimizer,
+    resume_from, save_checkpoint, save_step_checkpoint,
 )
 
 log = logging.getLogger("reftkit")
@@ -142,30 +142,22 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
     metrics = Metrics(accelerator, cfg, "reft")
     grader = NaturalLanguageGrader()
-    config = cfg.model_dump(mode="json")
 
     def run_eval(tag: str) -> None:
         if not eval_set:
             return
-        acc = evaluate(accelerator, accelerator.unwrap_model(policy).lm, tokenizer, eval_set, grader,
-                       batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                       max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
-                       predictions_path=cfg.output_dir / f"predictions-{tag}.jsonl")
+        acc = evaluate_run(accelerator, accelerator.unwrap_model(policy).lm, tokenizer, eval_set, grader, cfg,
+                           cfg.output_dir / f"predictions-{tag}.jsonl")
         metrics.log({"eval_accuracy": acc}, progress.step)
         log.info("%s: eval accuracy %.4f", tag, acc)
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
-                        progress, config)
-        prune_checkpoints(accelerator, cfg.output_dir)
+        save_step_checkpoint(accelerator, policy, _lm, tokenizer, cfg, progress)
 
     bar = tqdm(total=batches_per_epoch * cfg.epochs, initial=progress.step, desc="reft",
                disable=not (cfg.progress and accelerator.is_main_process))
     for epoch in range(progress.epoch, cfg.epochs):
-        loader.set_epoch(epoch)
-        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for i, indices in enumerate(batches, start=skip):
+        for i, indices in epoch_batches(accelerator, loader, progress, epoch):
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
                                            [train[j] for j in indices.tolist()], cfg, grader)
             # Minibatch order: a function of (seed, step), identical on every process and after --resume.
@@ -186,7 +178,8 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
             run_eval(f"epoch{epoch + 1}")
         checkpoint()
     bar.close()
-    final = save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, "final", None, config)
+    final = save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, "final", None,
+                            cfg.model_dump(mode="json"))
     metrics.close()
     return final
 

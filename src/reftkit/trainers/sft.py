@@ -7,18 +7,17 @@ import math
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reftkit.answers import NaturalLanguageGrader
 from reftkit.config import SFTConfig
 from reftkit.data.records import Example
-from reftkit.evaluate import evaluate
+from reftkit.evaluate import evaluate_run
 from reftkit.prompts import collate_sft, encode_sft
 from reftkit.training import (
-    Metrics, Progress, load_examples_for, loader_generator, load_model_and_tokenizer, make_accelerator, make_optimizer,
-    prune_checkpoints, resume_from, save_checkpoint,
+    Metrics, Progress, epoch_batches, load_examples_for, load_model_and_tokenizer, loader_generator, make_accelerator,
+    make_optimizer, resume_from, save_checkpoint, save_step_checkpoint,
 )
 
 log = logging.getLogger("reftkit")
@@ -50,21 +49,15 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
     progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
     metrics = Metrics(accelerator, cfg, "sft")
     grader = NaturalLanguageGrader()
-    config = cfg.model_dump(mode="json")
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}",
-                        progress, config)
-        prune_checkpoints(accelerator, cfg.output_dir)
+        save_step_checkpoint(accelerator, model, _lm, tokenizer, cfg, progress)
 
     bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc="sft",
                disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
     for epoch in range(progress.epoch, cfg.epochs):
-        loader.set_epoch(epoch)
-        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for i, batch in enumerate(batches, start=skip):
+        for i, batch in epoch_batches(accelerator, loader, progress, epoch):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -85,14 +78,13 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
                 checkpoint()
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         if eval_set and cfg.eval_every_epoch:
-            acc = evaluate(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader,
-                           batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                           max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
-                           predictions_path=cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
+            acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
+                               cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
             metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
             log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
         checkpoint()
     bar.close()
-    final = save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, "final", None, config)
+    final = save_checkpoint(accelerator, model, _lm, tokenizer, cfg.output_dir, "final", None,
+                            cfg.model_dump(mode="json"))
     metrics.close()
     return final
