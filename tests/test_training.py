@@ -146,7 +146,7 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     from reftkit.demo import run_demo
 
     cfg = DemoConfig(output_dir=tmp_path, n_train=64, n_test=16, warmup_epochs=1, sft_extra_epochs=1,
-                     reft_questions=16, reft_batch_size=8, num_samples=2, progress=False)
+                     reft_questions=16, reft_epochs=1, reft_batch_size=8, num_samples=2, progress=False)
     results = run_demo(cfg)
     assert list(results) == ["warm-up SFT", "SFT (continued)", "ReFT"]
     for r in results.values():
@@ -156,3 +156,20 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert "| ReFT |" in table and "| SFT (continued) |" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"] == results
+
+
+def test_value_head_gets_its_own_learning_rate():
+    from reftkit.model import PolicyWithValueHead
+    from reftkit.training import make_optimizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    policy = PolicyWithValueHead(lm)
+    cfg = ReFTConfig(model="x", lr=1e-5, value_head_lr=1e-3)
+    groups = [{"params": policy.lm.parameters()}, {"params": policy.value_head.parameters(), "lr": cfg.value_head_lr}]
+    optimizer, scheduler = make_optimizer(groups, cfg, total_steps=10)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-5, 1e-3]
+    assert len(optimizer.param_groups[1]["params"]) == 2  # weight and bias of the head
+    scheduler.step()
+    assert scheduler.get_last_lr() == [1e-5, 1e-3]  # constant schedule keeps each group's rate

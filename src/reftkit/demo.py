@@ -1,9 +1,9 @@
 """`reftkit demo`: the whole pipeline offline on CPU, on synthetic problems with a tiny model.
 
 warm-up SFT -> (a) SFT continued on all training data for `sft_extra_epochs` more epochs,
-(b) ReFT from the same warm-up for one epoch over the first `reft_questions` training questions
-(a subset of the same questions: ReFT's rollouts are the expensive part); then greedy top-1
-accuracy of each on a disjoint test set.
+(b) ReFT from the same warm-up for `reft_epochs` epochs over the first `reft_questions` training
+questions (a subset of the same questions: ReFT's rollouts are the expensive part); then greedy
+top-1 accuracy of each on a disjoint test set.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
     start = str(out / "warmup" / "final")
     sft = SFTConfig(model=start, output_dir=out / "sft", epochs=cfg.sft_extra_epochs, lr=cfg.sft_continue_lr,
                     batch_size=cfg.sft_batch_size, eval_every_epoch=False, **common)
-    reft = ReFTConfig(model=start, output_dir=out / "reft", epochs=1, lr=cfg.reft_lr,
+    reft = ReFTConfig(model=start, output_dir=out / "reft", epochs=cfg.reft_epochs, lr=cfg.reft_lr,
+                      value_head_lr=cfg.reft_value_head_lr,
                       batch_size=cfg.reft_batch_size, num_samples=cfg.num_samples,
                       mini_batch_size=cfg.reft_batch_size * cfg.num_samples // 2, kl_coef=cfg.kl_coef, **common)
     return warmup, sft, reft

@@ -82,8 +82,15 @@ def loader_generator(seed: int) -> torch.Generator:
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
-    """AdamW with linear warm-up, then linear decay to 0 or a constant rate."""
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW with linear warm-up, then linear decay to 0 or a constant rate.
+
+    `params` is an iterable of tensors or of param-group dicts (a group may set its own "lr")."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        groups = [{"params": [p for p in params if p.requires_grad]}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if cfg.lr_schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))

@@ -135,7 +135,9 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
                         generator=loader_generator(cfg.seed))
     updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
     batches_per_epoch = -(-len(loader) // accelerator.num_processes)
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
+    groups = [{"params": policy.lm.parameters()},
+              {"params": policy.value_head.parameters(), "lr": cfg.value_head_lr or cfg.lr}]
+    optimizer, scheduler = make_optimizer(groups, cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
