@@ -171,5 +171,6 @@ def test_value_head_gets_its_own_learning_rate():
     optimizer, scheduler = make_optimizer(groups, cfg, total_steps=10)
     assert [g["lr"] for g in optimizer.param_groups] == [1e-5, 1e-3]
     assert len(optimizer.param_groups[1]["params"]) == 2  # weight and bias of the head
+    optimizer.step()
     scheduler.step()
     assert scheduler.get_last_lr() == [1e-5, 1e-3]  # constant schedule keeps each group's rate
