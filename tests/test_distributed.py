@@ -28,7 +28,7 @@ def test_two_process_reft(tmp_path):
     # processes' tokens together, while each process's own shard is not centred on its own.
     assert len(ranks[0]["whitened"]) == len(ranks[1]["whitened"]) == 2
     local_offsets = []
-    for (s0, q0, n0), (s1, q1, n1) in zip(ranks[0]["whitened"], ranks[1]["whitened"]):
+    for (s0, q0, n0), (s1, q1, n1) in zip(ranks[0]["whitened"], ranks[1]["whitened"], strict=True):
         n = n0 + n1
         assert (s0 + s1) / n == pytest.approx(0.0, abs=1e-4)
         assert (q0 + q1) / n == pytest.approx(1.0, abs=1e-3)

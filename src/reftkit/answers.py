@@ -92,9 +92,7 @@ def format_number(x: float) -> str:
 
 def _answer_line(completion: str) -> str | None:
     """The text after the last trigger up to the end of its line, or None without a trigger."""
-    last = None
-    for last in _TRIGGER_RE.finditer(completion):
-        pass
+    last = next(reversed(list(_TRIGGER_RE.finditer(completion))), None)
     if last is None:
         return None
     rest = completion[last.end() :].splitlines()
@@ -145,7 +143,7 @@ class NaturalLanguageGrader:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         grades = []
-        for completion, example in zip(completions, examples):
+        for completion, example in zip(completions, examples, strict=True):
             extracted = extract_answer(completion, multiple_choice=example.is_multiple_choice)
             grades.append(Grade(extracted, is_correct(extracted, example, self.tol)))
         return grades

@@ -46,7 +46,7 @@ def evaluate(
         with accelerator.autocast():
             out = generate(lm, tokenizer, [prompts[i] for i in idx], greedy)
         grades = grader.grade(out.texts, [examples[i] for i in idx])
-        for i, text, grade in zip(idx, out.texts, grades):
+        for i, text, grade in zip(idx, out.texts, grades, strict=True):
             ex = examples[i]
             rows.append({"index": i, "id": ex.id, "question": ex.question, "output": text,
                          "extracted": grade.extracted, "gold": ex.answer, "correct": grade.correct})

@@ -233,7 +233,7 @@ def _parse_options(value: Any) -> tuple[str, ...]:
         raise _RowError("options", "expected 'a ) ... , b ) ...'", value[:60])
     ends = [mark.start() for mark in marks[1:]] + [len(value)]
     texts = []
-    for letter, mark, end in zip("abcde", marks, ends):
+    for letter, mark, end in zip("abcde"[: len(marks)], marks, ends, strict=True):
         # Some rows repeat the marker: "a ) a ) 3 , b ) 2".
         text = re.sub(rf"^{letter}\s*\)\s*", "", value[mark.end() : end].strip())
         if not text:
