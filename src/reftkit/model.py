@@ -24,7 +24,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pre
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, exactly as `generate` computes them."""
+    """Positions that skip left padding, exactly as `generate` computes them. Rotary models
+    (Llama) are blind to the shift; absolute-position models (GPT-2, OPT) are not."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

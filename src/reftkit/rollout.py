@@ -27,10 +27,6 @@ class Generated:
     prompt_len: int  # P
     texts: list[str]  # decoded responses without EOS/padding
 
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_len :]
-
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1.0 up to and including the first EOS of each row; everything after it is padding."""

@@ -1,0 +1,56 @@
+"""Rollout and training forward must agree: PPO's ratio pi/pi_old is 1 only if they do."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig
+
+from reftkit.model import PolicyWithValueHead, lm_response_logprobs, response_slice, token_logprobs
+from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.prompts import collate_prompts, encode_prompt
+from reftkit.rollout import Sampling, generate, response_mask
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """GPT-2 has absolute position embeddings: left padding breaks it unless positions skip the pads
+    (Llama's rotary embeddings only see relative positions, so they cannot catch that)."""
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2") / "model"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "gpt2_checkpoint"])
+def test_training_forward_matches_generate_scores_under_left_padding(checkpoint, splits, request):
+    path = str(request.getfixturevalue(checkpoint))
+    lm, tok = load_causal_lm(path), load_tokenizer(path)
+    prompts = [encode_prompt(tok, ex, 64) for ex in splits[1][:6]]
+    assert len({len(p) for p in prompts}) > 1  # different lengths, so rows are left-padded
+    batch = collate_prompts(prompts, tok.pad_token_id)
+    torch.manual_seed(0)
+    out = lm.generate(**batch, generation_config=GenerationConfig(
+        do_sample=True, top_k=0, max_new_tokens=20, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    plen = batch["input_ids"].shape[1]
+    responses = out.sequences[:, plen:]
+    mask = response_mask(responses, tok.eos_token_id)
+    from_generate = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+
+    logits, _ = PolicyWithValueHead(lm).eval()(out.sequences, attention)
+    from_policy = token_logprobs(response_slice(logits, plen), responses)
+    from_ref = lm_response_logprobs(lm, out.sequences, attention, plen)
+    assert torch.allclose(from_policy * mask, from_generate * mask, atol=1e-4)
+    assert torch.allclose(from_ref * mask, from_generate * mask, atol=1e-4)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny_checkpoint, splits):
+    lm, tok = load_causal_lm(str(tiny_checkpoint)), load_tokenizer(str(tiny_checkpoint))
+    prompts = [encode_prompt(tok, ex, 64) for ex in splits[1][:5]]
+    greedy = Sampling(do_sample=False, max_new_tokens=16)
+    batched = generate(lm, tok, prompts, greedy).texts
+    assert batched == [generate(lm, tok, [p], greedy).texts[0] for p in prompts]
