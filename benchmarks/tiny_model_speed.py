@@ -48,7 +48,7 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, (_, _, t) in setups.items()}
     base = medians[next(iter(SIZES))]
     lines = ["# Tiny model training speed", "",
-             f"Command: `python benchmarks/tiny_model_speed.py`  ",
+             "Command: `python benchmarks/tiny_model_speed.py`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads  ", f"Date: {datetime.date.today().isoformat()}", "",
              "| model | parameters | median s / step (32 x 60 tokens) | examples / s | speed vs demo model |",
