@@ -102,8 +102,11 @@ def _answer_line(completion: str) -> str | None:
 def extract_answer(completion: str, multiple_choice: bool = False) -> str | None:
     """Canonical answer text after the last trigger: a number string or an option letter a-e."""
     line = _answer_line(completion)
-    if line is None:
-        return None
+    return None if line is None else read_answer(line, multiple_choice)
+
+
+def read_answer(line: str, multiple_choice: bool = False) -> str | None:
+    """Canonical answer text of an answer (a trigger's line, or a program's return value)."""
     if multiple_choice:
         match = _LETTER_RE.match(_clean(line))
         return match["letter"].lower() if match else None
@@ -125,6 +128,7 @@ def is_correct(extracted: str | None, example: Example, tol: float = 1e-2) -> bo
 class Grade:
     extracted: str | None  # the answer read off the completion, canonical text, or None
     correct: bool
+    detail: str = ""  # how it was graded, when there is more to say (a program's exit status)
 
 
 class Grader(Protocol):

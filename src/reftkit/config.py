@@ -24,6 +24,11 @@ class CommonConfig(_Config):
     eval_file: str | None = Field(None, description="evaluation data, read each epoch and by `eval`")
     data_format: Literal["auto", "reft", "gsm8k", "svamp", "mathqa", "mathqa-numeric", "hf"] = Field(
         "auto", description="input format of the data files")
+    cot: Literal["natural", "program"] = Field(
+        "natural", description="chain of thought: natural-language reasoning, or a Python program run in the sandbox")
+    exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
+    exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
+    exec_memory_mb: int = Field(512, gt=0, description="program CoT: memory limit per program (MiB)")
     skip_invalid: bool = Field(False, description="skip malformed rows (reported with reasons) instead of stopping")
     output_dir: Path = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
     seed: int = Field(42, description="seed for data order, sampling and initialisation")
@@ -80,7 +85,7 @@ class ReFTConfig(TrainConfig):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (the paper: 1.0)")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
-    kl_coef: float = Field(0.05, ge=0, description="beta: 0.05 N-CoT, 0.01 P-CoT; 0 collapses training")
+    kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
     gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip")
@@ -92,6 +97,12 @@ class ReFTConfig(TrainConfig):
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
 
+    @property
+    def kl_beta(self) -> float:
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return 0.01 if self.cot == "program" else 0.05
+
 
 class EvalConfig(CommonConfig):
     """Greedy decoding and top-1 accuracy of a checkpoint (`model`) on eval_file."""
@@ -102,9 +113,10 @@ class DemoConfig(_Config):
 
     output_dir: Path = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
     seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
+    cot: Literal["natural", "program"] = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
     n_train: int = Field(8000, gt=0, description="synthetic training questions (one reference CoT each)")
     n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
-    one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs in the one-line style")
+    one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
     warmup_epochs: int = Field(6, gt=0, description="warm-up SFT epochs")
     sft_lr: float = Field(3e-3, gt=0, description="warm-up SFT learning rate")
     sft_batch_size: int = Field(32, gt=0, description="examples per SFT batch")
@@ -116,5 +128,5 @@ class DemoConfig(_Config):
     reft_value_head_lr: float = Field(1e-3, gt=0, description="learning rate of ReFT's freshly initialised value head")
     reft_batch_size: int = Field(32, gt=0, description="questions per rollout batch")
     num_samples: int = Field(4, gt=0, description="samples per question in ReFT")
-    kl_coef: float = Field(0.05, ge=0, description="ReFT KL coefficient")
+    kl_coef: float | None = Field(None, ge=0, description="ReFT KL coefficient; default: the paper's for the CoT style")
     progress: bool = Field(True, description="show progress bars")

@@ -24,7 +24,7 @@ LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}
 
 def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
     """The three stages' configs; every demo hyperparameter lives in DemoConfig."""
-    out, common = Path(cfg.output_dir), {**LENGTHS, "seed": cfg.seed, "progress": cfg.progress}
+    out, common = Path(cfg.output_dir), {**LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot}
     warmup = SFTConfig(model="tiny", output_dir=out / "warmup", epochs=cfg.warmup_epochs, lr=cfg.sft_lr,
                        batch_size=cfg.sft_batch_size, warmup_ratio=0.05, eval_every_epoch=False, **common)
     start = str(out / "warmup" / "final")
@@ -42,7 +42,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from reftkit.evaluate_cli import run_eval
     from reftkit.config import EvalConfig
 
-    train, test = make_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, one_line_fraction=cfg.one_line_fraction)
+    train, test = make_splits(cfg.n_train, cfg.n_test, cfg.seed, cfg.one_line_fraction, cfg.cot)
     warmup, sft, reft = demo_configs(cfg)
     test_file = Path(cfg.output_dir) / "test.jsonl"
     if process_state().is_main_process:
@@ -58,7 +58,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         start = time.time()
         final = train_fn(stage_cfg, data)
         seconds = time.time() - start
-        acc = run_eval(EvalConfig(model=str(final), eval_file=str(test_file), data_format="reft",
+        acc = run_eval(EvalConfig(model=str(final), eval_file=str(test_file), data_format="reft", cot=cfg.cot,
                                   output_dir=stage_cfg.output_dir / "test", progress=False, **LENGTHS))
         results[name] = {"test_accuracy": acc, "train_seconds": round(seconds, 1), "model": str(final)}
     if process_state().is_main_process:
@@ -69,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def format_table(results: dict[str, dict], cfg: DemoConfig) -> str:
-    lines = [f"reftkit demo (seed {cfg.seed}, {cfg.n_train} train / {cfg.n_test} test synthetic problems)",
+    lines = [f"reftkit demo ({cfg.cot} CoT, seed {cfg.seed}, {cfg.n_train} train / {cfg.n_test} test synthetic problems)",
              "", "| stage | test accuracy (greedy) | train time (s) |", "|---|---|---|"]
     lines += [f"| {name} | {r['test_accuracy']:.1%} | {r['train_seconds']:.0f} |" for name, r in results.items()]
     return "\n".join(lines)

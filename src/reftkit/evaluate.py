@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from reftkit.answers import Grader
 from reftkit.config import CommonConfig
+from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
@@ -29,6 +30,7 @@ def evaluate(
     max_new_tokens: int,
     progress: bool = True,
     predictions_path: Path | None = None,
+    cot: CotStyle = "natural",
 ) -> float:
     """Top-1 (greedy) accuracy over all processes; each process decodes its own shard.
 
@@ -36,7 +38,7 @@ def evaluate(
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = list(range(rank, len(examples), world))
-    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens) for i in shard}
+    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot) for i in shard}
     order = sorted(shard, key=lambda i: len(prompts[i]))
     rows = []
     greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens)
@@ -48,8 +50,9 @@ def evaluate(
         grades = grader.grade(out.texts, [examples[i] for i in idx])
         for i, text, grade in zip(idx, out.texts, grades, strict=True):
             ex = examples[i]
-            rows.append({"index": i, "id": ex.id, "question": ex.question, "output": text,
-                         "extracted": grade.extracted, "gold": ex.answer, "correct": grade.correct})
+            rows.append({"index": i, "id": ex.id, "question": ex.question, "output": response_prefix(ex, cot) + text,
+                         "extracted": grade.extracted, "gold": ex.answer, "correct": grade.correct}
+                        | ({"detail": grade.detail} if grade.detail else {}))
         bar.update(len(idx) * world)
     bar.close()
     rows = sorted(gather_object(rows), key=lambda r: r["index"])
@@ -66,4 +69,4 @@ def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examp
     """`evaluate` with a run config's batch size, lengths and progress setting."""
     return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
-                    progress=cfg.progress, predictions_path=predictions_path)
+                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from reftkit.answers import NaturalLanguageGrader
 from reftkit.config import EvalConfig
-from reftkit.evaluate import evaluate
+from reftkit.cot import open_grader
+from reftkit.evaluate import evaluate_run
 from reftkit.model import load_causal_lm, load_tokenizer
 from reftkit.training import Metrics, load_examples_for, make_accelerator
 
@@ -18,10 +18,8 @@ def run_eval(cfg: EvalConfig) -> float:
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
     path = cfg.output_dir / "predictions.jsonl"
-    acc = evaluate(accelerator, lm, load_tokenizer(cfg.model), examples, NaturalLanguageGrader(),
-                   batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                   max_new_tokens=cfg.max_length - cfg.max_prompt_tokens, progress=cfg.progress,
-                   predictions_path=path)
+    with open_grader(cfg) as grader:
+        acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path)
     Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)}, 0)
     log.info("accuracy %.4f on %d examples; predictions in %s", acc, len(examples), path)
     return acc

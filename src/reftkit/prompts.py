@@ -6,28 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
-from reftkit.answers import TRIGGER
+from reftkit.cot import CotStyle, question_text, response_prefix, target_text
 from reftkit.data.records import Example
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
 
-def question_text(example: Example) -> str:
-    if example.options is None:
-        return example.question
-    letters = "abcdefghij"
-    opts = " , ".join(f"{letters[i]} ) {o}" for i, o in enumerate(example.options))
-    return f"{example.question}\nOptions: {opts}"
+def prompt_text(example: Example, cot: CotStyle = "natural") -> str:
+    """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n` (+ P-CoT's prefix)."""
+    return f"Question:\n{question_text(example)}\nAnswer reasoning:\n{response_prefix(example, cot)}"
 
 
-def prompt_text(example: Example) -> str:
-    """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n`."""
-    return f"Question:\n{question_text(example)}\nAnswer reasoning:\n"
-
-
-def response_text(example: Example) -> str:
-    """The training target: the reference CoT, then the answer trigger (EOS is added as a token)."""
-    return f"{example.cot}\n{TRIGGER} {example.answer}"
+def response_text(example: Example, cot: CotStyle = "natural") -> str:
+    """The training target (EOS is added as a token)."""
+    return target_text(example, cot)
 
 
 @dataclass(frozen=True)
@@ -37,16 +29,17 @@ class Encoded:
     truncated: bool
 
 
-def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int) -> list[int]:
+def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural") -> list[int]:
     """Prompt token ids, keeping the last max_prompt_tokens (the question's end holds the ask)."""
-    ids = tokenizer(prompt_text(example), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt_text(example, cot), add_special_tokens=True)["input_ids"]
     return ids[-max_prompt_tokens:]
 
 
-def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: int) -> Encoded:
+def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: int,
+               cot: CotStyle = "natural") -> Encoded:
     """Prompt + response + EOS, truncated to max_length (truncation is reported, never silent)."""
-    prompt = encode_prompt(tokenizer, example, max_prompt_tokens)
-    response = tokenizer(response_text(example), add_special_tokens=False)["input_ids"]
+    prompt = encode_prompt(tokenizer, example, max_prompt_tokens, cot)
+    response = tokenizer(response_text(example, cot), add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
     ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get
 from reftkit.config import CommonConfig, OptimConfig
 from reftkit.data.records import Example
 from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.cot import CotStyle
 from reftkit.prompts import prompt_text, response_text
 from reftkit.tiny import build_model, build_tokenizer
 
@@ -66,10 +67,11 @@ def load_examples_for(path: str | None, cfg: CommonConfig, role: str) -> list[Ex
     return result.examples
 
 
-def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int) -> tuple[PreTrainedModel, object]:
+def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int,
+                             cot: CotStyle = "natural") -> tuple[PreTrainedModel, object]:
     """`tiny` builds a tokenizer on the training text and a small Llama; anything else is from_pretrained."""
     if name_or_path == "tiny":
-        tokenizer = build_tokenizer(prompt_text(e) + response_text(e) for e in train)
+        tokenizer = build_tokenizer(prompt_text(e, cot) + response_text(e, cot) for e in train)
         return build_model(tokenizer, seed=seed), tokenizer
     return load_causal_lm(name_or_path), load_tokenizer(name_or_path)
 

@@ -11,6 +11,10 @@ Both are correct, but the one-line style asks a small model to do several operat
 single step, so it fails far more often. SFT imitates the mixture; ReFT's reward can teach the
 policy which of the paths it has seen actually reaches right answers. That is the paper's
 premise (one annotated CoT per question is one of many valid paths), made visible at demo scale.
+
+Program CoT (`cot="program"`) has the same two annotators: one writes a line of code per event
+(`coins = coins + 4`), the other works all but the last event out by hand and writes the
+result as a constant (`coins = 31`), which the model then has to compute in its head.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import operator
 import random
 
+from reftkit.cot import CotStyle, program_header
 from reftkit.data.records import Example
 
 NAMES = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Lily", "Omar", "Nina", "Ravi"]
@@ -26,6 +31,7 @@ GAINS = ["Then buys", "Then finds", "Then gets", "Then wins"]
 LOSSES = ["Then gives away", "Then loses", "Then sells", "Then eats"]
 TIMES = {2: "Then doubles", 3: "Then triples"}
 APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+EVENTS = (2, 3)  # events per problem (min, max)
 Op = tuple[str, int]  # ("+", 5): one event's operator and operand
 
 
@@ -65,22 +71,43 @@ def one_line_cot(start: int, ops: list[Op]) -> str:
     return f"{expr} = {total}"
 
 
-def make_problem(rng: random.Random, index: int, prefix: str = "synth", one_line_fraction: float = 0.5) -> Example:
+def stepwise_program(item: str, start: int, ops: list[Op]) -> str:
+    """One line of code per event: the program does the arithmetic."""
+    lines = [f"{item} = {start}"] + [f"{item} = {item} {sym} {n}" for sym, n in ops]
+    return "\n".join(f"    {line}" for line in [*lines, f"result = {item}", "return result"])
+
+
+def hand_computed_program(item: str, start: int, ops: list[Op]) -> str:
+    """All but the last event worked out by hand: the constant is mental arithmetic."""
+    total = start
+    for sym, n in ops[:-1]:
+        total = APPLY[sym](total, n)
+    sym, n = ops[-1]
+    return "\n".join(f"    {line}" for line in [f"{item} = {total}", f"result = {item} {sym} {n}", "return result"])
+
+
+def make_problem(rng: random.Random, index: int, prefix: str = "synth", one_line_fraction: float = 0.5,
+                 cot: CotStyle = "natural") -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = total = rng.randint(2, 20)
     question, ops = [f"{name} has {total} {item}."], []
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(rng.randint(*EVENTS)):
         q, op, total = _step(rng, total)
         question.append(q)
         ops.append(op)
     question.append(f"How many {item} now?")
     one_line = rng.random() < one_line_fraction
-    cot = one_line_cot(start, ops) if one_line else stepwise_cot(start, ops, rng)
-    return Example(id=f"{prefix}-{index}", question=" ".join(question), cot=cot, answer=str(total))
+    text = " ".join(question)
+    if cot == "program":
+        body = hand_computed_program(item, start, ops) if one_line else stepwise_program(item, start, ops)
+        reference = program_header(text) + body
+    else:
+        reference = one_line_cot(start, ops) if one_line else stepwise_cot(start, ops, rng)
+    return Example(id=f"{prefix}-{index}", question=text, cot=reference, answer=str(total))
 
 
 def make_splits(
-    n_train: int, n_test: int, seed: int = 0, one_line_fraction: float = 0.5
+    n_train: int, n_test: int, seed: int = 0, one_line_fraction: float = 0.5, cot: CotStyle = "natural"
 ) -> tuple[list[Example], list[Example]]:
     """A training set and a test set with no question in common (deterministic in seed)."""
     rng = random.Random(seed)
@@ -89,7 +116,7 @@ def make_splits(
     for name, size in (("train", n_train), ("test", n_test)):
         split: list[Example] = []
         while len(split) < size:
-            ex = make_problem(rng, len(split), f"synth-{name}", one_line_fraction)
+            ex = make_problem(rng, len(split), f"synth-{name}", one_line_fraction, cot)
             if ex.question not in seen:
                 seen.add(ex.question)
                 split.append(ex)

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reftkit import ppo
-from reftkit.answers import NaturalLanguageGrader, reward_from_grade
+from reftkit.answers import reward_from_grade
 from reftkit.config import ReFTConfig
+from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
 from reftkit.model import PolicyWithValueHead, lm_response_logprobs, load_causal_lm, load_tokenizer
@@ -66,7 +67,7 @@ def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example]
 
 def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader):
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
-    prompts = [encode_prompt(tokenizer, ex, cfg.max_prompt_tokens) for ex in examples]
+    prompts = [encode_prompt(tokenizer, ex, cfg.max_prompt_tokens, cfg.cot) for ex in examples]
     out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, cfg.num_samples)
     repeated = [ex for ex in examples for _ in range(cfg.num_samples)]  # generate keeps prompt order
     grades = grader.grade(out.texts, repeated)
@@ -77,7 +78,7 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
                                               cfg.temperature)
     ref_logprobs = lm_response_logprobs(ref_lm, out.sequences, out.attention_mask, out.prompt_len, cfg.temperature)
     mask = out.response_mask
-    rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_coef)
+    rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_beta)
     advantages, returns = ppo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, mask, all_reduce=lambda t: accelerator.reduce(t, "sum"))
@@ -122,6 +123,11 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
 
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs ReFT from the warm-up checkpoint `cfg.model`; returns the final model directory."""
+    with open_grader(cfg) as grader:
+        return _train_reft(cfg, train, eval_set, grader)
+
+
+def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
     train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
     if eval_set is None and cfg.eval_file:
@@ -143,7 +149,6 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
     progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
     metrics = Metrics(accelerator, cfg, "reft")
-    grader = NaturalLanguageGrader()
 
     def run_eval(tag: str) -> None:
         if not eval_set:

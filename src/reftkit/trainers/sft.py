@@ -10,8 +10,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reftkit.answers import NaturalLanguageGrader
 from reftkit.config import SFTConfig
+from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
 from reftkit.prompts import collate_sft, encode_sft
@@ -29,13 +29,18 @@ def _lm(model):
 
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
+    with open_grader(cfg) as grader:  # for program CoT, this starts the sandbox the evaluations use
+        return _train_sft(cfg, train, eval_set, grader)
+
+
+def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
     train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
-    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
 
-    features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length) for ex in train]
+    features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     truncated = sum(f.truncated for f in features)
     if truncated:
         log.warning("%d of %d training examples exceed max_length=%d and were truncated", truncated,
@@ -48,7 +53,6 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
     accelerator.register_for_checkpointing(scheduler)
     progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
     metrics = Metrics(accelerator, cfg, "sft")
-    grader = NaturalLanguageGrader()
 
     def checkpoint() -> None:
         save_step_checkpoint(accelerator, model, _lm, tokenizer, cfg, progress)

@@ -1,0 +1,59 @@
+"""The two CoT styles: prompt and target text, and program grading through the real sandbox."""
+
+import ast
+
+import pytest
+
+from reftkit.config import EvalConfig
+from reftkit.cot import open_grader, program_body, program_header, target_text
+from reftkit.data.records import Example
+from reftkit.data.synthetic import make_splits
+from reftkit.prompts import prompt_text, response_text
+
+SVAMP_STYLE = '''def solution():
+    """there are 2 bananas . each comes in a package of 13 ."""
+    num_bananas = 2
+    result = num_bananas * 13
+    return result'''
+
+
+def test_program_body_strips_the_header_the_prompt_supplies():
+    assert program_body(SVAMP_STYLE) == "    num_bananas = 2\n    result = num_bananas * 13\n    return result"
+    assert program_body("    result = 3\n    return result") == "    result = 3\n    return result"  # body only
+
+
+def test_program_prompt_plus_target_is_the_whole_program():
+    ex = Example(id="q1", question="there are 2 bananas . each comes in a package of 13 .", cot=SVAMP_STYLE, answer="26")
+    prompt = prompt_text(ex, "program")
+    assert prompt.startswith("Question:\n") and prompt.endswith('"""\n')
+    assert prompt.split("Answer reasoning:\n")[1] + response_text(ex, "program") == SVAMP_STYLE
+    assert response_text(ex) == f"{SVAMP_STYLE}\nTherefore, the answer is: 26"  # natural CoT is unchanged
+
+
+@pytest.mark.parametrize("question", ['He said "hi"', 'ends in a quote"', 'three """ quotes', "back\\slash \\n"])
+def test_program_header_is_valid_python_for_any_question(question):
+    tree = ast.parse(program_header(question) + "    return 1\n")
+    assert ast.get_docstring(tree.body[0], clean=False) == question
+
+
+def test_synthetic_reference_programs_are_bodies_after_the_header():
+    train, _ = make_splits(50, 10, seed=3, cot="program")
+    for ex in train:
+        assert ex.cot.startswith(program_header(ex.question))
+        ast.parse(ex.cot)
+        assert target_text(ex, "program").startswith("    ") and "return result" in target_text(ex, "program")
+
+
+def test_program_grader_runs_the_programs_in_the_sandbox():
+    train, _ = make_splits(40, 1, seed=5, one_line_fraction=0.5, cot="program")
+    completions = [program_body(ex.cot) for ex in train]
+    cfg = EvalConfig(cot="program", exec_workers=2, exec_timeout=5.0)
+    with open_grader(cfg) as grader:
+        grades = grader.grade(completions, train)  # every reference program returns its gold answer
+        assert all(g.correct for g in grades), [g for g in grades if not g.correct][:3]
+        wrong = grader.grade(["    return 1 + 1\n", "    return None\n", "    import os\n    return 3\n",
+                              "    return (\n"], train[:4])
+    assert [(g.extracted, g.correct) for g in wrong] == [("2", train[0].answer == "2"), (None, False),
+                                                          (None, False), (None, False)]
+    assert wrong[1].detail.startswith("wrong_type") and wrong[2].detail.startswith("forbidden")
+    assert wrong[3].detail.startswith("error")
