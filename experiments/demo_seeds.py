@@ -1,9 +1,9 @@
-"""Runs `reftkit demo` for several seeds and writes the mean and spread to docs/demo.md.
+"""Runs `reftkit demo` for several seeds and writes the mean and spread to docs/demo-results*.md.
 
-    python experiments/demo_seeds.py --seeds 0 1 2 [--output_dir runs/demo-seeds] [--doc docs/demo.md]
+    python experiments/demo_seeds.py --seeds 1 2 3 [--cot program] [--output_dir runs/demo-seeds]
 
 Each seed is one full demo (data, tokenizer, model, warm-up, SFT, ReFT); a seed whose
-results.json already exists is not run again, so an interrupted sweep can be resumed.
+results.json holds the same config is not run again, so an interrupted sweep can be resumed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -57,25 +58,62 @@ def summarize(per_seed: dict[int, dict], cfg: DemoConfig, command: str) -> str:
         "",
         "Training seconds per stage (mean over seeds): " + ", ".join(
             f"{st} {statistics.mean(per_seed[s][st]['train_seconds'] for s in per_seed):.0f} s" for st in stages) + ".",
+        "",
+        "Which annotator's style the model writes under greedy decoding, and how often each is right",
+        "(all seeds pooled; read from each stage's `test/predictions.jsonl`):",
+        "",
+        "| stage | step-by-step: share of outputs | step-by-step: accuracy | skips steps: accuracy |",
+        "|---|---|---|---|",
     ]
+    for stage in stages:
+        rows = [r for s in per_seed for r in predictions(per_seed[s][stage])]
+        step = [r for r in rows if is_stepwise(r["output"], cfg.cot)]
+        skip = [r for r in rows if not is_stepwise(r["output"], cfg.cot)]
+        lines.append(f"| {stage} | {len(step) / len(rows):.1%} | {accuracy(step)} | {accuracy(skip)} |")
     return "\n".join(lines) + "\n"
+
+
+def predictions(stage: dict) -> list[dict]:
+    path = Path(stage["model"]).parent / "test" / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def is_stepwise(output: str, cot: str) -> bool:
+    """Step-by-step annotator: an equation per event (N-CoT) or a line of code per event (P-CoT)."""
+    if cot == "program":
+        return len(re.findall(r"^\s+(\w+) = \1 [-+*] \d+$", output, re.MULTILINE)) >= 2
+    return output.count(" = ") >= 2
+
+
+def accuracy(rows: list[dict]) -> str:
+    return f"{sum(r['correct'] for r in rows) / len(rows):.1%} (n={len(rows)})" if rows else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo-seeds"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/demo-results.md"))
+    parser.add_argument("--cot", choices=["natural", "program"], default="natural")
+    parser.add_argument("--doc", type=Path, help="default: docs/demo-results[-program].md")
     args = parser.parse_args(argv)
+    doc = args.doc or Path("docs/demo-results.md" if args.cot == "natural" else "docs/demo-results-program.md")
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
-        cfg = DemoConfig(seed=seed, output_dir=args.output_dir / f"seed{seed}", progress=False)
-        done = cfg.output_dir / "results.json"
-        per_seed[seed] = json.loads(done.read_text())["results"] if done.exists() else run_demo(cfg)
+        cfg = DemoConfig(seed=seed, cot=args.cot, output_dir=args.output_dir / f"seed{seed}", progress=False)
+        per_seed[seed] = cached(cfg) or run_demo(cfg)
     command = "python experiments/demo_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(summarize(per_seed, DemoConfig(), command.strip()))
-    print(args.doc.read_text())
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(summarize(per_seed, DemoConfig(cot=args.cot), command.strip()))
+    print(doc.read_text())
+
+
+def cached(cfg: DemoConfig) -> dict | None:
+    """A finished seed's results, if it ran with exactly this config (stale runs are redone)."""
+    done = cfg.output_dir / "results.json"
+    if not done.exists():
+        return None
+    saved = json.loads(done.read_text())
+    return saved["results"] if saved["config"] == cfg.model_dump(mode="json") else None
 
 
 if __name__ == "__main__":

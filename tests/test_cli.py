@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reftkit import __version__, cli
 from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
@@ -178,3 +179,14 @@ def test_unexpected_exceptions_propagate(monkeypatch, calls):
     monkeypatch.setattr(sys.modules["reftkit.trainers.sft"], "train_sft", buggy)
     with pytest.raises(KeyError):
         cli.main(["sft"])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    from reftkit.cli import COMMANDS
+
+    command = next(c for c in ("demo", "reft", "sft") if c in path.stem)
+    data = yaml.safe_load(path.read_text())
+    COMMANDS[command].config(**data)  # an unknown or ill-typed key raises
+    if command == "demo":
+        assert COMMANDS["demo"].config(**data) == COMMANDS["demo"].config(), "demo.yaml must spell out the defaults"

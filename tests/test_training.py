@@ -141,11 +141,12 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, ti
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
 
 
-def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+@pytest.mark.parametrize("cot", ["natural", "program"])
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, cot):
     from reftkit.config import DemoConfig
     from reftkit.demo import run_demo
 
-    cfg = DemoConfig(output_dir=tmp_path, n_train=64, n_test=16, warmup_epochs=1, sft_extra_epochs=1,
+    cfg = DemoConfig(output_dir=tmp_path, cot=cot, n_train=64, n_test=16, warmup_epochs=1, sft_extra_epochs=1,
                      reft_questions=16, reft_epochs=1, reft_batch_size=8, num_samples=2, progress=False)
     results = run_demo(cfg)
     assert list(results) == ["warm-up SFT", "SFT (continued)", "ReFT"]
@@ -156,6 +157,12 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert "| ReFT |" in table and "| SFT (continued) |" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"] == results
+    reft_rows = [json.loads(line) for line in (tmp_path / "reft" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "train_accuracy", "kl"} <= set(reft_rows[0])
+    preds = [json.loads(line) for line in (tmp_path / "reft" / "test" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 16
+    if cot == "program":  # outputs are whole programs, each graded by the sandbox with its exit status
+        assert all(p["output"].startswith("def solution():") and p["detail"] for p in preds)
 
 
 def test_value_head_gets_its_own_learning_rate():

@@ -13,7 +13,7 @@ Every function here maps to a line of the paper's objective (Luong et al. 2024, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

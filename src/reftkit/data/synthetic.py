@@ -31,22 +31,24 @@ GAINS = ["Then buys", "Then finds", "Then gets", "Then wins"]
 LOSSES = ["Then gives away", "Then loses", "Then sells", "Then eats"]
 TIMES = {2: "Then doubles", 3: "Then triples"}
 APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-EVENTS = (2, 3)  # events per problem (min, max)
+EVENTS = (3, 4)  # events per problem (min, max)
+START = (2, 12)  # first count (min, max)
+MAX_TOTAL, MAX_OPERAND = 20, 5
 Op = tuple[str, int]  # ("+", 5): one event's operator and operand
 
 
 def _step(rng: random.Random, total: int) -> tuple[str, Op, int]:
-    """One event: (question sentence, operator and operand, new total)."""
-    kind = rng.choice(["gain", "loss", "times"] if total <= 12 else ["gain", "loss", "loss"])
-    if kind == "loss" and total < 3:
-        kind = "gain"
+    """One event: (question sentence, operator and operand, new total). Totals stay in 1..MAX_TOTAL,
+    so the arithmetic a step needs is a small table a tiny model learns completely."""
+    kinds = ["gain"] * (total < MAX_TOTAL) + ["loss"] * (total > 1) + ["times"] * (2 * total <= MAX_TOTAL)
+    kind = rng.choice(kinds)
     if kind == "gain":
-        n = rng.randint(2, 9)
+        n = rng.randint(1, min(MAX_OPERAND, MAX_TOTAL - total))
         return f"{rng.choice(GAINS)} {n} more.", ("+", n), total + n
     if kind == "loss":
-        n = rng.randint(1, min(total - 1, 9))
+        n = rng.randint(1, min(MAX_OPERAND, total - 1))
         return f"{rng.choice(LOSSES)} {n}.", ("-", n), total - n
-    k = rng.randint(2, 3)
+    k = rng.randint(2, 3) if 3 * total <= MAX_TOTAL else 2
     return f"{TIMES[k]} them.", ("*", k), total * k
 
 
@@ -89,7 +91,7 @@ def hand_computed_program(item: str, start: int, ops: list[Op]) -> str:
 def make_problem(rng: random.Random, index: int, prefix: str = "synth", one_line_fraction: float = 0.5,
                  cot: CotStyle = "natural") -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = total = rng.randint(2, 20)
+    start = total = rng.randint(*START)
     question, ops = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(*EVENTS)):
         q, op, total = _step(rng, total)
