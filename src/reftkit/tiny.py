@@ -17,8 +17,8 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `corpus`. Digit runs are never merged with letters, and numbers
     frequent in the corpus become one token each, so a tiny model learns an arithmetic fact such
-    as `13 + 9 = 22` as one lookup (with one token per digit it needs carries, and learns far
-    slower: 45.5% vs 72% warm-up accuracy on the demo task, docs/demo.md)."""
+    as `13 + 9 = 22` as one lookup (with one token per digit it needs carries and learns far
+    slower: docs/demo.md, run H1)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.ByteLevel(add_prefix_space=False)]
