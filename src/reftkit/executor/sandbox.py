@@ -1,0 +1,335 @@
+"""The per-program child: hardening right after fork, then the program, then one result on a pipe.
+
+Order matters. Descriptors and the session come first (nothing of the worker's may leak), then resource
+limits, then privileges are dropped, then the irreversible kernel filters (no_new_privs, Landlock,
+seccomp), and only then is the program run, with the audit hook
+installed last so that the hardening itself is not subject to it. (The worker parses, checks and compiles
+the text before forking, see prepare().) Any enabled layer that fails makes the
+child refuse to run the program (fail closed).
+"""
+
+from __future__ import annotations
+
+import ast
+import numbers
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from types import CodeType
+from json import dumps
+from typing import NoReturn
+
+from reftkit.executor import kernel
+from reftkit.executor.config import ExecutorConfig, Status
+from reftkit.executor.policy import (
+    AuditPolicy,
+    CappedOutput,
+    Forbidden,
+    Importer,
+    OutputLimitExceeded,
+    check_program,
+)
+
+EXIT_MEMORY = 117  # the child ran out of memory where no result could be written
+EXIT_INTERNAL = 118  # the child failed outside the program (e.g. its result pipe was closed)
+EXIT_ORPHAN = 119  # the worker died before the child was set up
+RESULT_FD = 3
+LANDLOCK_FD = 4
+_DETAIL_CHARS = 300
+
+
+@dataclass
+class ChildContext:
+    """Everything a child needs, prepared once in the worker so that forking is all a program costs."""
+
+    config: ExecutorConfig
+    scratch: str
+    worker_pid: int
+    devnull_fd: int
+    read_roots: tuple[str, ...]
+    allowed: frozenset[str]
+    importer: Importer
+    policy: AuditPolicy
+    builtins: dict[str, object]
+    enabled: set[str] = field(default_factory=set)  # kernel layers to apply; the probe removes broken ones
+    rlimits: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # layer name -> (resource, soft, hard)
+    privilege: str = "none"  # "setuid": become uid/gid; "capdrop": drop all capabilities; "none"
+    uid: int = 65534
+    gid: int = 65534
+    max_fd: int = 65536  # one past the highest descriptor the worker may hold
+    landlock_fd: int | None = None
+    seccomp: kernel.SeccompProgram | None = None
+    steps: list[tuple[str, Callable[[], None]]] | None = None  # the enabled steps, built once in the worker
+
+
+# ----------------------------------------------------------------------------------------------- hardening
+
+
+def _setup_fds(ctx: ChildContext, result_fd: int) -> None:
+    """0, 1, 2 -> /dev/null (the worker's protocol pipes must not be reachable), 3 -> result pipe,
+    4 -> Landlock ruleset, everything else closed."""
+    if result_fd != RESULT_FD:
+        os.dup2(result_fd, RESULT_FD)
+        os.close(result_fd)
+    for fd in (0, 1, 2):
+        os.dup2(ctx.devnull_fd, fd)
+    if ctx.landlock_fd is not None and "landlock" in ctx.enabled:
+        os.dup2(ctx.landlock_fd, LANDLOCK_FD)
+    os.closerange(LANDLOCK_FD + 1, ctx.max_fd)  # one close_range(2) call on current Linux and Python
+
+
+def _drop_privileges(ctx: ChildContext) -> None:
+    if ctx.privilege == "setuid":
+        os.setgroups([])
+        os.setresgid(ctx.gid, ctx.gid, ctx.gid)
+        os.setresuid(ctx.uid, ctx.uid, ctx.uid)
+    elif ctx.privilege == "capdrop":
+        kernel.drop_capabilities()
+
+
+def _set_parent_death_signal(ctx: ChildContext) -> None:
+    # After the uid change, which clears it. If the worker is already gone, nobody will kill us: leave.
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ctx.worker_pid:
+        os._exit(EXIT_ORPHAN)
+
+
+def _apply_landlock(_ctx: ChildContext) -> None:
+    kernel.landlock_restrict(LANDLOCK_FD)
+    os.close(LANDLOCK_FD)
+
+
+def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("process_group", os.setsid),
+        ("scratch_dir", lambda: os.chdir(ctx.scratch)),
+    ]
+    for name, (res, soft, hard) in ctx.rlimits.items():
+        steps.append((name, lambda res=res, soft=soft, hard=hard: resource.setrlimit(res, (soft, hard))))
+    steps += [
+        ("privileges", lambda: _drop_privileges(ctx)),
+        ("parent_death_signal", lambda: _set_parent_death_signal(ctx)),
+        ("no_new_privs", lambda: kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)),
+        ("landlock", lambda: _apply_landlock(ctx)),
+        ("seccomp", lambda: ctx.seccomp.install()),
+    ]
+    return steps
+
+
+def prepare_steps(ctx: ChildContext) -> None:
+    """Builds the list of enabled steps once (in the worker), not in every child."""
+    ctx.steps = [(name, step) for name, step in _steps(ctx) if name in ctx.enabled]
+
+
+def harden(ctx: ChildContext, probe: bool = False) -> dict[str, str]:
+    """Applies the enabled layers. Returns {layer: error}: the first failure, or every failure when probing."""
+    failures: dict[str, str] = {}
+    if ctx.steps is None or probe:
+        prepare_steps(ctx)
+    for name, step in ctx.steps:
+        try:
+            step()
+        except (OSError, ValueError, AttributeError) as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            if not probe:
+                break
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------- the program
+
+
+def _result(status: Status, value: str | None = None, detail: str = "", output: str = "") -> dict:
+    return {"s": status.value, "v": value, "d": detail[:_DETAIL_CHARS], "o": output}
+
+
+def _describe(exc: BaseException) -> str:
+    """"Type: message", defensively: the exception may be the program's own class."""
+    try:
+        name = type(exc).__name__
+        message = str(exc)
+    except BaseException:  # noqa: BLE001 -- a hostile __str__ must not take the child down
+        return "exception"
+    return f"{name}: {message}" if message else name
+
+
+def prepare(ctx: ChildContext, source: str) -> CodeType | dict:
+    """Parses, checks and compiles a program: its code object, or the result that refuses it.
+
+    Runs in the worker, before forking: the child then starts from ready bytecode, which saves it hundreds
+    of copy-on-write page faults. Only CPython's parser and compiler see the text here (bounded by the
+    source size cap, their own nesting limits and the caller's watchdog); nothing of it is executed.
+    """
+    try:
+        tree = ast.parse(source, "<program>")
+    except SyntaxError as exc:
+        return _result(Status.ERROR, detail=f"SyntaxError: {exc.msg} (line {exc.lineno})")
+    except (ValueError, RecursionError, OverflowError, UnicodeError, MemoryError) as exc:
+        return _result(Status.ERROR, detail=f"cannot parse: {_describe(exc)}")
+    reason = check_program(tree, ctx.allowed)
+    if reason is not None:
+        return _result(Status.FORBIDDEN, detail=reason)
+    try:
+        return compile(tree, "<program>", "exec")
+    except (SyntaxError, ValueError, RecursionError, OverflowError, MemoryError) as exc:
+        return _result(Status.ERROR, detail=f"cannot compile: {_describe(exc)}")
+
+
+def execute(ctx: ChildContext, code: CodeType) -> dict:
+    """Runs a prepared program in the (already hardened) child."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()  # what os.fork's at-fork hook would do: children must not share one random stream
+    output = CappedOutput(ctx.config.max_output_bytes)
+    sys.stdout = sys.stderr = output
+    sys.addaudithook(ctx.policy)  # cannot be removed from Python code
+    status, value, detail = _run(ctx, code)
+    if ctx.policy.violation is not None:  # also when the program caught the exception
+        status, value, detail = Status.FORBIDDEN, None, ctx.policy.violation
+    elif output.exceeded:
+        status, value, detail = Status.ERROR, None, f"output limit of {ctx.config.max_output_bytes} bytes exceeded"
+    return _result(status, value, detail, output.getvalue())
+
+
+def _run(ctx: ChildContext, code: CodeType) -> tuple[Status, str | None, str]:
+    entry = ctx.config.entry
+    namespace: dict[str, object] = {"__builtins__": ctx.builtins, "__name__": "__sandbox__"}
+    try:
+        exec(code, namespace)  # noqa: S102 -- this is the sandbox
+        function = namespace.get(entry)
+        if function is None or not callable(function):
+            return Status.ERROR, None, f"no {entry}() function defined"
+        return answer(function(), ctx.config.max_output_bytes)
+    except Forbidden as exc:
+        return Status.FORBIDDEN, None, str(exc)
+    except OutputLimitExceeded:
+        return Status.ERROR, None, "output limit exceeded"
+    except MemoryError:
+        return Status.MEMORY, None, "MemoryError"
+    except BaseException as exc:  # noqa: BLE001 -- every exception of the program is a result
+        return Status.ERROR, None, _describe(exc)
+
+
+def answer(value: object, limit: int) -> tuple[Status, str | None, str]:
+    """Classifies a returned value: (ok, text) for a number or string, wrong_type otherwise."""
+    text = _answer_text(value)
+    if text is None:
+        return Status.WRONG_TYPE, None, f"returned {type(value).__name__}, not a number or string"
+    if len(text) > limit:
+        return Status.ERROR, None, f"answer longer than {limit} characters"
+    return Status.OK, text, ""
+
+
+def _answer_text(value: object) -> str | None:
+    # Base-class methods, not the value's own: the text of an int subclass is that of its int value.
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, Fraction):
+        return Fraction.__str__(value)
+    if isinstance(value, Decimal):
+        return Decimal.__str__(value)
+    sympy = sys.modules.get("sympy")
+    if sympy is not None and isinstance(value, sympy.Basic):
+        return _sympy_text(value)
+    if isinstance(value, numbers.Real):  # numpy scalars and other registered reals
+        return float.__repr__(float(value))
+    return None
+
+
+def _sympy_text(value: object) -> str | None:
+    if getattr(value, "is_Rational", False):
+        return str(value)  # "7", "3/4"
+    if not getattr(value, "is_number", False) or getattr(value, "is_real", None) is False:
+        return None  # free symbols, booleans, sets, complex numbers
+    try:
+        return float.__repr__(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def encode_result(result: dict) -> bytes:
+    """Length-prefixed fields ("<n>:<text>" each). Plain string operations: cheaper in a fresh child than the
+    json extension, whose code pages would all have to be faulted in."""
+    value = result["v"]
+    fields = (result["s"], "" if value is None else value, "0" if value is None else "1", result["d"], result["o"])
+    return "".join(f"{len(f)}:{f}" for f in fields).encode("utf-8", "surrogatepass")
+
+
+def decode_result(data: bytes) -> dict | None:
+    """Inverse of encode_result, for untrusted bytes: None unless exactly five well-formed string fields."""
+    try:
+        text = data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    fields, pos = [], 0
+    while pos < len(text) and len(fields) < 5:
+        colon = text.find(":", pos, pos + 12)
+        length = text[pos:colon] if colon >= 0 else ""
+        if not (length.isascii() and length.isdigit()):
+            return None
+        end = colon + 1 + int(length)
+        if end > len(text):
+            return None
+        fields.append(text[colon + 1 : end])
+        pos = end
+    if len(fields) != 5 or pos != len(text) or fields[2] not in ("0", "1"):
+        return None
+    status, value, has_value, detail, output = fields
+    return {"s": status, "v": value if has_value == "1" else None, "d": detail, "o": output}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def child_main(ctx: ChildContext, code: CodeType, result_fd: int) -> NoReturn:
+    """Runs in the forked child; never returns."""
+    exit_code = EXIT_INTERNAL
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's handler is not ours
+        _setup_fds(ctx, result_fd)
+        failures = harden(ctx)
+        if failures:
+            layer, error = next(iter(failures.items()))
+            result = _result(Status.ERROR, detail=f"sandbox setup failed ({layer}): {error}")
+        else:
+            result = execute(ctx, code)
+        _write_all(RESULT_FD, encode_result(result))
+        exit_code = 0
+    except MemoryError:
+        exit_code = EXIT_MEMORY
+    except BaseException:  # noqa: BLE001, S110 -- the worker classifies the exit code
+        pass
+    os._exit(exit_code)
+
+
+def probe_main(ctx: ChildContext, result_fd: int) -> NoReturn:
+    """Probe child: tries every layer, reports the ones that fail, then runs a trivial program."""
+    code = EXIT_INTERNAL
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _setup_fds(ctx, result_fd)
+        failures = harden(ctx, probe=True)
+        ctx.enabled -= set(failures)
+        result = execute(ctx, compile(f"def {ctx.config.entry}():\n    return 1\n", "<probe>", "exec"))
+        _write_all(RESULT_FD, dumps({"failures": failures, "result": result}).encode())
+        code = 0
+    except BaseException:  # noqa: BLE001, S110
+        pass
+    os._exit(code)

@@ -1,0 +1,571 @@
+"""The worker ("zygote"): a clean interpreter that pre-imports the allowed modules, prepares every isolation
+layer once, and forks one short-lived child per program.
+
+Started by pool.py as `python -I -B -c <boot>`; speaks JSON lines: the first line on stdin is the setup,
+then one {"i", "src"} task per line; it answers one {"ready", "layers"} line, then one result line per
+task, in order. It never runs untrusted code itself: that happens only in the forked children.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import pwd
+import resource
+import select
+import signal
+import stat
+import sys
+import sysconfig
+import time
+import warnings
+
+from reftkit.executor import kernel
+from reftkit.executor.config import ExecutorConfig, Status
+from reftkit.executor.policy import AuditPolicy, Importer, safe_builtins
+from reftkit.executor.sandbox import (
+    EXIT_INTERNAL,
+    EXIT_MEMORY,
+    EXIT_ORPHAN,
+    ChildContext,
+    child_main,
+    decode_result,
+    prepare,
+    prepare_steps,
+    probe_main,
+)
+
+# Imported for the answer classification, and where stdlib code would import them lazily in a child.
+_ALWAYS_PRELOAD = ("fractions", "decimal", "numbers", "json")
+_LAZY_COMPANIONS = {"datetime": ("_strptime",)}
+# Optional kernel layers in the order a child applies them (the probe suspects the latest first).
+_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "no_new_privs", "landlock", "seccomp")
+
+
+def _sympy_warmup() -> None:
+    """Runs the sympy code paths typical programs use, so that their lazy imports and generated code
+    are already in memory when the children fork (and need not be read from disk)."""
+    import sympy
+
+    x, y, z = sympy.symbols("x y z")
+    sympy.solve(sympy.Eq(2 * x + 3, 11), x)
+    sympy.solve([x + y - 10, x - y - 2], [x, y])
+    sympy.solve([x + y + z - 6, x - y, y - z], [x, y, z])
+    sympy.solve(x**2 - 5 * x + 6, x)
+    sympy.simplify((x**2 - 1) / (x - 1))
+    sympy.factor(x**2 - 1)
+    sympy.expand((x + 1) ** 3)
+    sympy.nsimplify(0.5)
+    sympy.N(sympy.sqrt(2))
+    sympy.Rational(3, 4) + sympy.Integer(1)
+    sympy.factorint(360)
+    sympy.isprime(97)
+    sympy.binomial(10, 3)
+    sympy.sympify("x**2 + 1")
+    float(sympy.pi)
+
+
+class Zygote:
+    def __init__(self, config: ExecutorConfig, preload: list[str], scratch: str) -> None:
+        self.config = config
+        self.layers: dict[str, str] = {"process": f"on: clean interpreter (pid {os.getpid()})"}
+        self._raw_fork = False  # until start-up is done and the worker is known to be single-threaded
+        self._unshare_network()
+        roots = self._preload(preload)
+        self.ctx = self._context(scratch, roots)
+        self._prepare_kernel_layers()
+        self._probe()
+        self._finalise_layers()
+        prepare_steps(self.ctx)
+        self._raw_fork = len(sys._current_frames()) == 1  # no other Python thread to leave half-copied
+        gc.collect()
+        gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _unshare_network(self) -> None:
+        try:
+            self.layers["network"] = kernel.unshare_network()
+        except OSError as exc:
+            self.layers["network"] = f"off: {exc.strerror or exc}; sockets are refused by seccomp and the audit hook"
+
+    def _preload(self, preload: list[str]) -> tuple[str, ...]:
+        """Imports modules; returns the directories children may read: the standard library and where the
+        allowed modules live (lazy imports), nothing else."""
+        names = list(_ALWAYS_PRELOAD) + list(preload)
+        names += [c for m in preload for c in _LAZY_COMPANIONS.get(m, ())]
+        missing = []
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 -- a missing optional module only disables that import
+                missing.append(name)
+        if "sympy" in preload and "sympy" not in missing:
+            _sympy_warmup()
+        if missing:  # reported (and warned about) like a layer: those imports will fail in programs
+            self.layers["preload"] = f"partial: cannot import {', '.join(missing)}"
+        roots = {sysconfig.get_path(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+        for name in self.config.allowed_imports:
+            roots.add(_module_root(name))
+        roots = {os.path.realpath(r) for r in roots if r and os.path.isdir(r)}
+        sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) in roots]  # lazy imports look only here
+        importlib.invalidate_caches()
+        return tuple(sorted(roots))
+
+    def _context(self, scratch: str, roots: tuple[str, ...]) -> ChildContext:
+        allowed = frozenset(self.config.allowed_imports)
+        policy = AuditPolicy(roots + (os.path.realpath(scratch),))
+        importer = Importer(allowed, policy.deny)
+        for name in sorted(allowed):
+            if name in sys.modules:  # build proxies now, not in every child
+                importer.proxy(sys.modules[name])
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        return ChildContext(
+            max_fd=max_fd if 0 < max_fd < 2**20 else 2**20,
+            config=self.config, scratch=scratch, worker_pid=os.getpid(), devnull_fd=devnull,
+            read_roots=policy.read_roots, allowed=allowed, importer=importer, policy=policy,
+            builtins=safe_builtins(importer),
+        )
+
+    def _prepare_kernel_layers(self) -> None:
+        ctx = self.ctx
+        ctx.enabled = {"process_group", "scratch_dir"}
+        self._prepare_rlimits()
+        self._prepare_privileges()
+        if kernel.IS_LINUX:
+            ctx.enabled |= {"parent_death_signal", "no_new_privs"}
+            try:
+                kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
+                self.layers["stray_reaper"] = "on: worker is a child subreaper"
+            except OSError as exc:
+                self.layers["stray_reaper"] = f"off: {exc.strerror}"
+        else:
+            self.layers["parent_death_signal"] = "off: Linux only"
+            self.layers["no_new_privs"] = "off: Linux only"
+        self._prepare_landlock()
+        self._prepare_seccomp()
+
+    def _prepare_rlimits(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        cpu = cfg.cpu_limit_s
+        wanted = {
+            "rlimit_core": ("RLIMIT_CORE", 0, 0),
+            "rlimit_fsize": ("RLIMIT_FSIZE", 0, 0),  # no file writes even if everything else failed
+            "rlimit_nofile": ("RLIMIT_NOFILE", 16, 16),
+            "rlimit_nproc": ("RLIMIT_NPROC", 0, 0),  # no fork/threads once uid or capabilities are dropped
+            "rlimit_cpu": ("RLIMIT_CPU", cpu, cpu + 1),
+        }
+        base = _address_space_bytes()
+        if base is not None:
+            limit = base + cfg.memory_mb * 2**20
+            wanted["rlimit_as"] = ("RLIMIT_AS", limit, limit)
+        else:
+            self.layers["rlimit_as"] = "off: cannot read this process's address-space size"
+        for layer, (name, soft, hard) in wanted.items():
+            if hasattr(resource, name):
+                ctx.rlimits[layer] = (getattr(resource, name), soft, hard)
+                ctx.enabled.add(layer)
+            else:
+                self.layers[layer] = f"off: no {name} here"
+
+    def _prepare_privileges(self) -> None:
+        ctx = self.ctx
+        if os.geteuid() != 0:
+            # Unprivileged (or root of a user namespace we created): drop whatever capabilities we hold.
+            ctx.privilege = "capdrop" if kernel.IS_LINUX else "none"
+            dropped = ", capabilities dropped" if kernel.IS_LINUX else ""
+            self.layers["privileges"] = f"on: not root (uid {os.getuid()}){dropped}"
+        else:
+            ctx.uid, ctx.gid = _nobody_ids()
+            unreadable = [r for r in ctx.read_roots if not _world_readable(r)]
+            if not unreadable:
+                ctx.privilege = "setuid"
+                self.layers["privileges"] = f"on: runs as uid {ctx.uid} (nobody)"
+            elif kernel.IS_LINUX:
+                ctx.privilege = "capdrop"
+                self.layers["privileges"] = (
+                    f"partial: stays uid 0 with every capability dropped, because {unreadable[0]} is not "
+                    "readable by nobody (root-owned files stay readable by owner rights; Landlock and the "
+                    "audit hook confine reads)"
+                )
+            else:
+                self.layers["privileges"] = f"off: {unreadable[0]} not readable by nobody"
+        if ctx.privilege != "none":
+            ctx.enabled.add("privileges")
+
+    def _prepare_landlock(self) -> None:
+        ctx = self.ctx
+        try:
+            fd, abi = kernel.landlock_ruleset(list(ctx.read_roots))
+        except OSError as exc:
+            self.layers["landlock"] = f"off: {exc.strerror or exc}; reads are confined by the audit hook only"
+            return
+        ctx.landlock_fd = fd
+        ctx.enabled.add("landlock")
+        self.layers["landlock"] = f"on: ABI {abi}, read-only access to {len(ctx.read_roots)} directories"
+
+    def _prepare_seccomp(self) -> None:
+        try:
+            self.ctx.seccomp = kernel.SeccompProgram(kernel.seccomp_filter())
+        except OSError as exc:
+            self.layers["seccomp"] = f"off: {exc.strerror or exc}"
+            return
+        self.ctx.enabled.add("seccomp")
+        self.layers["seccomp"] = "on: fork/exec/kill/ptrace/sockets/namespaces/file writes denied"
+
+    def _probe(self) -> None:
+        """Forks one child that tries every layer; layers that fail there are disabled (and reported), so
+        that a program never meets a half-applied sandbox. If the probe child dies outright (a filter that
+        kills it, say), the kernel layers are switched off one at a time, latest first, until it lives."""
+        suspects = [n for n in _PROBE_ORDER if n in self.ctx.enabled]
+        while True:
+            report = self._probe_once()
+            if report is not None or not suspects:
+                break
+            layer = suspects.pop()
+            self.ctx.enabled.discard(layer)
+            self.layers[layer] = "off: the probe child died with this layer applied"
+        if report is None:
+            raise RuntimeError("sandbox probe failed even with every optional layer off")
+        for layer, error in report["failures"].items():
+            self.ctx.enabled.discard(layer)
+            self.layers[layer] = f"off: {error}"
+        if report["result"].get("s") != Status.OK.value:
+            raise RuntimeError(f"sandbox probe program failed: {report['result']}")
+
+    def _probe_once(self) -> dict | None:
+        reply = self._fork_and_collect(lambda fd: probe_main(self.ctx, fd))
+        try:
+            report = json.loads(reply["data"])
+            return {"failures": dict(report["failures"]), "result": dict(report["result"])}
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _finalise_layers(self) -> None:
+        for layer in sorted(self.ctx.enabled):
+            self.layers.setdefault(layer, "on")
+        for layer, (_, soft, _hard) in self.ctx.rlimits.items():
+            if layer in self.ctx.enabled:
+                self.layers[layer] = f"on: {soft}"
+        self.layers["audit_hook"] = "on: default-deny audit events"
+        self.layers["static_check"] = "on: AST check of names, attributes and imports"
+        self.layers["restricted_builtins"] = "on: no open/eval/exec/compile/getattr/...; allow-listed imports"
+
+    # ----------------------------------------------------------------------------------------- running
+
+    def run(self, source: str) -> dict:
+        started = time.monotonic()
+        code = prepare(self.ctx, source)
+        if isinstance(code, dict):
+            return code  # refused before running: syntax error or forbidden
+        reply = self._fork_and_collect(lambda fd: child_main(self.ctx, code, fd), started + self.config.timeout_s)
+        return _classify(reply, self.config)
+
+    def _fork_and_collect(self, child, deadline: float | None = None) -> dict:
+        """Forks `child(write_fd)`; collects its output until it exits, the deadline passes or the output
+        cap is hit (then kills its process group). Returns data, why it stopped, exit status, CPU time."""
+        if deadline is None:
+            deadline = time.monotonic() + self.config.startup_timeout_s
+        cap = 12 * self.config.max_output_bytes + 65536  # the child's capped answer + output as UTF-8, plus slack
+        read_fd, write_fd = os.pipe()
+        roomy = _grow_pipe(write_fd, cap)
+        try:
+            pid = kernel.fork(self._raw_fork)
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:  # pragma: no cover -- child
+            os.close(read_fd)
+            child(write_fd)
+        _current_child[0] = pid
+        os.close(write_fd)
+        try:
+            data, why = _collect(pid, read_fd, deadline, cap, roomy)
+        finally:
+            os.close(read_fd)
+        _, status, usage = os.wait4(pid, 0)
+        _current_child[0] = None
+        _reap_strays()
+        return {"data": data, "why": why, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
+
+    def serve(self) -> None:
+        stdin = sys.stdin.buffer
+        while True:
+            line = stdin.readline()
+            if not line:
+                return  # the trainer closed the pipe (or died): leave
+            task = json.loads(line)
+            try:
+                result = self.run(task["src"])
+            except Exception as exc:  # noqa: BLE001 -- e.g. fork failing (EAGAIN): report, keep serving
+                result = _res(Status.ERROR, f"executor internal error: {type(exc).__name__}: {exc}")
+            result["i"] = task["i"]
+            _send(result)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _collect(pid: int, fd: int, deadline: float, cap: int, roomy: bool) -> tuple[bytes, str | None]:
+    """Waits for the child and reads its result pipe; kills it on timeout or past the output cap.
+    Returns (data, None | "timeout" | "output"). The child is left unreaped (its pid stays ours)."""
+    pidfd = _pidfd(pid)
+    if pidfd is None or not roomy:
+        data, why = _collect_while_running(pid, fd, deadline, cap, pidfd)
+    else:
+        # The pipe holds everything a well-behaved child writes, so one blocking poll on the pidfd is the
+        # whole wait: every page the worker writes while the child lives costs a copy-on-write fault.
+        try:
+            exited = select.poll()
+            exited.register(pidfd, select.POLLIN)
+            why = None if exited.poll(max(1, int((deadline - time.monotonic()) * 1000))) else "timeout"
+        finally:
+            os.close(pidfd)
+        if why is not None:
+            _kill(pid)  # before draining: a killed child cannot refill the pipe
+        data = _drain(fd, cap + 1)
+        return data, "output" if len(data) > cap else why
+    if why is not None:
+        _kill(pid)
+    return data, why
+
+
+def _collect_while_running(pid: int, fd: int, deadline: float, cap: int, pidfd: int | None) -> tuple[bytes, str | None]:
+    """The portable path: reads while the child runs (no pidfd, or a pipe that cannot hold the cap)."""
+    chunks: list[bytes] = []
+    size = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        open_pipe = True
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"".join(chunks), "timeout"
+            timeout_ms = max(1, int(left * 1000)) if (open_pipe or pidfd is not None) else 5
+            events = poller.poll(timeout_ms)
+            exited = any(e_fd == pidfd for e_fd, _ in events) or (not open_pipe and pidfd is None and _exited(pid))
+            if open_pipe and any(e_fd == fd for e_fd, _ in events):
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > cap:
+                        return b"".join(chunks), "output"
+                else:
+                    open_pipe = False
+                    poller.unregister(fd)
+            if exited:
+                chunks.append(_drain(fd, cap + 1) if open_pipe else b"")
+                return b"".join(chunks), None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _grow_pipe(fd: int, size: int) -> bool:
+    """Whether the pipe could be made to hold `size` bytes (Linux F_SETPIPE_SZ)."""
+    try:
+        import fcntl
+
+        return fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size) >= size
+    except (ImportError, OSError):
+        return False
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _exited(pid: int) -> bool:
+    """Without pidfds: whether the child is a zombie now (peek without reaping)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except (AttributeError, ChildProcessError):
+        return True
+
+
+def _drain(fd: int, limit: int) -> bytes:
+    """What is in the pipe now, up to `limit` bytes, without blocking."""
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    try:
+        while size < limit and (chunk := os.read(fd, 65536)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except BlockingIOError:
+        pass
+    return b"".join(chunks)
+
+
+def _kill(pid: int) -> None:
+    for kill in (os.killpg, os.kill):  # the group (after the child's setsid), and the child itself before it
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _reap_strays() -> None:
+    """Kills and reaps any process the child left behind: the worker is their subreaper, so orphans land
+    here. Only reachable if fork was possible despite RLIMIT_NPROC, seccomp and the audit hook."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            strays = [int(p) for p in f.read().split()]
+    except OSError:
+        strays = []
+    for pid in strays:
+        _kill(pid)
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _classify(reply: dict, config: ExecutorConfig) -> dict:
+    """Turns how the child ended into a result dict (status, value, detail, output)."""
+    why, status = reply["why"], reply["status"]
+    if why == "timeout":
+        return _res(Status.TIMEOUT, f"wall-clock limit of {config.timeout_s:g} s exceeded")
+    if why == "output":
+        return _res(Status.ERROR, "output limit exceeded")
+    if os.WIFSIGNALED(status):
+        return _signalled(os.WTERMSIG(status), reply["cpu"], config)
+    code = os.WEXITSTATUS(status)
+    if code == EXIT_MEMORY:
+        return _res(Status.MEMORY, "MemoryError")
+    parsed = _parse_child_result(reply["data"], config) if code == 0 else None
+    if parsed is None:
+        why = {EXIT_INTERNAL: "the sandbox failed", EXIT_ORPHAN: "the worker died"}.get(code, f"exit code {code}")
+        return _res(Status.ERROR, f"no result ({why})")
+    return parsed
+
+
+def _signalled(sig: int, cpu: float, config: ExecutorConfig) -> dict:
+    name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= config.cpu_limit_s):
+        return _res(Status.TIMEOUT, f"CPU limit of {config.cpu_limit_s} s exceeded")
+    if sig == signal.SIGKILL:
+        return _res(Status.MEMORY, "killed by SIGKILL (out of memory)")
+    if sig == getattr(signal, "SIGSYS", None):
+        return _res(Status.FORBIDDEN, "blocked system call")
+    return _res(Status.ERROR, f"crashed with {name}")
+
+
+def _parse_child_result(data: bytes, config: ExecutorConfig) -> dict | None:
+    """Validates what the child wrote; the child is untrusted, so anything malformed is no result."""
+    msg = decode_result(data)
+    try:
+        status = Status(msg["s"]) if msg is not None else None
+    except ValueError:
+        return None
+    if status is None:
+        return None
+    value, detail, output = msg["v"], msg["d"], msg["o"]
+    limit = config.max_output_bytes
+    value = value[:limit] if value is not None else None
+    return {"s": status.value, "v": value, "d": detail[:300], "o": output[:limit]}
+
+
+def _res(status: Status, detail: str) -> dict:
+    return {"s": status.value, "v": None, "d": detail, "o": ""}
+
+
+_protocol_fd = [1]  # where results go; main() moves it off fd 1 so stray prints cannot corrupt it
+_current_child: list[int | None] = [None]  # the child being waited for, killed on SIGTERM
+
+
+def _send(message: dict) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(_protocol_fd[0], view):]
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    """Stop now, taking the running program along (its parent-death signal does the same on Linux)."""
+    if os.getpid() == _worker_pid[0] and _current_child[0] is not None:
+        _kill(_current_child[0])
+    os._exit(0)
+
+
+_worker_pid = [os.getpid()]
+
+
+def _module_root(name: str) -> str | None:
+    """The sys.path entry holding a module (None if it cannot be found)."""
+    try:
+        spec = importlib.util.find_spec(name.partition(".")[0])
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec is not None and spec.has_location else None
+    if origin is None:
+        return None
+    origin = os.path.realpath(origin)
+    candidates = [os.path.realpath(p) for p in sys.path if p]
+    matches = [p for p in candidates if origin.startswith(p.rstrip(os.sep) + os.sep)]
+    return max(matches, key=len) if matches else None
+
+
+def _address_space_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _nobody_ids() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _world_readable(path: str) -> bool:
+    """Whether uid nobody can reach and list `path` through "other" permission bits."""
+    parts = os.path.realpath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        prefix = os.sep.join(parts[:i]) or os.sep
+        try:
+            mode = os.stat(prefix).st_mode
+        except OSError:
+            return False
+        if not mode & stat.S_IXOTH:
+            return False
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when workers stop
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.simplefilter("ignore")  # library warnings in a child would only cost time
+    _worker_pid[0] = os.getpid()
+    _protocol_fd[0] = os.dup(1)
+    os.dup2(2, 1)  # anything printed by imported code goes to stderr, not into the protocol
+    setup = json.loads(sys.stdin.buffer.readline())
+    config = ExecutorConfig(**setup["config"])
+    zygote = Zygote(config, setup["preload"], setup["scratch"])
+    _send({"ready": True, "pid": os.getpid(), "layers": zygote.layers})
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()

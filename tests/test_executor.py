@@ -1,0 +1,575 @@
+"""The sandboxed program executor: answers, classification, and containment of hostile programs.
+
+Programs run in batches (one executor for the module) so the whole file stays within a few seconds.
+The layer tests at the end bypass the upper layers on purpose (static check, restricted builtins, audit
+hook) to show that the layers below still hold on their own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+from reftkit.executor import DEFAULT_ALLOWED_IMPORTS, ExecResult, ExecutorConfig, ProgramExecutor, Status
+
+LINUX = sys.platform.startswith("linux")
+OK, WRONG, ERROR, TIMEOUT, MEMORY, FORBIDDEN = (Status.OK, Status.WRONG_TYPE, Status.ERROR, Status.TIMEOUT,
+                                                Status.MEMORY, Status.FORBIDDEN)
+BENIGN = "def solution():\n    apples = 12\n    eaten = 5\n    result = apples - eaten\n    return result\n"
+
+
+def prog(body: str) -> str:
+    return textwrap.dedent(body).strip() + "\n"
+
+
+@pytest.fixture(scope="module")
+def executor():
+    config = ExecutorConfig(workers=2, timeout_s=1.0, memory_mb=128, max_output_bytes=2000,
+                            allowed_imports=(*DEFAULT_ALLOWED_IMPORTS, "time"))
+    with ProgramExecutor(config) as ex:
+        yield ex
+
+
+@pytest.fixture
+def canary(tmp_path):
+    path = tmp_path / "canary.txt"
+    path.write_text("precious")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- behaviour
+
+BEHAVIOUR = {
+    "int": (BENIGN, OK, "7"),
+    "float": ("def solution():\n    return 25 / 2\n", OK, "12.5"),
+    "negative": ("def solution():\n    return 3 - 10\n", OK, "-7"),
+    "fraction": ("from fractions import Fraction\ndef solution():\n    return Fraction(6, 8)\n", OK, "3/4"),
+    "decimal": ("import decimal\ndef solution():\n    return decimal.Decimal('1.10') + decimal.Decimal('2.2')\n",
+                OK, "3.30"),
+    "sympy_rational": (prog("""
+        import sympy
+        def solution():
+            x = sympy.symbols('x')
+            return sympy.solve(sympy.Eq(4 * x + 3, 6), x)[0]
+        """), OK, "3/4"),
+    "sympy_system": (prog("""
+        from sympy import symbols, solve
+        def solution():
+            x, y = symbols('x y')
+            s = solve([x + y - 10, x - y - 2], [x, y])
+            return s[x] * s[y]
+        """), OK, "24"),
+    "sympy_float": ("import sympy\ndef solution():\n    return sympy.sqrt(2)\n", OK, repr(2**0.5)),
+    "sympify_benign": ("import sympy\ndef solution():\n    return sympy.sympify('3/4 + 1')\n", OK, "7/4"),
+    "string_answer": ("def solution():\n    return 'b'\n", OK, "b"),
+    "math_stats": (prog("""
+        import math, statistics
+        def solution():
+            return math.ceil(statistics.mean([1, 2, 4]) * 10)
+        """), OK, "24"),
+    "helpers_and_classes": (prog("""
+        class Box:
+            def __init__(self, n):
+                self.n = n
+        def double(x):
+            return 2 * x
+        def solution():
+            return sum(double(Box(i).n) for i in range(4))
+        """), OK, "12"),
+    "main_guard_and_print": (prog("""
+        def solution():
+            print("thinking")
+            return 42
+        if __name__ == "__main__":
+            print(solution())
+        """), OK, "42"),
+    "datetime_itertools": (prog("""
+        import datetime, itertools
+        def solution():
+            d = datetime.date(2024, 2, 27) + datetime.timedelta(days=3)
+            return d.day + len(list(itertools.combinations(range(5), 2)))
+        """), OK, "11"),
+    "returns_none": ("def solution():\n    x = 1\n", WRONG, None),
+    "returns_bool": ("def solution():\n    return True\n", WRONG, None),
+    "returns_list": ("import sympy\ndef solution():\n    x = sympy.Symbol('x')\n    return sympy.solve(x**2 - 4, x)\n",
+                     WRONG, None),
+    "returns_dict": ("def solution():\n    return {'a': 1}\n", WRONG, None),
+    "returns_function": ("def solution():\n    return solution\n", WRONG, None),
+    "returns_complex": ("def solution():\n    return 1 + 2j\n", WRONG, None),
+    "returns_symbol": ("import sympy\ndef solution():\n    return sympy.Symbol('x') + 1\n", WRONG, None),
+    "exception": ("def solution():\n    return 1 / 0\n", ERROR, None),
+    "syntax_error": ("def solution(:\n    return 1\n", ERROR, None),
+    "no_solution": ("def answer():\n    return 1\n", ERROR, None),
+    "solution_not_callable": ("solution = 5\n", ERROR, None),
+    "null_byte": ("def solution():\n    return 1\x00\n", ERROR, None),
+    "not_a_string": (None, ERROR, None),
+    "too_long": ("# " + "x" * 200_000 + "\ndef solution():\n    return 1\n", ERROR, None),
+}
+
+
+@pytest.fixture(scope="module")
+def behaviour_results(executor) -> dict[str, ExecResult]:
+    names = list(BEHAVIOUR)
+    results = executor.run([BEHAVIOUR[n][0] for n in names])  # one batch for all
+    assert len(results) == len(names)
+    return dict(zip(names, results, strict=True))
+
+
+@pytest.mark.parametrize("name", list(BEHAVIOUR))
+def test_behaviour(behaviour_results, name):
+    _, status, value = BEHAVIOUR[name]
+    result = behaviour_results[name]
+    assert isinstance(result, ExecResult)
+    assert (result.status, result.value) == (status, value), result
+    assert result.ok == (status is OK)
+
+
+def test_behaviour_details(behaviour_results):
+    assert behaviour_results["syntax_error"].detail.startswith("SyntaxError")
+    assert "solution" in behaviour_results["no_solution"].detail
+    assert behaviour_results["exception"].detail.startswith("ZeroDivisionError")
+    assert behaviour_results["main_guard_and_print"].output == "thinking\n"  # the __main__ block did not run
+    assert "not a number or string" in behaviour_results["returns_list"].detail
+
+
+def test_order_and_values_over_many_programs(executor):
+    programs = [f"def solution():\n    return {i} * 3 + 0.5\n" for i in range(150)]
+    assert [r.value for r in executor.run(programs)] == [repr(i * 3 + 0.5) for i in range(150)]
+    assert executor.run([]) == []
+
+
+# -------------------------------------------------------------------------------------- attack suite
+# name -> (program, accepted statuses). CANARY and CREATED are replaced with paths under tmp_path.
+
+ATTACKS = {
+    "fork_bomb": ("import os\ndef solution():\n    while True:\n        os.fork()\n", {FORBIDDEN}),
+    "fork_via_sympy_gadget": (prog("""
+        from sympy.external import import_module
+        def solution():
+            import_module('os').fork()
+        """), {FORBIDDEN}),
+    "memory_bomb_loop": ("def solution():\n    x = []\n    while True:\n        x.append(bytearray(10**7))\n",
+                         {MEMORY}),
+    "memory_bomb_single": ("def solution():\n    return len(bytearray(10**11))\n", {MEMORY}),
+    "memory_bomb_list": ("def solution():\n    return len([0] * 10**10)\n", {MEMORY}),
+    "infinite_loop": ("def solution():\n    while True:\n        pass\n", {TIMEOUT}),
+    "deep_recursion": ("def solution():\n    def f(n):\n        return f(n + 1)\n    return f(0)\n", {ERROR}),
+    "nested_repr_recursion": (prog("""
+        def solution():
+            x = ()
+            for _ in range(10**6):
+                x = (x,)
+            return str(x)
+        """), {ERROR}),
+    "huge_output": ("def solution():\n    while True:\n        print('x' * 1000)\n", {ERROR}),
+    "huge_answer": ("def solution():\n    return 'x' * 10**6\n", {ERROR}),
+    "huge_int": ("def solution():\n    return 10**100000\n", {ERROR}),
+    "read_etc_passwd": ("def solution():\n    return open('/etc/passwd').read()\n", {FORBIDDEN}),
+    "read_home_pathlib": ("import pathlib\ndef solution():\n    return str(list(pathlib.Path.home().iterdir()))\n",
+                          {FORBIDDEN}),
+    "read_via_io": ("import io\ndef solution():\n    return io.open('/etc/hostname').read()\n", {FORBIDDEN}),
+    "write_canary": ("def solution():\n    with open('CANARY', 'w') as f:\n        f.write('pwned')\n    return 1\n",
+                     {FORBIDDEN}),
+    "delete_canary": ("import os\ndef solution():\n    os.remove('CANARY')\n    return 1\n", {FORBIDDEN}),
+    "rmtree": ("import shutil\ndef solution():\n    shutil.rmtree('/tmp')\n", {FORBIDDEN}),
+    "socket": ("import socket\ndef solution():\n    return socket.create_connection(('1.1.1.1', 80))\n", {FORBIDDEN}),
+    "subprocess": ("import subprocess\ndef solution():\n    subprocess.run(['touch', 'CREATED'])\n    return 1\n",
+                   {FORBIDDEN}),
+    "os_system": ("import os\ndef solution():\n    return os.system('touch CREATED')\n", {FORBIDDEN}),
+    "ctypes": ("import ctypes\ndef solution():\n    return ctypes.CDLL(None).system(b'touch CREATED')\n", {FORBIDDEN}),
+    "signal_handler": ("import signal\ndef solution():\n    signal.signal(signal.SIGALRM, print)\n    return 1\n",
+                       {FORBIDDEN}),
+    "kill_parent": ("import os\ndef solution():\n    os.kill(os.getppid(), 9)\n    return 1\n", {FORBIDDEN}),
+    "thread": ("import threading\ndef solution():\n    threading.Thread(target=print).start()\n    return 1\n",
+               {FORBIDDEN}),
+    "builtins_dict": ("def solution():\n    return __builtins__['open']('/etc/passwd').read()\n", {FORBIDDEN}),
+    "dunder_import": ("def solution():\n    return __import__('os').getcwd()\n", {FORBIDDEN}),
+    "sys_modules": ("import sys\ndef solution():\n    return sys.modules['os'].getcwd()\n", {FORBIDDEN}),
+    "subclasses": ("def solution():\n    return len(().__class__.__base__.__subclasses__())\n", {FORBIDDEN}),
+    "importlib": ("import importlib\ndef solution():\n    return importlib.import_module('os').getcwd()\n",
+                  {FORBIDDEN}),
+    "eval_string": ("def solution():\n    return eval(\"__import__('os').getcwd()\")\n", {FORBIDDEN}),
+    "exec_string": ("def solution():\n    exec('import os')\n    return 1\n", {FORBIDDEN}),
+    "compile_string": ("def solution():\n    return compile('1', 'x', 'eval')\n", {FORBIDDEN}),
+    "getattr_dunder": ("def solution():\n    return getattr((), '__cl' + 'ass__')\n", {FORBIDDEN}),
+    "format_string_walk": ("def solution():\n    return '{0.__class__.__base__}'.format(())\n", {FORBIDDEN}),
+    "match_class_attr": ("def solution():\n    match 1:\n        case int(__class__=c):\n            return c\n",
+                         {FORBIDDEN}),
+    "generator_frame": ("def solution():\n    g = (i for i in [1])\n    return g.gi_frame.f_back\n", {FORBIDDEN}),
+    "traceback_frame": (prog("""
+        def solution():
+            try:
+                1 / 0
+            except Exception as e:
+                return e.__traceback__.tb_frame.f_globals
+        """), {FORBIDDEN}),
+    "module_attr_chain": ("import fractions\ndef solution():\n    return fractions.sys.modules['os'].getcwd()\n",
+                          {ERROR}),
+    "private_module_attr": ("import random\ndef solution():\n    return random._os.getcwd()\n", {FORBIDDEN}),
+    "sympify_escape": (prog("""
+        import sympy
+        def solution():
+            return sympy.sympify("__import__('os').system('touch CREATED')")
+        """), {FORBIDDEN}),
+    "sympify_escape_caught": (prog("""
+        import sympy
+        def solution():
+            try:
+                sympy.sympify("open('/etc/passwd')")
+            except BaseException:
+                pass
+            return 1
+        """), {FORBIDDEN}),
+    "unicode_import": ("import \uff4f\uff53\ndef solution():\n    return 1\n", {FORBIDDEN}),
+    "redefine_builtins": ("__builtins__ = {}\ndef solution():\n    return 1\n", {FORBIDDEN}),
+    "exit": ("def solution():\n    exit(0)\n", {FORBIDDEN}),
+    "system_exit": ("def solution():\n    raise SystemExit(0)\n", {ERROR}),
+    "keyboard_interrupt": ("def solution():\n    raise KeyboardInterrupt\n", {ERROR}),
+    "relative_import": ("from . import x\ndef solution():\n    return 1\n", {FORBIDDEN}),
+    "posix_spawn": ("import posix\ndef solution():\n    posix.posix_spawn('/bin/sh', ['sh'], {})\n", {FORBIDDEN}),
+    "environ": ("import os\ndef solution():\n    return str(os.environ)\n", {FORBIDDEN}),
+    "sleep_forever": ("import time\ndef solution():\n    time.sleep(10**6)\n", {TIMEOUT}),
+}
+
+
+@pytest.fixture(scope="module")
+def attack_run(executor, tmp_path_factory) -> dict:
+    """All attacks in one batch, then a benign program; with a canary file they must not touch."""
+    workdir = tmp_path_factory.mktemp("attacks")
+    canary, created = workdir / "canary.txt", workdir / "created"
+    canary.write_text("precious")
+    names = list(ATTACKS)
+    sources = [ATTACKS[n][0].replace("CANARY", str(canary)).replace("CREATED", str(created)) for n in names]
+    start = time.monotonic()
+    results = executor.run([*sources, BENIGN])
+    elapsed = time.monotonic() - start
+    return {"results": dict(zip(names, results[:-1], strict=True)), "benign": results[-1], "canary": canary,
+            "created": created, "elapsed": elapsed}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_is_contained(attack_run, name):
+    result = attack_run["results"][name]
+    assert result.status in ATTACKS[name][1], result
+    assert result.value is None, result
+
+
+def test_attacks_leave_the_host_unharmed(executor, attack_run):
+    assert attack_run["canary"].read_text() == "precious"
+    assert not attack_run["created"].exists()
+    assert attack_run["benign"] == ExecResult(OK, "7")  # answered right after the whole attack batch
+    assert executor.run([BENIGN])[0].value == "7"  # and still serving
+    assert attack_run["elapsed"] < 20
+    details = attack_run["results"]
+    assert details["fork_bomb"].detail == "ImportError: os not allowed"
+    assert "wall-clock" in details["infinite_loop"].detail
+    assert "output limit" in details["huge_output"].detail
+    assert details["sympify_escape_caught"].detail.startswith("eval/exec of code with forbidden name open")
+
+
+def test_killed_workers_are_replaced(executor):
+    hogs = ["def solution():\n    while True:\n        pass\n", "def solution():\n    return len(bytearray(10**11))\n"]
+    loop, memory = hogs
+    results = executor.run([loop, memory, BENIGN, memory, loop, BENIGN])  # one timeout per worker
+    assert [r.status for r in results] == [TIMEOUT, MEMORY, OK, MEMORY, TIMEOUT, OK]
+    for worker in list(executor._workers):  # kill the workers themselves, from outside
+        os.kill(worker.proc.pid, signal.SIGKILL)
+    assert [r.value for r in executor.run([BENIGN] * 5)] == ["7"] * 5
+
+
+def test_threads_share_an_executor(executor):
+    out: dict[int, list[str | None]] = {}
+
+    def work(k: int) -> None:
+        out[k] = [r.value for r in executor.run([f"def solution():\n    return {k} + {i}\n" for i in range(20)])]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {k: [str(k + i) for i in range(20)] for k in range(3)}
+
+
+def test_layers_reported(executor):
+    layers = executor.layers
+    for name in ("process", "audit_hook", "static_check", "restricted_builtins", "rlimit_cpu"):
+        assert name in layers
+    assert all(v.split(":")[0] in ("on", "off", "partial") for v in layers.values())
+    if LINUX:
+        for name in ("network", "seccomp", "landlock", "no_new_privs", "parent_death_signal", "rlimit_as"):
+            assert name in layers  # reported either way; "off" ones come with a reason and a warning
+
+
+def test_degraded_layer_warns_once():
+    ex = ProgramExecutor(ExecutorConfig(workers=1))  # never started: no process
+    fake_worker = types.SimpleNamespace(layers={"seccomp": "off: not on this test's kernel"})
+    with pytest.warns(RuntimeWarning, match="'seccomp' degraded: off: not on this test's kernel"):
+        ex._note_layers(fake_worker)
+        ex._flush_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex._note_layers(fake_worker)  # a second worker reporting the same: no second warning
+        ex._flush_warnings()
+    assert ex.layers["seccomp"].startswith("off")
+    ex.close()
+
+
+def _processes_with(tag: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if tag.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has already died
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+LOOP = "def solution():\n    while True:\n        pass\n"
+
+
+@pytest.mark.skipif(not LINUX, reason="uses /proc")
+def test_close_leaves_no_process():
+    ex = ProgramExecutor(ExecutorConfig(workers=2, timeout_s=0.5))
+    results = ex.run([BENIGN, LOOP, "import sympy\ndef solution():\n    return sympy.Integer(2)\n"])
+    assert [r.status for r in results] == [OK, TIMEOUT, OK]
+    tag = ex._tag
+    assert len(_processes_with(tag)) == 4  # two stdlib workers, two sympy workers
+    ex.close()
+    assert _wait_for(lambda: not _processes_with(tag), 2.0)
+    with pytest.raises(RuntimeError):
+        ex.run([BENIGN])
+    ex.close()  # idempotent
+
+
+@pytest.mark.skipif(not LINUX, reason="uses /proc")
+def test_unclosed_executor_is_cleaned_up():
+    ex = ProgramExecutor(ExecutorConfig(workers=1))
+    assert ex.run([BENIGN])[0].value == "7"
+    tag = ex._tag
+    del ex
+    gc.collect()
+    assert _wait_for(lambda: not _processes_with(tag), 2.0)
+
+
+@pytest.mark.skipif(not LINUX, reason="uses /proc and the parent-death signal")
+def test_worker_death_takes_its_program_along():
+    with ProgramExecutor(ExecutorConfig(workers=1, timeout_s=1.0)) as ex:
+        results: list[ExecResult] = []
+        runner = threading.Thread(target=lambda: results.extend(ex.run([LOOP])))
+        runner.start()
+        assert _wait_for(lambda: len(_processes_with(ex._tag)) == 2)
+        zygote = ex._workers[0].proc.pid
+        child = next(p for p in _processes_with(ex._tag) if _ppid(p) == zygote)
+        os.kill(zygote, signal.SIGKILL)
+        assert _wait_for(lambda: not _alive(child), 2.0)
+        runner.join(timeout=20)
+        assert [r.status for r in results] == [TIMEOUT]  # rerun on a fresh worker, then timed out there
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ExecutorConfig(allowed_imports=("os",))
+    with pytest.raises(ValueError):
+        ExecutorConfig(allowed_imports=("math", "ctypes.util"))
+    with pytest.raises(ValueError):
+        ExecutorConfig(entry="not an identifier")
+    with pytest.raises(ValueError):
+        ExecutorConfig(workers=0)
+    assert ExecutorConfig(timeout_s=1.5).cpu_limit_s == 2
+
+
+# ------------------------------------------------------------------------------------ layer by layer
+# A worker is built in a subprocess (it moves itself into a new network namespace) and given code that
+# skips the static check; "audit" keeps the audit hook (with full builtins), "kernel" removes it too.
+
+LAYER_SCRIPT = r"""
+import builtins, json, os, sys, tempfile, time
+from reftkit.executor.config import ExecutorConfig
+from reftkit.executor.worker import Zygote, _classify
+from reftkit.executor.sandbox import child_main
+mode, attacks = sys.argv[1], json.loads(sys.argv[2])
+scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
+zygote = Zygote(ExecutorConfig(timeout_s=2.0), ["math"], scratch)
+zygote.ctx.builtins = dict(vars(builtins))  # as if the program had escaped the restricted builtins
+if mode == "kernel":
+    class NoAudit:
+        violation = None
+        def __call__(self, event, args):
+            pass
+    zygote.ctx.policy = NoAudit()
+out = {"layers": zygote.layers}
+for name, source in attacks.items():
+    code = compile(source, "<attack>", "exec")
+    reply = zygote._fork_and_collect(lambda fd: child_main(zygote.ctx, code, fd), time.monotonic() + 2.0)
+    out[name] = _classify(reply, zygote.config)
+print(json.dumps(out))
+"""
+
+ESCAPE = "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0].__init__.__globals__"
+AUDIT_ATTACKS = {
+    "os_system_via_subclasses": (f"def solution():\n    return {ESCAPE}['system']('touch CREATED')\n", "blocked"),
+    "open_passwd": ("def solution():\n    return open('/etc/passwd').read()\n", "open"),
+    "open_write": ("def solution():\n    open('CANARY', 'w').write('x')\n", "writing"),
+    "fork": ("def solution():\n    return __import__('os').fork()\n", "os.fork"),
+    "kill_parent": ("def solution():\n    import os\n    os.kill(os.getppid(), 9)\n", "os.kill"),
+    "remove": ("def solution():\n    __import__('os').remove('CANARY')\n", "os.remove"),
+    "listdir_root": ("def solution():\n    return str(__import__('os').listdir('/'))\n", "os.listdir"),
+    "import_socket": ("def solution():\n    return __import__('socket')\n", "socket"),
+    "ctypes_dlopen": ("def solution():\n    return __import__('ctypes').CDLL(None)\n", "ctypes"),
+    "eval_escape": ("def solution():\n    return eval(\"__import__('os')\")\n", "__import__"),
+    "path_like_runs_code_in_hook": (prog("""
+        class P:
+            def __fspath__(self):
+                __import__('os').system('touch CREATED')
+                return '/etc/passwd'
+        def solution():
+            return open(P()).read()
+        """), "blocked"),
+    "caught_and_hidden": (prog("""
+        def solution():
+            try:
+                open('/etc/passwd')
+            except BaseException:
+                pass
+            return 1
+        """), "open"),
+}
+KERNEL_ATTACKS = {
+    "fork": ("def solution():\n    return __import__('os').fork()\n", "seccomp"),
+    "thread": ("def solution():\n    import threading\n    threading.Thread(target=print).start()\n", "seccomp"),
+    "socket": ("def solution():\n    import socket\n    return socket.socket()\n", "seccomp"),
+    "exec_shell": ("import os\ndef solution():\n    os.execv('/bin/sh', ['sh', '-c', 'touch CREATED'])\n", "seccomp"),
+    "kill_parent": ("def solution():\n    import os\n    os.kill(os.getppid(), 9)\n", "seccomp"),
+    "write_canary": ("def solution():\n    open('CANARY', 'w').write('x')\n", "seccomp"),
+    "unlink_canary": ("def solution():\n    __import__('os').unlink('CANARY')\n", "seccomp"),
+    "read_passwd": ("def solution():\n    return open('/etc/passwd').read()\n", "landlock"),
+    "list_root_home": ("def solution():\n    return str(__import__('os').listdir('/root'))\n", "landlock"),
+    "raw_fork_syscall": ("def solution():\n    import ctypes\n    return ctypes.CDLL(None).syscall(57)\n", "seccomp"),
+}
+
+
+def _run_layers(mode: str, attacks: dict, canary: Path, created: Path) -> dict:
+    sources = {n: s.replace("CANARY", str(canary)).replace("CREATED", str(created)) for n, (s, _) in attacks.items()}
+    proc = subprocess.run([sys.executable, "-c", LAYER_SCRIPT, mode, json.dumps(sources)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def layer_runs(tmp_path_factory) -> dict:
+    if not LINUX:
+        pytest.skip("Linux layers")
+    workdir = tmp_path_factory.mktemp("layers")
+    canary, created = workdir / "canary.txt", workdir / "created"
+    canary.write_text("precious")
+    runs = {mode: _run_layers(mode, attacks, canary, created)
+            for mode, attacks in (("audit", AUDIT_ATTACKS), ("kernel", KERNEL_ATTACKS))}
+    return {"runs": runs, "canary": canary, "created": created}
+
+
+@pytest.mark.parametrize("name", list(AUDIT_ATTACKS))
+def test_audit_hook_alone_blocks(layer_runs, name):
+    result, word = layer_runs["runs"]["audit"][name], AUDIT_ATTACKS[name][1]
+    assert result["s"] == "forbidden", result
+    assert word in result["d"], result
+
+
+@pytest.mark.parametrize("name", list(KERNEL_ATTACKS))
+def test_kernel_layers_alone_block(layer_runs, name):
+    run = layer_runs["runs"]["kernel"]
+    layer = KERNEL_ATTACKS[name][1]
+    if not run["layers"].get(layer, "off").startswith("on"):
+        pytest.skip(f"{layer} is not available here: {run['layers'].get(layer)}")
+    result = run[name]
+    if name == "raw_fork_syscall":
+        assert (result["s"], result["v"]) == ("ok", "-1"), result  # fork(2) returned -1 (EPERM)
+    else:
+        assert result["s"] == "error", result
+        assert any(e in result["d"] for e in ("PermissionError", "can't start new thread")), result
+
+
+def test_layer_attacks_left_the_host_unharmed(layer_runs):
+    assert layer_runs["canary"].read_text() == "precious"
+    assert not layer_runs["created"].exists()
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def _unprivileged_python() -> str | None:
+    """An interpreter uid 65534 can run and start again itself (as the executor will)."""
+    check = ("import subprocess, sys; assert sys.version_info >= (3, 10); "
+             "subprocess.run([sys.executable, '-c', 'import ast'], check=True)")
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        path = shutil.which(candidate) or candidate
+        try:
+            ok = subprocess.run([*AS_NOBODY, path, "-c", check], capture_output=True, timeout=20, cwd="/")
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if ok.returncode == 0:
+            return path
+    return None
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root + setpriv")
+def test_unprivileged_user():
+    python = _unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter readable by uid 65534")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = (
+        f"import sys, json; sys.path.insert(0, {src!r})\n"
+        "from reftkit.executor import ProgramExecutor, ExecutorConfig\n"
+        "cfg = ExecutorConfig(workers=1, timeout_s=0.5, allowed_imports=('math', 'fractions'))\n"
+        "with ProgramExecutor(cfg) as ex:\n"
+        "    rs = ex.run(['def solution():\\n    return 6 * 7\\n', 'import os\\ndef solution():\\n    return 1\\n',\n"
+        "                 'def solution():\\n    while True:\\n        pass\\n'])\n"
+        "    print(json.dumps({'r': [[r.status.value, r.value] for r in rs], 'layers': ex.layers}))\n"
+    )
+    proc = subprocess.run([*AS_NOBODY, python, "-c", script],
+                          capture_output=True, text=True, timeout=60, cwd="/", check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["r"] == [["ok", "42"], ["forbidden", None], ["timeout", None]]
+    assert out["layers"]["privileges"].startswith("on: not root")
