@@ -36,6 +36,12 @@ def test_program_header_is_valid_python_for_any_question(question):
     assert ast.get_docstring(tree.body[0], clean=False) == question
 
 
+def test_natural_language_cot_given_as_a_program_is_a_clear_error():
+    ex = Example(id="svamp-7", question="How many?", cot="2 + 3 = 5", answer="5")
+    with pytest.raises(ValueError, match=r"item 'svamp-7': field cot \(answer_cot\) is not a Python program"):
+        response_text(ex, "program")
+
+
 def test_synthetic_reference_programs_are_bodies_after_the_header():
     train, _ = make_splits(50, 10, seed=3, cot="program")
     for ex in train:

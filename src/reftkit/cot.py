@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,7 +57,13 @@ def response_prefix(example: Example, cot: CotStyle) -> str:
 def target_text(example: Example, cot: CotStyle) -> str:
     """The SFT target (EOS is appended as a token by the caller)."""
     if cot == "program":
-        return program_body(example.cot)
+        body = program_body(example.cot)
+        try:  # parsed, never run: catches natural-language CoT given to --cot program
+            ast.parse(response_prefix(example, cot) + body)
+        except SyntaxError as err:
+            raise ValueError(f"item {example.id!r}: field cot (answer_cot) is not a Python program body, as "
+                             f"--cot program needs: {err.msg} (line {err.lineno} of the function)") from None
+        return body
     return f"{example.cot}\n{TRIGGER} {example.answer}"
 
 
