@@ -5,7 +5,7 @@ import ast
 import pytest
 
 from reftkit.config import EvalConfig
-from reftkit.cot import open_grader, program_body, program_header, target_text
+from reftkit.cot import open_grader, program_body, program_header
 from reftkit.data.records import Example
 from reftkit.data.synthetic import make_splits
 from reftkit.prompts import prompt_text, response_text
@@ -47,7 +47,7 @@ def test_synthetic_reference_programs_are_bodies_after_the_header():
     for ex in train:
         assert ex.cot.startswith(program_header(ex.question))
         ast.parse(ex.cot)
-        assert target_text(ex, "program").startswith("    ") and "return result" in target_text(ex, "program")
+        assert response_text(ex, "program").startswith("    ") and "return result" in response_text(ex, "program")
 
 
 def test_program_grader_runs_the_programs_in_the_sandbox():

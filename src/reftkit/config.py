@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reftkit.cot import CotStyle
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -24,7 +26,7 @@ class CommonConfig(_Config):
     eval_file: str | None = Field(None, description="evaluation data, read each epoch and by `eval`")
     data_format: Literal["auto", "reft", "gsm8k", "svamp", "mathqa", "mathqa-numeric", "hf"] = Field(
         "auto", description="input format of the data files")
-    cot: Literal["natural", "program"] = Field(
+    cot: CotStyle = Field(
         "natural", description="chain of thought: natural-language reasoning, or a Python program run in the sandbox")
     exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
     exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
@@ -113,7 +115,7 @@ class DemoConfig(_Config):
 
     output_dir: Path = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
     seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
-    cot: Literal["natural", "program"] = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
+    cot: CotStyle = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
     n_train: int = Field(6000, gt=0, description="synthetic training questions (one reference CoT each)")
     n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
     one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")

@@ -54,7 +54,7 @@ def response_prefix(example: Example, cot: CotStyle) -> str:
     return program_header(question_text(example)) if cot == "program" else ""
 
 
-def target_text(example: Example, cot: CotStyle) -> str:
+def response_text(example: Example, cot: CotStyle = "natural") -> str:
     """The SFT target (EOS is appended as a token by the caller)."""
     if cot == "program":
         body = program_body(example.cot)

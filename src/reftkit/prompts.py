@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reftkit.cot import CotStyle, question_text, response_prefix, target_text
+from reftkit.cot import CotStyle, question_text, response_prefix, response_text
 from reftkit.data.records import Example
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
@@ -15,11 +15,6 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 def prompt_text(example: Example, cot: CotStyle = "natural") -> str:
     """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n` (+ P-CoT's prefix)."""
     return f"Question:\n{question_text(example)}\nAnswer reasoning:\n{response_prefix(example, cot)}"
-
-
-def response_text(example: Example, cot: CotStyle = "natural") -> str:
-    """The training target (EOS is added as a token)."""
-    return target_text(example, cot)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Synthetic multi-step arithmetic word problems for the built-in demo.
 
-Each problem follows one person's count of one item through 2-3 events (gains, losses,
-doubling/tripling), as in GSM8K's simpler problems. Like real annotations, the reference chains
+Each problem follows one person's count of one item through 3-4 events (gains, losses,
+doubling/tripling; counts stay in 1-20), as in GSM8K's simpler problems. Like real annotations, the reference chains
 of thought come from two "annotator" styles, one picked per question:
 
 - stepwise: one equation per event (`3 * 3 = 9`, `9 - 8 = 1`, `2 * 1 = 2`), operand order varying;
