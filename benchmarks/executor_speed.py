@@ -1,6 +1,7 @@
 """Throughput of reftkit's sandboxed executor vs the paper's naive process pool, on the same programs.
 
-    python benchmarks/executor_speed.py [--programs 1000] [--batch 100] [--svamp] [--doc docs/executor-speed.md]
+    python benchmarks/executor_speed.py [--programs 1000] [--batch 100] [--programs-per-child 16] [--svamp]
+                                        [--doc docs/executor-speed.md]
 
 Programs: P-CoT programs like the SVAMP/GSM8K training data (`def solution(): ... return result`), made
 by a small template generator (some use math, fractions or statistics); with --svamp, the `answer_cot`
@@ -10,6 +11,8 @@ Naive approach (the paper's code): a new concurrent.futures.ProcessPoolExecutor 
 program in it, future.result(timeout=...). No isolation at all. Measured with the "fork" start method
 (Python 3.11's default on Linux: the pool forks this small benchmark process) and with "spawn" (what a
 trainer holding CUDA state has to use; its workers re-import the main module, which here is light).
+reftkit runs twice: with its default of a fresh forked child per program, and with the opt-in
+programs_per_child (several programs of a batch share one forked child, see docs/executor.md).
 All approaches run the same batches, in alternating rounds so that they see the same machine load; the
 report gives the median round. A second phase (--trainer-imports, default torch and transformers) repeats
 the measurement after importing what a trainer's main module imports, in this process and (through the
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import importlib
 import json
@@ -187,13 +192,14 @@ def _timed(fn, *args) -> tuple[float, list]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def measure(executor: ProgramExecutor, batches: list[list[str]], args, rounds: int) -> dict:
+def measure(executors: dict[str, ProgramExecutor], batches: list[list[str]], args, rounds: int) -> dict:
     """Alternating rounds of every approach; times per approach, and each approach's answers."""
-    times: dict[str, list[float]] = {"reftkit": [], **{m: [] for m in args.naive}}
+    times: dict[str, list[float]] = {**{name: [] for name in executors}, **{m: [] for m in args.naive}}
     answers: dict[str, list[str | None]] = {}
     for _ in range(rounds):
-        elapsed, answers["reftkit"] = _timed(run_reftkit, executor, batches)
-        times["reftkit"].append(elapsed)
+        for name, executor in executors.items():
+            elapsed, answers[name] = _timed(run_reftkit, executor, batches)
+            times[name].append(elapsed)
         for method in args.naive:
             elapsed, answers[method] = _timed(run_naive, batches, args.workers, args.timeout, method)
             times[method].append(elapsed)
@@ -207,6 +213,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--programs-per-child", type=int, default=16,
+                        help="programs_per_child of the second reftkit row (opt-in mode); 1 to skip that row")
     parser.add_argument("--svamp", action="store_true", help=f"use the answer_cot programs of {SVAMP}")
     parser.add_argument("--naive", nargs="+", default=["fork", "spawn"], choices=["fork", "spawn", "forkserver"],
                         help="start methods of the naive pool to measure")
@@ -224,35 +232,45 @@ def main() -> None:
     config = ExecutorConfig(workers=args.workers, timeout_s=args.timeout)
     load_before = _load()
     start = time.perf_counter()
-    with ProgramExecutor(config) as executor:
+    with contextlib.ExitStack() as stack:
+        executors = {"reftkit": stack.enter_context(ProgramExecutor(config))}
         startup = time.perf_counter() - start
-        run_reftkit(executor, batches[:1])  # warm-up: pools started, caches hot
-        phases = {"bare": measure(executor, batches, args, args.rounds)}
+        if args.programs_per_child > 1:
+            shared = dataclasses.replace(config, programs_per_child=args.programs_per_child)
+            executors["shared"] = stack.enter_context(ProgramExecutor(shared))
+        for executor in executors.values():
+            run_reftkit(executor, batches[:1])  # warm-up: pools started, caches hot
+        phases = {"bare": measure(executors, batches, args, args.rounds)}
         if args.trainer_imports:
             os.environ[TRAINER_ENV] = args.trainer_imports
             _import_trainer_modules()
-            phases["trainer"] = measure(executor, batches, args, args.trainer_rounds)
-        layers = dict(executor.layers)
+            phases["trainer"] = measure(executors, batches, args, args.trainer_rounds)
+        layers = dict(executors["reftkit"].layers)
     report(args, programs, phases, layers, startup, (load_before, _load()))
 
 
-def _table(n: int, phase: dict) -> list[str]:
+def _table(n: int, phase: dict, args) -> list[str]:
     median = {k: statistics.median(v) for k, v in phase["times"].items()}
     rate = {k: n / v for k, v in median.items()}
     ours = phase["answers"]["reftkit"]
-    rows = [
-        "| approach | programs / s | median s for all | reftkit speed / this | isolation | answers |",
-        "|---|---|---|---|---|---|",
-        f"| reftkit ProgramExecutor | {rate['reftkit']:.0f} | {median['reftkit']:.2f} | 1.0x | all layers below | "
-        f"{sum(a is not None for a in ours)}/{n} answered |",
-    ]
-    for method, answers in phase["answers"].items():
-        if method == "reftkit":
-            continue
-        agree = sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))
-        rows.append(f"| naive: new ProcessPoolExecutor ({method}) per batch + exec | {rate[method]:.0f} | "
-                    f"{median[method]:.2f} | {rate['reftkit'] / rate[method]:.2f}x | none | "
-                    f"{agree}/{n} agree with reftkit |")
+    mine = [k for k in ("reftkit", "shared") if k in rate]
+    names = {"reftkit": "reftkit ProgramExecutor (default: a fresh child per program)",
+             "shared": f"reftkit ProgramExecutor, programs_per_child={args.programs_per_child} (opt-in)"}
+    isolation = {"reftkit": "all layers below",
+                 "shared": "all layers below; programs of a chunk share one child (docs/executor.md)"}
+    ratio_heads = " | ".join(f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this" for k in mine)
+    rows = [f"| approach | programs / s | median s for all | {ratio_heads} | isolation | answers |",
+            "|---|---|---|" + "---|" * len(mine) + "---|---|"]
+    for key, answers in phase["answers"].items():
+        ratios = " | ".join(f"{rate[k] / rate[key]:.2f}x" for k in mine)
+        if key in names:
+            name, iso = names[key], isolation[key]
+            check = (f"{sum(a is not None for a in ours)}/{n} answered" if key == "reftkit" else
+                     f"{sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))}/{n} agree with default")
+        else:
+            name, iso = f"naive: new ProcessPoolExecutor ({key}) per batch + exec", "none"
+            check = f"{sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))}/{n} agree with reftkit"
+        rows.append(f"| {name} | {rate[key]:.0f} | {median[key]:.2f} | {ratios} | {iso} | {check} |")
     return rows
 
 
@@ -278,7 +296,7 @@ def report(args, programs, phases, layers, startup, loads) -> None:
         "",
         f"## Bare benchmark process (median of {args.rounds} alternating rounds)",
         "",
-        *_table(n, phases["bare"]),
+        *_table(n, phases["bare"], args),
     ]
     if "trainer" in phases:
         lines += [
@@ -289,7 +307,7 @@ def report(args, programs, phases, layers, startup, loads) -> None:
             "workers re-imports the trainer's main module. (A real trainer also holds model weights and CUDA "
             "state, which make fork slower still, and unsafe.)",
             "",
-            *_table(n, phases["trainer"]),
+            *_table(n, phases["trainer"], args),
         ]
     lines += [
         "",

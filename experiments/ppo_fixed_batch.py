@@ -23,7 +23,7 @@ import torch
 from reftkit.answers import NaturalLanguageGrader
 from reftkit.config import DemoConfig, ReFTConfig
 from reftkit.data.synthetic import make_splits
-from reftkit.demo import LENGTHS
+from reftkit.config import DEMO_LENGTHS as LENGTHS
 from reftkit.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
 from reftkit.trainers.reft import make_rollout, policy_outputs, ppo_update
 from reftkit.training import make_accelerator, make_optimizer

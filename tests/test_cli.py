@@ -18,7 +18,8 @@ from reftkit.data.readers import DataError
 def calls(monkeypatch):
     """Replaces every command's module with a fake that records the config it receives."""
     received: list = []
-    results = {"sft": Path("runs/x/final"), "reft": Path("runs/y/final"), "eval": 0.625, "demo": None}
+    results = {name: None for name in cli.COMMANDS} | {"sft": Path("runs/x/final"), "reft": Path("runs/y/final"),
+                                                       "eval": 0.625}
     for name, cmd in cli.COMMANDS.items():
         module = types.ModuleType(cmd.module)
 
@@ -185,8 +186,22 @@ def test_unexpected_exceptions_propagate(monkeypatch, calls):
 def test_shipped_configs_are_valid(path):
     from reftkit.cli import COMMANDS
 
-    command = next(c for c in ("demo", "reft", "sft") if c in path.stem)
+    command = next(c for c in ("reproduce", "demo", "reft", "sft") if c in path.stem)
     data = yaml.safe_load(path.read_text())
     COMMANDS[command].config(**data)  # an unknown or ill-typed key raises
     if command == "demo":
         assert COMMANDS["demo"].config(**data) == COMMANDS["demo"].config(), "demo.yaml must spell out the defaults"
+
+
+def test_stage_sections_parse_as_yaml_and_add_to_the_config_file(calls, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("demo: true\nreft: {kl_coef: 0.02, epochs: 3}\n")
+    assert run(["reproduce", str(path), "--reft", "{epochs: 1}", "--eval", "num_samples: 4"]) == 0
+    cfg = calls[-1]
+    assert cfg.reft == {"kl_coef": 0.02, "epochs": 1} and cfg.eval == {"num_samples": 4}
+    assert cfg.stage("reft").kl_coef == 0.02 and cfg.stage("reft").epochs == 1
+
+
+def test_a_bad_stage_option_is_a_one_line_error(calls, capsys):
+    assert run(["reproduce", "--demo", "--reft", "{kl_coeff: 1}"]) == 2
+    assert "section 'reft': kl_coeff: Extra inputs are not permitted" in capsys.readouterr().err

@@ -7,6 +7,7 @@ hook) to show that the layers below still hold on their own.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -29,17 +30,27 @@ LINUX = sys.platform.startswith("linux")
 OK, WRONG, ERROR, TIMEOUT, MEMORY, FORBIDDEN = (Status.OK, Status.WRONG_TYPE, Status.ERROR, Status.TIMEOUT,
                                                 Status.MEMORY, Status.FORBIDDEN)
 BENIGN = "def solution():\n    apples = 12\n    eaten = 5\n    result = apples - eaten\n    return result\n"
+LOOP = "def solution():\n    while True:\n        pass\n"
 
 
 def prog(body: str) -> str:
     return textwrap.dedent(body).strip() + "\n"
 
 
+CONFIG = ExecutorConfig(workers=2, timeout_s=1.0, memory_mb=128, max_output_bytes=2000,
+                        allowed_imports=(*DEFAULT_ALLOWED_IMPORTS, "time"))
+
+
 @pytest.fixture(scope="module")
 def executor():
-    config = ExecutorConfig(workers=2, timeout_s=1.0, memory_mb=128, max_output_bytes=2000,
-                            allowed_imports=(*DEFAULT_ALLOWED_IMPORTS, "time"))
-    with ProgramExecutor(config) as ex:
+    with ProgramExecutor(CONFIG) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def shared_executor():
+    """The opt-in mode: up to 8 programs per forked child."""
+    with ProgramExecutor(dataclasses.replace(CONFIG, programs_per_child=8)) as ex:
         yield ex
 
 
@@ -120,8 +131,9 @@ BEHAVIOUR = {
 }
 
 
-@pytest.fixture(scope="module")
-def behaviour_results(executor) -> dict[str, ExecResult]:
+@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+def behaviour_results(request) -> dict[str, ExecResult]:
+    executor = request.getfixturevalue("executor" if request.param == 1 else "shared_executor")
     names = list(BEHAVIOUR)
     results = executor.run([BEHAVIOUR[n][0] for n in names])  # one batch for all
     assert len(results) == len(names)
@@ -245,9 +257,11 @@ ATTACKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def attack_run(executor, tmp_path_factory) -> dict:
-    """All attacks in one batch, then a benign program; with a canary file they must not touch."""
+@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+def attack_run(request, tmp_path_factory) -> dict:
+    """All attacks in one batch, then a benign program; with a canary file they must not touch. Once with a
+    child per program, once with up to 8 programs per child (attacks then share children with each other)."""
+    executor = request.getfixturevalue("executor" if request.param == 1 else "shared_executor")
     workdir = tmp_path_factory.mktemp("attacks")
     canary, created = workdir / "canary.txt", workdir / "created"
     canary.write_text("precious")
@@ -257,7 +271,7 @@ def attack_run(executor, tmp_path_factory) -> dict:
     results = executor.run([*sources, BENIGN])
     elapsed = time.monotonic() - start
     return {"results": dict(zip(names, results[:-1], strict=True)), "benign": results[-1], "canary": canary,
-            "created": created, "elapsed": elapsed}
+            "created": created, "elapsed": elapsed, "executor": executor}
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -267,17 +281,76 @@ def test_attack_is_contained(attack_run, name):
     assert result.value is None, result
 
 
-def test_attacks_leave_the_host_unharmed(executor, attack_run):
+def test_attacks_leave_the_host_unharmed(attack_run):
     assert attack_run["canary"].read_text() == "precious"
     assert not attack_run["created"].exists()
     assert attack_run["benign"] == ExecResult(OK, "7")  # answered right after the whole attack batch
-    assert executor.run([BENIGN])[0].value == "7"  # and still serving
+    assert attack_run["executor"].run([BENIGN])[0].value == "7"  # and still serving
     assert attack_run["elapsed"] < 20
     details = attack_run["results"]
     assert details["fork_bomb"].detail == "ImportError: os not allowed"
     assert "wall-clock" in details["infinite_loop"].detail
     assert "output limit" in details["huge_output"].detail
     assert details["sympify_escape_caught"].detail.startswith("eval/exec of code with forbidden name open")
+
+
+# ------------------------------------------------------------------------------- programs_per_child > 1
+
+# (program, status, value) in submission order. With one worker and 4 programs per child, the first chunk
+# is programs 0-9 (a fair share of 20), run by children for 0-3, 4-7 and 8-9; the second is 10-14.
+SHARED_CASES = [
+    ("import math\ndef solution():\n    math.pi = 3\n    return 1\n", OK, "1"),  # group 1
+    ("import math\ndef solution():\n    return math.pi\n", OK, repr(3.141592653589793)),  # fresh proxy
+    ("import decimal\ndef solution():\n    decimal.getcontext().prec = 2\n    return 1\n", OK, "1"),
+    ("import decimal\ndef solution():\n    return decimal.Decimal(1) / 3\n", OK, "0." + "3" * 28),
+    ("def solution():\n    return 0\n", OK, "0"),  # group 2: a wall-clock kill in the middle
+    ("import time\ndef solution():\n    time.sleep(100)\n", TIMEOUT, None),
+    ("def solution():\n    return 1\n", OK, "1"),
+    ("def solution():\n    return 2\n", OK, "2"),
+    (prog("""
+        class Loud:
+            def __del__(self):
+                print('x' * 5000)
+        def solution():
+            a = Loud()
+            a.me = a
+            return 1
+        """), ERROR, None),  # group 3: its finaliser runs (and overflows) before its result is taken
+    ("def solution():\n    return 3\n", OK, "3"),
+    ("def solution():\n    while True:\n        print('x' * 1000)\n", ERROR, None),  # output cap, retire
+    ("def solution():\n    return 4\n", OK, "4"),
+    ("def solution():\n    return len(bytearray(10**11))\n", MEMORY, None),
+    (ATTACKS["sympify_escape_caught"][0], FORBIDDEN, None),
+    ("def solution():\n    return 5\n", OK, "5"),
+    ("def solution():\n    return 6\n", OK, "6"),
+    (LOOP, TIMEOUT, None),  # the CPU timer (1 s), or the wall clock (1.5 s) on a loaded machine
+    ("def solution():\n    return 7\n", OK, "7"),
+    ("def solution():\n    return 8\n", OK, "8"),
+    ("def solution():\n    return 9\n", OK, "9"),
+]
+
+
+@pytest.fixture(scope="module")
+def one_shared_worker():
+    config = dataclasses.replace(CONFIG, workers=1, programs_per_child=4, timeout_s=1.5, cpu_s=0.5)
+    with ProgramExecutor(config) as ex:
+        yield ex
+
+
+def test_shared_child_failures_stay_with_their_program(one_shared_worker):
+    results = one_shared_worker.run([source for source, _, _ in SHARED_CASES])
+    assert [(r.status, r.value) for r in results] == [(status, value) for _, status, value in SHARED_CASES]
+    assert "wall-clock" in results[5].detail, results[5]  # (the CPU timer is checked in test_shared_child_crash)
+    assert "output limit" in results[8].detail, results[8]
+
+
+def test_shared_child_shares_class_state(one_shared_worker, executor):
+    """The documented price of programs_per_child > 1: class attributes set by one program are seen by the
+    next one in the same child (module proxies, random and decimal state are fresh; classes are not)."""
+    tag = "import fractions\ndef solution():\n    fractions.Fraction.tag = 42\n    return 1\n"
+    read = "import fractions\ndef solution():\n    return fractions.Fraction.tag\n"
+    assert [r.value for r in one_shared_worker.run([tag, read, BENIGN])] == ["1", "42", "7"]
+    assert [r.status for r in executor.run([tag, read])] == [OK, ERROR]  # a child per program: no leak
 
 
 def test_killed_workers_are_replaced(executor):
@@ -364,9 +437,6 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
     return False
 
 
-LOOP = "def solution():\n    while True:\n        pass\n"
-
-
 @pytest.mark.skipif(not LINUX, reason="uses /proc")
 def test_close_leaves_no_process():
     ex = ProgramExecutor(ExecutorConfig(workers=2, timeout_s=0.5))
@@ -420,18 +490,20 @@ def test_config_validation():
 
 # ------------------------------------------------------------------------------------ layer by layer
 # A worker is built in a subprocess (it moves itself into a new network namespace) and given code that
-# skips the static check; "audit" keeps the audit hook (with full builtins), "kernel" removes it too.
+# skips the static check; "audit" keeps the audit hook (with full builtins), "kernel" removes it too, and so
+# does "shared", which runs lists of programs 4 to a child.
 
 LAYER_SCRIPT = r"""
-import builtins, json, os, sys, tempfile, time
+import builtins, json, os, sys, tempfile
 from reftkit.executor.config import ExecutorConfig
-from reftkit.executor.worker import Zygote, _classify
-from reftkit.executor.sandbox import child_main
+from reftkit.executor.worker import Zygote
 mode, attacks = sys.argv[1], json.loads(sys.argv[2])
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
-zygote = Zygote(ExecutorConfig(timeout_s=2.0), ["math"], scratch)
+shared = mode == "shared"
+config = ExecutorConfig(timeout_s=5.0 if shared else 2.0, cpu_s=1.0 if shared else None, programs_per_child=4 if shared else 1)
+zygote = Zygote(config, ["math"], scratch)
 zygote.ctx.builtins = dict(vars(builtins))  # as if the program had escaped the restricted builtins
-if mode == "kernel":
+if mode != "audit":
     class NoAudit:
         violation = None
         def __call__(self, event, args):
@@ -439,9 +511,9 @@ if mode == "kernel":
     zygote.ctx.policy = NoAudit()
 out = {"layers": zygote.layers}
 for name, source in attacks.items():
-    code = compile(source, "<attack>", "exec")
-    reply = zygote._fork_and_collect(lambda fd: child_main(zygote.ctx, code, fd), time.monotonic() + 2.0)
-    out[name] = _classify(reply, zygote.config)
+    sources = [source] if isinstance(source, str) else source
+    results = zygote.run_codes([compile(s, "<attack>", "exec") for s in sources])
+    out[name] = results[0] if isinstance(source, str) else results
 print(json.dumps(out))
 """
 
@@ -488,12 +560,25 @@ KERNEL_ATTACKS = {
 }
 
 
+SEGV = "def solution():\n    return __import__('ctypes').string_at(0)\n"  # a crash, as after an escape
+SILENT_EXIT = "def solution():\n    __import__('os')._exit(0)\n"  # ends the child cleanly, without a result
+SHARED_ATTACKS = {name: ([f"def solution():\n    return {k}\n" for k in range(3)], None) for name in ("segv", "exit", "cpu")}
+for _name, _hostile in (("segv", SEGV), ("exit", SILENT_EXIT), ("cpu", LOOP)):
+    SHARED_ATTACKS[_name][0].insert(1, _hostile)
+
+
 def _run_layers(mode: str, attacks: dict, canary: Path, created: Path) -> dict:
-    sources = {n: s.replace("CANARY", str(canary)).replace("CREATED", str(created)) for n, (s, _) in attacks.items()}
+    sources = {n: _fill(s, canary, created) for n, (s, _) in attacks.items()}
     proc = subprocess.run([sys.executable, "-c", LAYER_SCRIPT, mode, json.dumps(sources)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def _fill(source: str | list[str], canary: Path, created: Path) -> str | list[str]:
+    if isinstance(source, list):
+        return [_fill(s, canary, created) for s in source]
+    return source.replace("CANARY", str(canary)).replace("CREATED", str(created))
 
 
 @pytest.fixture(scope="module")
@@ -504,7 +589,7 @@ def layer_runs(tmp_path_factory) -> dict:
     canary, created = workdir / "canary.txt", workdir / "created"
     canary.write_text("precious")
     runs = {mode: _run_layers(mode, attacks, canary, created)
-            for mode, attacks in (("audit", AUDIT_ATTACKS), ("kernel", KERNEL_ATTACKS))}
+            for mode, attacks in (("audit", AUDIT_ATTACKS), ("kernel", KERNEL_ATTACKS), ("shared", SHARED_ATTACKS))}
     return {"runs": runs, "canary": canary, "created": created}
 
 
@@ -527,6 +612,16 @@ def test_kernel_layers_alone_block(layer_runs, name):
     else:
         assert result["s"] == "error", result
         assert any(e in result["d"] for e in ("PermissionError", "can't start new thread")), result
+
+
+@pytest.mark.parametrize("name", list(SHARED_ATTACKS))
+def test_shared_child_crash(layer_runs, name):
+    """A child killed by a crash, by its CPU timer, or ended without a result in the middle of a chunk: the
+    program that did it is charged, the others are answered (those after it by fresh children), in order."""
+    results = layer_runs["runs"]["shared"][name]
+    expected = {"segv": ("error", "SIGSEGV"), "exit": ("error", "no result"), "cpu": ("timeout", "CPU limit")}[name]
+    assert [r["v"] for r in results] == ["0", None, "1", "2"], results
+    assert (results[1]["s"], expected[1] in results[1]["d"]) == (expected[0], True), results[1]
 
 
 def test_layer_attacks_left_the_host_unharmed(layer_runs):

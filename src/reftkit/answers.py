@@ -99,6 +99,12 @@ def _answer_line(completion: str) -> str | None:
     return rest[0] if rest else ""
 
 
+def reasoning_of(completion: str) -> str:
+    """The completion before its last answer trigger (all of it when there is none)."""
+    last = next(reversed(list(_TRIGGER_RE.finditer(completion))), None)
+    return (completion if last is None else completion[: last.start()]).rstrip()
+
+
 def extract_answer(completion: str, multiple_choice: bool = False) -> str | None:
     """Canonical answer text after the last trigger: a number string or an option letter a-e."""
     line = _answer_line(completion)
@@ -114,14 +120,17 @@ def read_answer(line: str, multiple_choice: bool = False) -> str | None:
     return None if value is None else format_number(value)
 
 
+def same_answer(a: str, b: str, tol: float = 1e-2, multiple_choice: bool = False) -> bool:
+    """Numeric: within `tol` of each other. Multiple choice: same letter, any case."""
+    if multiple_choice:
+        return a.strip().lower() == b.strip().lower()
+    x, y = parse_number(a), parse_number(b)
+    return x is not None and y is not None and abs(x - y) <= tol + _FLOAT_SLACK
+
+
 def is_correct(extracted: str | None, example: Example, tol: float = 1e-2) -> bool:
-    """Numeric: within `tol` of the gold answer. Multiple choice: same letter, any case."""
-    if extracted is None:
-        return False
-    if example.is_multiple_choice:
-        return extracted.strip().lower() == example.answer.strip().lower()
-    got, gold = parse_number(extracted), parse_number(example.answer)
-    return got is not None and gold is not None and abs(got - gold) <= tol + _FLOAT_SLACK
+    """`extracted` is the gold answer, under `same_answer`."""
+    return extracted is not None and same_answer(extracted, example.answer, tol, example.is_multiple_choice)
 
 
 @dataclass(frozen=True)

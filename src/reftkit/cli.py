@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import json
 import logging
 import sys
 import types
@@ -21,7 +22,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from reftkit import __version__
-from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
+from reftkit.config import (
+    DemoConfig, EvalConfig, OfflineSTConfig, OnlineSTConfig, ReFTConfig, RerankerConfig, ReproduceConfig, SampleConfig,
+    SFTConfig,
+)
 
 
 class Command(NamedTuple):
@@ -35,6 +39,15 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("reftkit.trainers.sft", "train_sft", SFTConfig, "supervised fine-tuning (warm-up)"),
     "reft": Command("reftkit.trainers.reft", "train_reft", ReFTConfig, "ReFT: PPO from an SFT checkpoint"),
     "eval": Command("reftkit.evaluate_cli", "run_eval", EvalConfig, "greedy accuracy of a checkpoint"),
+    "sample": Command("reftkit.sampling", "run_sample", SampleConfig, "k samples per question: vote@k, pass@k, rerank@k"),
+    "offline-st": Command("reftkit.trainers.offline_st", "train_offline_st", OfflineSTConfig,
+                          "offline self-training: SFT on the data plus the model's own correct samples"),
+    "online-st": Command("reftkit.trainers.online_st", "train_online_st", OnlineSTConfig,
+                         "online self-training: SFT on the policy's correct samples, mixed with the data"),
+    "train-reranker": Command("reftkit.reranker", "train_reranker", RerankerConfig,
+                              "outcome reward model for rerank@k, from an SFT checkpoint"),
+    "reproduce": Command("reftkit.reproduce", "run_reproduce", ReproduceConfig,
+                         "the paper's protocol: every method and inference strategy, one table"),
     "demo": Command("reftkit.demo", "run_demo", DemoConfig, "synthetic end-to-end demo: SFT, then ReFT vs SFT"),
 }
 
@@ -71,13 +84,15 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a not in _NONE_TYPES]
         optional, annotation = len(args) < len(typing.get_args(annotation)), args[0]
-    nargs = None
+    nargs, parse = None, (_none_or if optional else str)
+    if typing.get_origin(annotation) is dict:  # a stage section: --reft '{kl_coef: 0.01}'
+        annotation, parse = "YAML", yaml.safe_load
     if typing.get_origin(annotation) is list:
         nargs, annotation = "*", typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         metavar = "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
     else:
-        metavar = getattr(annotation, "__name__", str(annotation)).upper()
+        metavar = annotation if isinstance(annotation, str) else annotation.__name__.upper()
     default = field.get_default(call_default_factory=True)
     shown = "none" if default is None else default
     help_ = f"{field.description + ' ' if field.description else ''}(default: {shown})"
@@ -87,7 +102,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
     if annotation is bool and nargs is None:
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
     else:
-        parser.add_argument(*flags, nargs=nargs, metavar=metavar, type=_none_or if optional else str, **kw)
+        parser.add_argument(*flags, nargs=nargs, metavar=metavar, type=parse, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +175,10 @@ def format_validation_error(err: ValidationError) -> str:
 
 def make_config(cmd: Command, ns: argparse.Namespace) -> BaseModel:
     values = load_yaml(ns.config_file, cmd.config) if ns.config_file else {}
-    values.update({k[len(_DEST):]: v for k, v in vars(ns).items() if k.startswith(_DEST)})
+    for key, value in ((k[len(_DEST):], v) for k, v in vars(ns).items() if k.startswith(_DEST)):
+        # a stage section given on the command line adds to the config file's, key by key
+        merge = isinstance(value, dict) and isinstance(values.get(key), dict)
+        values[key] = {**values[key], **value} if merge else value
     try:
         return cmd.config.model_validate(values)
     except ValidationError as e:
@@ -201,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"final model: {result}")
     elif isinstance(result, float):
         print(f"accuracy: {result:.4f}")
+    elif isinstance(result, dict) and ns.command == "sample":
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -7,9 +7,9 @@ error that names it (pydantic, extra="forbid").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reftkit.cot import CotStyle
 
@@ -65,6 +65,13 @@ class TrainConfig(CommonConfig, OptimConfig):
     epochs: int = Field(3, gt=0, description="passes over the training data")
     batch_size: int = Field(16, gt=0, description="examples (SFT) or questions (ReFT) per process per batch")
     save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at the end of each epoch only)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = off (full fine-tuning). With LoRA only the adapters (and ReFT's value head) train, and ReFT's KL reference is the same model with its adapters disabled")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input (SFT; ReFT runs its policy without dropout)")
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description="module names to adapt; all-linear = every linear layer of attention and MLP (not the output head)")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass: less activation memory for about one more forward pass of compute")
+    group_by_length: bool = Field(False, description="batches of similar length (SFT: examples, ReFT: prompts), still shuffled per epoch; less padding, but batches are no longer uniformly random (off: the paper's setup)")
+    max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
 
 
 class SFTConfig(TrainConfig):
@@ -73,7 +80,21 @@ class SFTConfig(TrainConfig):
     eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
 
 
-class ReFTConfig(TrainConfig):
+class SamplingOptions(_Config):
+    """How responses are sampled (the paper: temperature 1.0 from the full distribution)."""
+
+    num_samples: int = Field(1, gt=0, description="sampled responses per question")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the paper: 1.0)")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
+
+    def sampling(self, max_new_tokens: int):
+        from reftkit.rollout import Sampling  # lazy: torch stays out of config parsing
+
+        return Sampling(True, self.temperature, self.top_k, self.top_p, max_new_tokens)
+
+
+class ReFTConfig(TrainConfig, SamplingOptions):
     """ReFT: PPO from a warm-up SFT checkpoint (`model`), rewarded by answer correctness."""
 
     lr: float = Field(3e-6, gt=0, description="the paper: 3e-7 (7B), 3e-6 (small models)")
@@ -81,12 +102,8 @@ class ReFTConfig(TrainConfig):
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
     epochs: int = Field(1, gt=0, description="passes over the training questions")
     batch_size: int = Field(8, gt=0, description="questions per process per rollout batch")
-    num_samples: int = Field(1, gt=0, description="sampled responses per question")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (the paper: 1.0)")
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
     kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
     gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
@@ -132,3 +149,113 @@ class DemoConfig(_Config):
     num_samples: int = Field(4, gt=0, description="samples per question in ReFT")
     kl_coef: float | None = Field(None, ge=0, description="ReFT KL coefficient; default: the paper's for the CoT style")
     progress: bool = Field(True, description="show progress bars")
+
+
+class SampleConfig(CommonConfig, SamplingOptions):
+    """k sampled responses per question, graded; accuracy by majority vote, pass@k and (with a reranker) rerank@k."""
+
+    eval_file: str | None = Field(None, description="the questions to sample responses for")
+    num_samples: int = Field(100, gt=0, description="k: sampled responses per question (the paper: 100)")
+    reranker: str | None = Field(None, description="reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k")
+
+
+class SamplesInput(SamplingOptions):
+    """Samples on the training questions, from a file or drawn from `model` first."""
+
+    samples_file: str | None = Field(None, description="samples.jsonl from `reftkit sample` on the training questions; default: draw num_samples per training question from `model`")
+    num_samples: int = Field(100, gt=0, description="samples per training question when drawing them (the paper: 100)")
+
+
+class OfflineSTConfig(SFTConfig, SamplesInput):
+    """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated) samples of `model`."""
+
+
+class OnlineSTConfig(TrainConfig, SamplingOptions):
+    """Online self-training: each batch, sample from the current policy and train on its correct samples mixed with the reference CoTs."""
+
+    epochs: int = Field(1, gt=0, description="passes over the training questions")
+    batch_size: int = Field(8, gt=0, description="questions per process per batch; a step trains on their reference CoTs plus up to num_samples correct samples each")
+    self_weight: float = Field(0.5, ge=0, le=1, description="share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs")
+
+
+class RerankerConfig(TrainConfig, SamplesInput):
+    """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on graded samples of the training questions."""
+
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    epochs: int = Field(2, gt=0, description="passes over the samples")
+    batch_size: int = Field(16, gt=0, description="samples per process per batch")
+
+
+MethodName = Literal["sft", "offline_st", "online_st", "reft"]
+# Stage sections of `reftkit reproduce` and the config each one validates into.
+STAGES: dict[str, type[_Config]] = {
+    "warmup": SFTConfig, "sft": SFTConfig, "train_samples": SampleConfig, "offline_st": OfflineSTConfig,
+    "online_st": OnlineSTConfig, "reft": ReFTConfig, "reranker": RerankerConfig, "eval": SampleConfig,
+}
+DEMO_LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}  # synthetic prompts < 60 tokens, responses < 50
+
+
+def demo_stage_options(d: DemoConfig) -> dict[str, dict]:
+    """The demo's options per stage: `reftkit demo` and `reftkit reproduce --demo` share them."""
+    sft = {"lr": d.sft_continue_lr, "batch_size": d.sft_batch_size, "eval_every_epoch": False}
+    online = {"lr": d.reft_lr, "batch_size": d.reft_batch_size, "num_samples": d.num_samples,
+              "epochs": d.reft_epochs, "max_train_examples": d.reft_questions}
+    return {
+        "warmup": {"epochs": d.warmup_epochs, "lr": d.sft_lr, "batch_size": d.sft_batch_size, "warmup_ratio": 0.05,
+                   "eval_every_epoch": False},
+        "sft": {"epochs": d.sft_extra_epochs, **sft},
+        "reft": {**online, "value_head_lr": d.reft_value_head_lr, "kl_coef": d.kl_coef,
+                 "mini_batch_size": d.reft_batch_size * d.num_samples // 2},
+        # Same questions, samples and budget as ReFT; the SFT-style baselines use continued SFT's rate.
+        "online_st": {**online, "lr": d.sft_continue_lr},
+        "train_samples": {"num_samples": 8, "max_eval_examples": d.reft_questions},
+        "offline_st": {"epochs": d.sft_extra_epochs, **sft},
+        "reranker": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "warmup_ratio": 0.05},
+        "eval": {"num_samples": 16},
+    }
+
+
+class ReproduceConfig(CommonConfig):
+    """The paper's protocol in one run: warm-up SFT, then SFT, Offline-ST, Online-ST and ReFT from the
+    same warm-up; each evaluated top-1, by vote@k and by rerank@k on eval_file (the test set).
+
+    Every stage is configured by its own section (a mapping of that command's options, e.g.
+    `reft: {kl_coef: 0.05}`), on top of the options given here for all stages. A rerun skips
+    the stages that finished and resumes an interrupted one from its last checkpoint.
+    """
+
+    demo: bool = Field(False, description="synthetic data and the tiny model, with the demo's settings as stage defaults")
+    methods: list[MethodName] = Field(default_factory=lambda: ["sft", "offline_st", "online_st", "reft"],
+                                      description="methods trained from the warm-up and compared")
+    warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up")
+    sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of continued SFT")
+    train_samples: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options for the warm-up's samples on the training questions (Offline-ST data, reranker data)")
+    offline_st: dict[str, Any] = Field(default_factory=dict, description="`reftkit offline-st` options")
+    online_st: dict[str, Any] = Field(default_factory=dict, description="`reftkit online-st` options")
+    reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options")
+    reranker: dict[str, Any] = Field(default_factory=dict, description="`reftkit train-reranker` options")
+    eval: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options on the test set (num_samples = k)")
+
+    @model_validator(mode="after")
+    def _stages_valid(self):
+        if self.demo and {"model", "train_file", "eval_file"} & self.model_fields_set:
+            raise ValueError("demo makes its own data and model: drop model, train_file and eval_file")
+        if not self.demo and (self.train_file is None or self.eval_file is None):
+            raise ValueError("set train_file and eval_file (the test set), or demo: true")
+        for name in STAGES:
+            self.stage(name)  # an unknown or ill-typed stage option fails here, before any training
+        return self
+
+    def stage(self, name: str, **fixed: Any) -> _Config:
+        """The typed config of one stage: shared options < demo defaults < its section < `fixed`."""
+        shared = {k: getattr(self, k) for k in CommonConfig.model_fields if k not in ("output_dir", "resume")}
+        if self.demo:
+            shared |= {"model": "tiny", "data_format": "reft"}
+            shared |= {k: v for k, v in DEMO_LENGTHS.items() if k not in self.model_fields_set}
+        defaults = demo_stage_options(DemoConfig()).get(name, {}) if self.demo else {}
+        values = {**shared, "output_dir": self.output_dir / name, **defaults, **getattr(self, name), **fixed}
+        try:
+            return STAGES[name].model_validate(values)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"section '{name}': {problems}") from None

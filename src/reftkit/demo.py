@@ -12,28 +12,21 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.config import DemoConfig, ReFTConfig, SFTConfig
+from reftkit.config import DEMO_LENGTHS, DemoConfig, ReFTConfig, SFTConfig, demo_stage_options
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
 from reftkit.training import process_state
 
-# Sequence lengths of the synthetic problems (prompts < 60 tokens, responses < 50).
-LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}
-
 
 def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
     """The three stages' configs; every demo hyperparameter lives in DemoConfig."""
-    out, common = Path(cfg.output_dir), {**LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot}
-    warmup = SFTConfig(model="tiny", output_dir=out / "warmup", epochs=cfg.warmup_epochs, lr=cfg.sft_lr,
-                       batch_size=cfg.sft_batch_size, warmup_ratio=0.05, eval_every_epoch=False, **common)
+    out, common = Path(cfg.output_dir), {**DEMO_LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot}
+    options = demo_stage_options(cfg)
+    warmup = SFTConfig(model="tiny", output_dir=out / "warmup", **options["warmup"], **common)
     start = str(out / "warmup" / "final")
-    sft = SFTConfig(model=start, output_dir=out / "sft", epochs=cfg.sft_extra_epochs, lr=cfg.sft_continue_lr,
-                    batch_size=cfg.sft_batch_size, eval_every_epoch=False, **common)
-    reft = ReFTConfig(model=start, output_dir=out / "reft", epochs=cfg.reft_epochs, lr=cfg.reft_lr,
-                      value_head_lr=cfg.reft_value_head_lr,
-                      batch_size=cfg.reft_batch_size, num_samples=cfg.num_samples,
-                      mini_batch_size=cfg.reft_batch_size * cfg.num_samples // 2, kl_coef=cfg.kl_coef, **common)
+    sft = SFTConfig(model=start, output_dir=out / "sft", **options["sft"], **common)
+    reft = ReFTConfig(model=start, output_dir=out / "reft", **options["reft"], **common)
     return warmup, sft, reft
 
 
@@ -53,13 +46,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     results: dict[str, dict] = {}
     stages = [("warm-up SFT", warmup, train_sft, train), ("SFT (continued)", sft, train_sft, train),
-              ("ReFT", reft, train_reft, train[: cfg.reft_questions])]
+              ("ReFT", reft, train_reft, train)]
     for name, stage_cfg, train_fn, data in stages:
         start = time.time()
         final = train_fn(stage_cfg, data)
         seconds = time.time() - start
         acc = run_eval(EvalConfig(model=str(final), eval_file=str(test_file), data_format="reft", cot=cfg.cot,
-                                  output_dir=stage_cfg.output_dir / "test", progress=False, **LENGTHS))
+                                  output_dir=stage_cfg.output_dir / "test", progress=False, **DEMO_LENGTHS))
         results[name] = {"test_accuracy": acc, "train_seconds": round(seconds, 1), "model": str(final)}
     if process_state().is_main_process:
         (Path(cfg.output_dir) / "results.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"),

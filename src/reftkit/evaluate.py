@@ -1,8 +1,9 @@
-"""Batched greedy decoding, top-1 accuracy and a per-example JSONL a person can read."""
+"""Batched decoding and grading (greedy or k samples per question), with a JSONL a person can read."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -16,6 +17,62 @@ from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
+
+
+def decode_and_grade(
+    accelerator: Accelerator,
+    lm: PreTrainedModel,
+    tokenizer,
+    examples: list[Example],
+    grader: Grader,
+    sampling: Sampling,
+    *,
+    num_samples: int = 1,
+    batch_size: int,
+    max_prompt_tokens: int,
+    cot: CotStyle = "natural",
+    progress: bool = True,
+    desc: str = "eval",
+    local: bool = False,
+) -> list[dict]:
+    """`num_samples` graded responses per example, one row per response, ordered by (example,
+    sample): each process decodes its shard and all get all rows; with `local`, each process
+    decodes all of its own `examples` (a trainer's per-process batch) and keeps its rows.
+
+    Prompts are sorted by length inside a shard so a batch pads as little as possible;
+    `batch_size` counts responses, so k samples per prompt mean batch_size // k prompts a batch.
+    """
+    rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
+    shard = list(range(rank, len(examples), world))
+    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot) for i in shard}
+    order = sorted(shard, key=lambda i: len(prompts[i]))
+    per_batch = max(1, batch_size // num_samples)
+    rows = []
+    bar = tqdm(total=len(examples), desc=desc, disable=not (progress and accelerator.is_main_process))
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        with accelerator.autocast():
+            out = generate(lm, tokenizer, [prompts[i] for i in idx], sampling, num_samples)
+        repeated = [i for i in idx for _ in range(num_samples)]  # generate keeps prompt order
+        grades = grader.grade(out.texts, [examples[i] for i in repeated])
+        for n, (i, text, grade) in enumerate(zip(repeated, out.texts, grades, strict=True)):
+            ex = examples[i]
+            rows.append({"index": i, "sample": n % num_samples, "id": ex.id, "question": ex.question,
+                         "output": response_prefix(ex, cot) + text, "extracted": grade.extracted,
+                         "gold": ex.answer, "correct": grade.correct} | ({"detail": grade.detail} if grade.detail else {}))
+        bar.update(len(idx) * world)
+    bar.close()
+    return sorted(rows if local else gather_object(rows), key=lambda r: (r["index"], r["sample"]))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Writes via a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
 
 
 def evaluate(
@@ -32,35 +89,12 @@ def evaluate(
     predictions_path: Path | None = None,
     cot: CotStyle = "natural",
 ) -> float:
-    """Top-1 (greedy) accuracy over all processes; each process decodes its own shard.
-
-    Prompts are sorted by length inside a shard so a batch pads as little as possible.
-    """
-    rank, world = accelerator.process_index, accelerator.num_processes
-    shard = list(range(rank, len(examples), world))
-    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot) for i in shard}
-    order = sorted(shard, key=lambda i: len(prompts[i]))
-    rows = []
+    """Top-1 (greedy) accuracy over all processes."""
     greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens)
-    bar = tqdm(total=len(examples), desc="eval", disable=not (progress and accelerator.is_main_process))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        with accelerator.autocast():
-            out = generate(lm, tokenizer, [prompts[i] for i in idx], greedy)
-        grades = grader.grade(out.texts, [examples[i] for i in idx])
-        for i, text, grade in zip(idx, out.texts, grades, strict=True):
-            ex = examples[i]
-            rows.append({"index": i, "id": ex.id, "question": ex.question, "output": response_prefix(ex, cot) + text,
-                         "extracted": grade.extracted, "gold": ex.answer, "correct": grade.correct}
-                        | ({"detail": grade.detail} if grade.detail else {}))
-        bar.update(len(idx) * world)
-    bar.close()
-    rows = sorted(gather_object(rows), key=lambda r: r["index"])
+    rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, greedy, batch_size=batch_size,
+                            max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress)
     if predictions_path is not None and accelerator.is_main_process:
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        with predictions_path.open("w") as f:
-            for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n")
+        write_jsonl(predictions_path, ({k: v for k, v in r.items() if k not in ("index", "sample")} for r in rows))
     return sum(r["correct"] for r in rows) / max(len(rows), 1)
 
 

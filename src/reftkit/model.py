@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from reftkit.pretrained import resolve
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def load_tokenizer(name_or_path: str):
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    """An HF name, a directory, or a reftkit name such as `smollm2-135m` (see reftkit.pretrained)."""
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
     if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -20,7 +26,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,3 +100,33 @@ def lm_response_logprobs(
         use_cache=False,
     ).logits
     return token_logprobs(response_slice(logits, prompt_len), input_ids[:, prompt_len:], temperature)
+
+
+def enable_gradient_checkpointing(lm: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing: gradients reach LoRA adapters behind a frozen embedding without the
+    inputs requiring grad (transformers also hooks the embedding output to require grad). Layers
+    checkpoint only in training mode and then turn the KV cache off themselves, so `generate`
+    (which switches to eval mode) keeps its cache."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        lm.activation_checkpointing_enable(kwargs)
+    else:
+        lm.gradient_checkpointing_enable(kwargs)
+
+
+@contextmanager
+def checkpointing_in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """Lets checkpointed layers checkpoint while the model stays in eval mode (ReFT: no dropout, so
+    pi / pi_old is exactly 1 before the first update). transformers checkpoints a layer only when
+    `layer.training`; only the layer's own flag is set, its submodules (dropout) stay in eval mode."""
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False

@@ -16,9 +16,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from reftkit.config import CommonConfig, OptimConfig
+from reftkit.config import CommonConfig, OptimConfig, TrainConfig
 from reftkit.data.records import Example
-from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.lora import add_lora, plain_model_and_state
+from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from reftkit.cot import CotStyle
 from reftkit.prompts import prompt_text, response_text
 from reftkit.tiny import build_model, build_tokenizer
@@ -67,6 +68,12 @@ def load_examples_for(path: str | None, cfg: CommonConfig, role: str) -> list[Ex
     return result.examples
 
 
+def training_examples(train: list[Example] | None, cfg) -> list[Example]:
+    """The examples a trainer was given, or its train_file; the first max_train_examples of them."""
+    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+    return train[: cfg.max_train_examples]
+
+
 def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int,
                              cot: CotStyle = "natural") -> tuple[PreTrainedModel, object]:
     """`tiny` builds a tokenizer on the training text and a small Llama; anything else is from_pretrained."""
@@ -74,6 +81,16 @@ def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int,
         tokenizer = build_tokenizer(prompt_text(e, cot) + response_text(e, cot) for e in train)
         return build_model(tokenizer, seed=seed), tokenizer
     return load_causal_lm(name_or_path), load_tokenizer(name_or_path)
+
+
+def prepare_lm_for_training(lm: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
+    """Gradient checkpointing and/or LoRA adapters, as configured. Checkpointing is switched on
+    first, on the plain model, so peft sees it and keeps the (frozen) embedding output differentiable."""
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
+    if cfg.lora_r:
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return lm
 
 
 def loader_generator(seed: int) -> torch.Generator:
@@ -117,6 +134,7 @@ def save_hf_model(accelerator: Accelerator, model, lm_of, tokenizer, directory: 
     lm = lm_of(unwrapped)
     prefix = "lm." if lm is not unwrapped else ""
     lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if state else None
+    lm, lm_state = plain_model_and_state(lm, lm_state)  # LoRA: merged weights, no peft needed to load
     lm.save_pretrained(directory, state_dict=lm_state, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(directory)

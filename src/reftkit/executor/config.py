@@ -102,6 +102,10 @@ class ExecutorConfig:
         rejected. Third-party modules (not in the standard library) are served by the second pool.
     entry: name of the function to call; the program's answer is what it returns.
     startup_timeout_s: how long a new worker may take to import the allowed modules and report ready.
+    programs_per_child: 1 (default) runs every program in a fresh forked process. N > 1 (opt-in, faster) lets
+        one forked process run up to N programs in turn, each in a fresh namespace under the same checks and
+        its own wall-clock and CPU limits; they share one interpreter, so one program can change module
+        state the later ones see (docs/executor.md, "Several programs per child").
     """
 
     workers: int = field(default_factory=_default_workers)
@@ -112,6 +116,7 @@ class ExecutorConfig:
     allowed_imports: tuple[str, ...] = DEFAULT_ALLOWED_IMPORTS
     entry: str = "solution"
     startup_timeout_s: float = 60.0
+    programs_per_child: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_imports", tuple(self.allowed_imports))
@@ -121,6 +126,7 @@ class ExecutorConfig:
         _require(self.memory_mb >= 16, "memory_mb must be >= 16")
         _require(self.max_output_bytes >= 64, "max_output_bytes must be >= 64")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        _require(self.programs_per_child >= 1, "programs_per_child must be >= 1")
         _require(self.entry.isidentifier() and not keyword.iskeyword(self.entry), "entry must be an identifier")
         _require(not self.entry.startswith("_"), "entry must not start with an underscore")
         for name in self.allowed_imports:

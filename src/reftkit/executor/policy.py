@@ -180,6 +180,12 @@ class ModuleProxy(types.ModuleType):
         self._importer_ = importer  # underscore attributes are out of a program's reach
         self.__all__ = [n for n in _public_names(module) if importer.exposes(module, n)]
 
+    def copy(self) -> ModuleProxy:
+        """A pristine twin: attributes a program sets on it are not seen through this one."""
+        twin = ModuleProxy.__new__(ModuleProxy)
+        vars(twin).update(vars(self))
+        return twin
+
     def __getattr__(self, name: str) -> object:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -205,6 +211,7 @@ class Importer:
         self.allowed = allowed
         self._on_violation = on_violation
         self._proxies: dict[str, ModuleProxy] = {}
+        self._templates = self._proxies  # the worker's proxies; after forget(), programs get copies of them
 
     def allows(self, name: str) -> bool:
         return is_allowed_module(name, self.allowed)
@@ -216,8 +223,14 @@ class Importer:
     def proxy(self, module: types.ModuleType) -> ModuleProxy:
         cached = self._proxies.get(module.__name__)
         if cached is None:
-            cached = self._proxies[module.__name__] = ModuleProxy(module, self)
+            template = self._templates.get(module.__name__)
+            cached = template.copy() if template is not None else ModuleProxy(module, self)
+            self._proxies[module.__name__] = cached
         return cached
+
+    def forget(self) -> None:
+        """Before each program of a shared child: its imports get fresh copies of the proxies."""
+        self._proxies = {}
 
     def __call__(self, name: str, globals=None, locals=None, fromlist=(), level: int = 0) -> object:
         if isinstance(fromlist, list):

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 MAX_SOURCE_CHARS = 100_000  # longer "programs" are refused without being sent anywhere (P-CoT: < 4k)
-_DEPTH = 2  # tasks queued per worker: the next one is always there, and a slow program holds up only one
-_GRACE_S = 2.0  # slack on top of timeout_s before the trainer declares a worker hung
+_DEPTH = 2  # chunks queued per worker: the next one is always there when one is answered
+_CHUNK = 16  # programs per message at most (more with programs_per_child): one write and one reply per chunk
+_GRACE_S = 2.0  # slack on top of the chunk's time limits before the trainer declares a worker hung
+_PER_PROGRAM_S = 0.25  # slack per program of a chunk (parsing, forking) on top of timeout_s
 _STDERR_TAIL = 4096
 _MAX_START_FAILURES = 3
 _BOOT = (
@@ -76,7 +78,7 @@ class _Worker:
         self.head_since = self.started
         self.ready = False
         self.layers: dict[str, str] = {}
-        self.inflight: deque[int] = deque()
+        self.inflight: deque[list[int]] = deque()  # chunks sent, oldest first
         self.sendbuf = bytearray()
         self.recvbuf = bytearray()
         self.stderr_tail = bytearray()
@@ -87,11 +89,11 @@ class _Worker:
     def queue_line(self, message: dict) -> None:
         self.sendbuf += (json.dumps(message) + "\n").encode()
 
-    def send_task(self, index: int, source: str) -> None:
+    def send_chunk(self, indices: list[int], sources: list[str]) -> None:
         if not self.inflight:
             self.head_since = time.monotonic()
-        self.inflight.append(index)
-        self.queue_line({"i": index, "src": source})
+        self.inflight.append(indices)
+        self.queue_line({"c": [[i, src] for i, src in zip(indices, sources, strict=True)]})
 
     def flush(self) -> None:
         """Writes what the pipe takes now; marks the worker dead if it is gone."""
@@ -135,11 +137,12 @@ class _Worker:
         self.stderr_tail = (self.stderr_tail + chunk)[-_STDERR_TAIL:]
 
     def deadline(self) -> float | None:
-        """When the head task must have answered, or None when idle."""
+        """When the head chunk must have answered, or None when idle."""
         if not self.inflight and self.ready:
             return None
-        budget = self.config.timeout_s + _GRACE_S + (0 if self.ready else self.config.startup_timeout_s)
-        return self.head_since + budget
+        programs = len(self.inflight[0]) if self.inflight else 1
+        budget = programs * (self.config.timeout_s + _PER_PROGRAM_S) + _GRACE_S
+        return self.head_since + budget + (0 if self.ready else self.config.startup_timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the worker's session; its children die with it (parent-death signal)."""
@@ -291,13 +294,23 @@ class ProgramExecutor:
             if not queue:
                 continue
             self._ensure_pool(kind)
-            for worker in self._pool(kind):
+            pool = self._pool(kind)
+            for worker in pool:
                 while queue and len(worker.inflight) < _DEPTH and not worker.dead:
-                    index = queue.popleft()
-                    worker.send_task(index, batch.sources[index])
+                    chunk = self._next_chunk(queue, batch, len(pool))
+                    worker.send_chunk(chunk, [batch.sources[i] for i in chunk])
         for worker in self._workers:
             worker.flush()
             self._want_write(worker, bool(worker.sendbuf) and not worker.dead)
+
+    def _next_chunk(self, queue: deque[int], batch: _Batch, workers: int) -> list[int]:
+        """The next programs for one worker: a fair share of the queue, so that the workers finish together,
+        of at most max(_CHUNK, programs_per_child); a program whose worker died is sent alone."""
+        size = min(max(_CHUNK, self.config.programs_per_child), -(-len(queue) // (workers * _DEPTH)))
+        chunk = [queue.popleft()]
+        while len(chunk) < size and queue and not batch.attempts.get(chunk[0]) and not batch.attempts.get(queue[0]):
+            chunk.append(queue.popleft())
+        return chunk
 
     def _pump(self, batch: _Batch) -> None:
         """Waits for worker output (or the next deadline), then handles messages, deaths and hangs."""
@@ -327,33 +340,39 @@ class ProgramExecutor:
                 self._start_failures[worker.kind] = 0
                 self._note_layers(worker)
                 continue
-            if not worker.inflight or msg.get("i") != worker.inflight[0]:
+            results = msg.get("r")
+            if not worker.inflight or not isinstance(results, list) or [
+                r.get("i") if isinstance(r, dict) else None for r in results
+            ] != worker.inflight[0]:
                 worker.dead = True  # out of step with our queue: restart it rather than guess
                 return
-            batch.settle(worker.inflight.popleft(), _to_result(msg))
+            for index, result in zip(worker.inflight.popleft(), results, strict=True):
+                batch.settle(index, _to_result(result))
             worker.head_since = now
 
     def _on_death(self, worker: _Worker, batch: _Batch, hung: bool) -> None:
-        """Replaces a dead or hung worker. The task it was running is charged (timeout when it hung, error on
-        a second crash); the tasks queued behind it go back to the front of the queue."""
+        """Replaces a dead or hung worker. The programs of the chunk it was running are sent again, each on
+        its own; a program alone in its chunk is charged (timeout when the worker hung, error on a second
+        crash). The chunks queued behind go back to the front of the queue."""
         self._unregister(worker)
         worker.read_stderr()
         worker.kill()
         self._workers.remove(worker)
-        pending = list(worker.inflight)
+        chunks = list(worker.inflight)
+        pending = [i for chunk in chunks for i in chunk]
         if not worker.ready:
             self._start_failures[worker.kind] += 1
             if self._start_failures[worker.kind] >= _MAX_START_FAILURES:
                 tail = worker.stderr_tail.decode(errors="replace").strip()
                 raise ExecutorError(f"reftkit executor: {worker.kind} workers fail to start: {tail[-2000:]}")
         elif pending:
-            head = pending[0]
-            batch.attempts[head] = batch.attempts.get(head, 0) + 1
-            if hung:
-                batch.settle(head, ExecResult(Status.TIMEOUT, detail="worker unresponsive; killed and replaced"))
-                pending = pending[1:]
-            elif batch.attempts[head] >= 2:
-                batch.settle(head, ExecResult(Status.ERROR, detail="the worker died twice while running this program"))
+            head = chunks[0]
+            for index in head:
+                batch.attempts[index] = batch.attempts.get(index, 0) + 1
+            if len(head) == 1 and (hung or batch.attempts[head[0]] >= 2):
+                charged = (ExecResult(Status.TIMEOUT, detail="worker unresponsive; killed and replaced") if hung else
+                           ExecResult(Status.ERROR, detail="the worker died twice while running this program"))
+                batch.settle(head[0], charged)
                 pending = pending[1:]
         batch.queues[worker.kind].extendleft(reversed(pending))
 

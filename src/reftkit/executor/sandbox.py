@@ -1,16 +1,20 @@
-"""The per-program child: hardening right after fork, then the program, then one result on a pipe.
+"""The child: hardening right after fork, then its program (or, with programs_per_child > 1, several in
+turn), then one length-prefixed result frame per program on a pipe.
 
 Order matters. Descriptors and the session come first (nothing of the worker's may leak), then resource
-limits, then privileges are dropped, then the irreversible kernel filters (no_new_privs, Landlock,
-seccomp), and only then is the program run, with the audit hook
-installed last so that the hardening itself is not subject to it. (The worker parses, checks and compiles
-the text before forking, see prepare().) Any enabled layer that fails makes the
-child refuse to run the program (fail closed).
+limits, then privileges are dropped, then the irreversible kernel filters (Landlock, seccomp), and only
+then is the program run, with the audit hook installed last so that the hardening itself is not subject
+to it. What a child inherits is set once in the worker: the network namespace, no_new_privs, the working
+directory; the worker also parses, checks and compiles the text before forking (see prepare()). Any
+enabled layer that fails makes the child refuse to run the program (fail closed).
 """
 
 from __future__ import annotations
 
+import _signal
 import ast
+import decimal
+import gc
 import numbers
 import os
 import resource
@@ -40,7 +44,9 @@ EXIT_INTERNAL = 118  # the child failed outside the program (e.g. its result pip
 EXIT_ORPHAN = 119  # the worker died before the child was set up
 RESULT_FD = 3
 LANDLOCK_FD = 4
+RETIRE_PAYLOAD = b""  # a shared child stops early on purpose: the programs it did not run go to a new child
 _DETAIL_CHARS = 300
+_SIGTERM = int(signal.SIGTERM)
 
 
 @dataclass
@@ -65,6 +71,8 @@ class ChildContext:
     landlock_fd: int | None = None
     seccomp: kernel.SeccompProgram | None = None
     steps: list[tuple[str, Callable[[], None]]] | None = None  # the enabled steps, built once in the worker
+    shared: bool = False  # programs_per_child > 1: several programs per child, each under in-child timers
+    decimal_context: decimal.Context = field(default_factory=decimal.Context)  # pristine, for each shared program
 
 
 # ----------------------------------------------------------------------------------------------- hardening
@@ -107,14 +115,12 @@ def _apply_landlock(_ctx: ChildContext) -> None:
 def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
     steps: list[tuple[str, Callable[[], None]]] = [
         ("process_group", os.setsid),
-        ("scratch_dir", lambda: os.chdir(ctx.scratch)),
     ]
     for name, (res, soft, hard) in ctx.rlimits.items():
         steps.append((name, lambda res=res, soft=soft, hard=hard: resource.setrlimit(res, (soft, hard))))
     steps += [
         ("privileges", lambda: _drop_privileges(ctx)),
         ("parent_death_signal", lambda: _set_parent_death_signal(ctx)),
-        ("no_new_privs", lambda: kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)),
         ("landlock", lambda: _apply_landlock(ctx)),
         ("seccomp", lambda: ctx.seccomp.install()),
     ]
@@ -181,19 +187,40 @@ def prepare(ctx: ChildContext, source: str) -> CodeType | dict:
 
 
 def execute(ctx: ChildContext, code: CodeType) -> dict:
-    """Runs a prepared program in the (already hardened) child."""
-    random = sys.modules.get("random")
-    if random is not None:
-        random.seed()  # what os.fork's at-fork hook would do: children must not share one random stream
+    """Runs one prepared program in the (already hardened) child, under the audit hook installed before."""
     output = CappedOutput(ctx.config.max_output_bytes)
     sys.stdout = sys.stderr = output
-    sys.addaudithook(ctx.policy)  # cannot be removed from Python code
+    if ctx.shared:
+        _fresh_state(ctx)
+        _arm_timers(ctx.config.timeout_s, ctx.config.cpu_limit_s)
+    ctx.policy.violation = None  # the policy object is reused by the programs of a shared child
     status, value, detail = _run(ctx, code)
+    if ctx.shared:
+        ctx.importer.forget()  # drops what the program hung on its module proxies, finalisers included...
+        gc.collect()  # ...and its garbage cycles, so that their finalisers run (and count) as this program's
+        _arm_timers(0, 0)
     if ctx.policy.violation is not None:  # also when the program caught the exception
         status, value, detail = Status.FORBIDDEN, None, ctx.policy.violation
     elif output.exceeded:
         status, value, detail = Status.ERROR, None, f"output limit of {ctx.config.max_output_bytes} bytes exceeded"
     return _result(status, value, detail, output.getvalue())
+
+
+def _fresh_state(ctx: ChildContext) -> None:
+    """What one program of a shared child could otherwise leave to the next: module proxies (and attributes
+    set on them), the random stream and its seed, the decimal context."""
+    ctx.importer.forget()
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    decimal.setcontext(ctx.decimal_context.copy())
+
+
+def _arm_timers(wall_s: float, cpu_s: float) -> None:
+    """Per-program limits in a shared child: SIGALRM and SIGPROF keep their default action (terminate), so the
+    kernel ends the child even inside a long C call; the worker then charges the program that was running."""
+    _signal.setitimer(_signal.ITIMER_REAL, wall_s)
+    _signal.setitimer(_signal.ITIMER_PROF, cpu_s)
 
 
 def _run(ctx: ChildContext, code: CodeType) -> tuple[Status, str | None, str]:
@@ -298,19 +325,37 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def child_main(ctx: ChildContext, code: CodeType, result_fd: int) -> NoReturn:
-    """Runs in the forked child; never returns."""
+def frame(payload: bytes) -> bytes:
+    return b"%d:%b" % (len(payload), payload)
+
+
+def split_frames(data: bytes, limit: int) -> list[bytes]:
+    """The complete frames at the start of untrusted `data`, each at most `limit` bytes; stops at the first
+    malformed or incomplete one."""
+    frames, pos = [], 0
+    while pos < len(data):
+        colon = data.find(b":", pos, pos + 12)
+        head = data[pos:colon] if colon >= 0 else b""
+        if not head.isdigit() or int(head) > limit or colon + 1 + int(head) > len(data):
+            break
+        frames.append(data[colon + 1 : colon + 1 + int(head)])
+        pos = colon + 1 + int(head)
+    return frames
+
+
+def child_main(ctx: ChildContext, codes: list[CodeType], result_fd: int) -> NoReturn:
+    """Runs in the forked child; never returns. One frame per program, in order."""
     exit_code = EXIT_INTERNAL
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's handler is not ours
+        _signal.signal(_SIGTERM, _signal.SIG_DFL)  # the worker's handler is not ours (the C function: no enums)
         _setup_fds(ctx, result_fd)
         failures = harden(ctx)
         if failures:
             layer, error = next(iter(failures.items()))
-            result = _result(Status.ERROR, detail=f"sandbox setup failed ({layer}): {error}")
+            failed = encode_result(_result(Status.ERROR, detail=f"sandbox setup failed ({layer}): {error}"))
+            _write_all(RESULT_FD, frame(failed) * len(codes))
         else:
-            result = execute(ctx, code)
-        _write_all(RESULT_FD, encode_result(result))
+            _run_all(ctx, codes)
         exit_code = 0
     except MemoryError:
         exit_code = EXIT_MEMORY
@@ -319,14 +364,35 @@ def child_main(ctx: ChildContext, code: CodeType, result_fd: int) -> NoReturn:
     os._exit(exit_code)
 
 
+def _run_all(ctx: ChildContext, codes: list[CodeType]) -> None:
+    sys.addaudithook(ctx.policy)  # cannot be removed from Python code
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if ctx.shared else 0
+    for n, code in enumerate(codes):
+        result = execute(ctx, code)
+        _write_all(RESULT_FD, frame(encode_result(result)))
+        if ctx.shared and n + 1 < len(codes) and _should_retire(ctx, result, peak):
+            _write_all(RESULT_FD, frame(RETIRE_PAYLOAD))
+            return
+
+
+def _should_retire(ctx: ChildContext, result: dict, peak_kb: int) -> bool:
+    """After a program that hit a limit or the policy, or grew the heap by a quarter of the memory limit, the
+    rest of the chunk gets a fresh child: less of what it did can reach them (leaks, fragmentation, state)."""
+    if result["s"] in (Status.FORBIDDEN.value, Status.MEMORY.value) or "output limit" in result["d"]:
+        return True
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kb
+    return grown_kb > ctx.config.memory_mb * 256
+
+
 def probe_main(ctx: ChildContext, result_fd: int) -> NoReturn:
     """Probe child: tries every layer, reports the ones that fail, then runs a trivial program."""
     code = EXIT_INTERNAL
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _signal.signal(_SIGTERM, _signal.SIG_DFL)
         _setup_fds(ctx, result_fd)
         failures = harden(ctx, probe=True)
         ctx.enabled -= set(failures)
+        sys.addaudithook(ctx.policy)
         result = execute(ctx, compile(f"def {ctx.config.entry}():\n    return 1\n", "<probe>", "exec"))
         _write_all(RESULT_FD, dumps({"failures": failures, "result": result}).encode())
         code = 0

@@ -1,13 +1,15 @@
 """The worker ("zygote"): a clean interpreter that pre-imports the allowed modules, prepares every isolation
-layer once, and forks one short-lived child per program.
+layer once, and forks one short-lived child per program (or per programs_per_child programs).
 
 Started by pool.py as `python -I -B -c <boot>`; speaks JSON lines: the first line on stdin is the setup,
-then one {"i", "src"} task per line; it answers one {"ready", "layers"} line, then one result line per
-task, in order. It never runs untrusted code itself: that happens only in the forked children.
+then one {"c": [[i, src], ...]} chunk of tasks per line; it answers one {"ready", "layers"} line, then one
+{"r": [result, ...]} line per chunk, in order. It never runs untrusted code itself: that happens only in
+the forked children.
 """
 
 from __future__ import annotations
 
+import decimal
 import gc
 import importlib
 import importlib.util
@@ -30,19 +32,22 @@ from reftkit.executor.sandbox import (
     EXIT_INTERNAL,
     EXIT_MEMORY,
     EXIT_ORPHAN,
+    RETIRE_PAYLOAD,
     ChildContext,
     child_main,
     decode_result,
     prepare,
     prepare_steps,
     probe_main,
+    split_frames,
 )
 
 # Imported for the answer classification, and where stdlib code would import them lazily in a child.
 _ALWAYS_PRELOAD = ("fractions", "decimal", "numbers", "json")
 _LAZY_COMPANIONS = {"datetime": ("_strptime",)}
 # Optional kernel layers in the order a child applies them (the probe suspects the latest first).
-_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "no_new_privs", "landlock", "seccomp")
+_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "landlock", "seccomp")
+_SHARED_SLACK_S = 0.1  # per program, on top of timeout_s, before the worker kills a shared child itself
 
 
 def _sympy_warmup() -> None:
@@ -73,6 +78,7 @@ class Zygote:
         self.config = config
         self.layers: dict[str, str] = {"process": f"on: clean interpreter (pid {os.getpid()})"}
         self._raw_fork = False  # until start-up is done and the worker is known to be single-threaded
+        self._children_fd = _children_list()
         self._unshare_network()
         roots = self._preload(preload)
         self.ctx = self._context(scratch, roots)
@@ -125,6 +131,7 @@ class Zygote:
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         return ChildContext(
+            shared=self.config.programs_per_child > 1, decimal_context=decimal.getcontext().copy(),
             max_fd=max_fd if 0 < max_fd < 2**20 else 2**20,
             config=self.config, scratch=scratch, worker_pid=os.getpid(), devnull_fd=devnull,
             read_roots=policy.read_roots, allowed=allowed, importer=importer, policy=policy,
@@ -133,11 +140,12 @@ class Zygote:
 
     def _prepare_kernel_layers(self) -> None:
         ctx = self.ctx
-        ctx.enabled = {"process_group", "scratch_dir"}
+        ctx.enabled = {"process_group"}
+        self._inherited_layers()
         self._prepare_rlimits()
         self._prepare_privileges()
         if kernel.IS_LINUX:
-            ctx.enabled |= {"parent_death_signal", "no_new_privs"}
+            ctx.enabled.add("parent_death_signal")
             try:
                 kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
                 self.layers["stray_reaper"] = "on: worker is a child subreaper"
@@ -145,13 +153,22 @@ class Zygote:
                 self.layers["stray_reaper"] = f"off: {exc.strerror}"
         else:
             self.layers["parent_death_signal"] = "off: Linux only"
-            self.layers["no_new_privs"] = "off: Linux only"
         self._prepare_landlock()
         self._prepare_seccomp()
 
+    def _inherited_layers(self) -> None:
+        """Layers a forked child inherits are applied once, here, rather than in every child."""
+        os.chdir(self.ctx.scratch)
+        self.layers["scratch_dir"] = "on: the working directory, set in the worker"
+        try:
+            kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)  # harmless for the worker: it never executes a file
+            self.layers["no_new_privs"] = "on: set in the worker"
+        except OSError as exc:
+            self.layers["no_new_privs"] = f"off: {exc.strerror or exc}"
+
     def _prepare_rlimits(self) -> None:
         cfg, ctx = self.config, self.ctx
-        cpu = cfg.cpu_limit_s
+        cpu = cfg.cpu_limit_s * cfg.programs_per_child  # a shared child's programs have their own CPU timers
         wanted = {
             "rlimit_core": ("RLIMIT_CORE", 0, 0),
             "rlimit_fsize": ("RLIMIT_FSIZE", 0, 0),  # no file writes even if everything else failed
@@ -257,22 +274,59 @@ class Zygote:
 
     # ----------------------------------------------------------------------------------------- running
 
-    def run(self, source: str) -> dict:
-        started = time.monotonic()
-        code = prepare(self.ctx, source)
-        if isinstance(code, dict):
-            return code  # refused before running: syntax error or forbidden
-        reply = self._fork_and_collect(lambda fd: child_main(self.ctx, code, fd), started + self.config.timeout_s)
-        return _classify(reply, self.config)
+    def run_chunk(self, sources: list[str]) -> list[dict]:
+        """One result per source. Every program is parsed, checked and compiled before the first fork: the
+        worker then writes few pages between forks, each of which would cost a copy-on-write fault."""
+        prepared = [prepare(self.ctx, source) for source in sources]
+        ran = iter(self.run_codes([p for p in prepared if not isinstance(p, dict)]))
+        return [p if isinstance(p, dict) else next(ran) for p in prepared]
 
-    def _fork_and_collect(self, child, deadline: float | None = None) -> dict:
+    def run_codes(self, codes: list) -> list[dict]:
+        """Runs compiled programs, programs_per_child to a child."""
+        size = self.config.programs_per_child
+        results: list[dict] = []
+        for start in range(0, len(codes), size):
+            group = codes[start : start + size]
+            try:
+                results += self._run_group(group)
+            except Exception as exc:  # noqa: BLE001 -- e.g. fork failing (EAGAIN): report, keep serving
+                results += [_res(Status.ERROR, f"executor internal error: {type(exc).__name__}: {exc}")] * len(group)
+        return results
+
+    def _run_group(self, codes: list) -> list[dict]:
+        """One child for `codes`. Each frame it wrote before it ended is its program's result; if it ended
+        abnormally, the program it was running is charged and the ones after it get a child each."""
+        cap = _frame_cap(self.config)
+        limit = self.config.timeout_s + (_SHARED_SLACK_S if self.ctx.shared else 0)
+        deadline = time.monotonic() + len(codes) * limit
+        reply = self._fork_and_collect(lambda fd: child_main(self.ctx, codes, fd), deadline, len(codes) * (cap + 12))
+        frames = split_frames(reply["data"], cap)
+        done = []
+        for data in frames[: len(codes)]:
+            parsed = _parse_child_result(data, self.config)  # None for the (empty) retire frame too
+            if parsed is None:
+                break
+            done.append(parsed)
+        ending = _ending(reply, self.config, self.ctx)
+        if ending is None and len(done) == len(codes):
+            return done
+        if ending is None and done and frames[len(done) : len(done) + 1] == [RETIRE_PAYLOAD]:
+            return done + self.run_codes(codes[len(done) :])
+        culprit = min(len(done), len(codes) - 1)
+        charged = ending or _res(Status.ERROR, "no result (malformed or missing)")
+        return done[:culprit] + [charged] + [r for code in codes[culprit + 1 :] for r in self._run_group([code])]
+
+    def _fork_and_collect(self, child, deadline: float | None = None, cap: int | None = None) -> dict:
         """Forks `child(write_fd)`; collects its output until it exits, the deadline passes or the output
         cap is hit (then kills its process group). Returns data, why it stopped, exit status, CPU time."""
         if deadline is None:
             deadline = time.monotonic() + self.config.startup_timeout_s
-        cap = 12 * self.config.max_output_bytes + 65536  # the child's capped answer + output as UTF-8, plus slack
+        cap = cap or _frame_cap(self.config)
         read_fd, write_fd = os.pipe()
         roomy = _grow_pipe(write_fd, cap)
+        random = sys.modules.get("random")
+        if random is not None:
+            random.seed()  # here, not in the child: children must not share a random stream (os.fork would reseed)
         try:
             pid = kernel.fork(self._raw_fork)
         except OSError:
@@ -290,7 +344,7 @@ class Zygote:
             os.close(read_fd)
         _, status, usage = os.wait4(pid, 0)
         _current_child[0] = None
-        _reap_strays()
+        _reap_strays(self._children_fd)
         return {"data": data, "why": why, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
 
     def serve(self) -> None:
@@ -299,13 +353,9 @@ class Zygote:
             line = stdin.readline()
             if not line:
                 return  # the trainer closed the pipe (or died): leave
-            task = json.loads(line)
-            try:
-                result = self.run(task["src"])
-            except Exception as exc:  # noqa: BLE001 -- e.g. fork failing (EAGAIN): report, keep serving
-                result = _res(Status.ERROR, f"executor internal error: {type(exc).__name__}: {exc}")
-            result["i"] = task["i"]
-            _send(result)
+            tasks = json.loads(line)["c"]
+            results = self.run_chunk([source for _, source in tasks])
+            _send({"r": [dict(result, i=i) for (i, _), result in zip(tasks, results, strict=True)]})
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -416,12 +466,11 @@ def _kill(pid: int) -> None:
             pass
 
 
-def _reap_strays() -> None:
+def _reap_strays(children_fd: int | None) -> None:
     """Kills and reaps any process the child left behind: the worker is their subreaper, so orphans land
     here. Only reachable if fork was possible despite RLIMIT_NPROC, seccomp and the audit hook."""
     try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            strays = [int(p) for p in f.read().split()]
+        strays = [int(p) for p in os.pread(children_fd, 65536, 0).split()] if children_fd is not None else []
     except OSError:
         strays = []
     for pid in strays:
@@ -435,28 +484,43 @@ def _reap_strays() -> None:
             return
 
 
-def _classify(reply: dict, config: ExecutorConfig) -> dict:
-    """Turns how the child ended into a result dict (status, value, detail, output)."""
+def _children_list() -> int | None:
+    """A descriptor on the worker's list of children, re-read from offset 0 after each child (cheaper than
+    opening it each time); None where there is no such file."""
+    try:
+        return os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _frame_cap(config: ExecutorConfig) -> int:
+    return 12 * config.max_output_bytes + 65536  # one capped answer + output as UTF-8, plus slack
+
+
+def _ending(reply: dict, config: ExecutorConfig, ctx: ChildContext) -> dict | None:
+    """The result of the program a child was running when it ended abnormally; None if it exited normally."""
     why, status = reply["why"], reply["status"]
     if why == "timeout":
         return _res(Status.TIMEOUT, f"wall-clock limit of {config.timeout_s:g} s exceeded")
     if why == "output":
         return _res(Status.ERROR, "output limit exceeded")
     if os.WIFSIGNALED(status):
-        return _signalled(os.WTERMSIG(status), reply["cpu"], config)
+        cpu_rlimit = ctx.rlimits.get("rlimit_cpu", (0, config.cpu_limit_s, 0))[1]
+        return _signalled(os.WTERMSIG(status), reply["cpu"] >= cpu_rlimit, config)
     code = os.WEXITSTATUS(status)
     if code == EXIT_MEMORY:
         return _res(Status.MEMORY, "MemoryError")
-    parsed = _parse_child_result(reply["data"], config) if code == 0 else None
-    if parsed is None:
+    if code != 0:
         why = {EXIT_INTERNAL: "the sandbox failed", EXIT_ORPHAN: "the worker died"}.get(code, f"exit code {code}")
         return _res(Status.ERROR, f"no result ({why})")
-    return parsed
+    return None
 
 
-def _signalled(sig: int, cpu: float, config: ExecutorConfig) -> dict:
+def _signalled(sig: int, cpu_spent: bool, config: ExecutorConfig) -> dict:
     name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= config.cpu_limit_s):
+    if sig == signal.SIGALRM:  # a shared child's per-program wall-clock timer
+        return _res(Status.TIMEOUT, f"wall-clock limit of {config.timeout_s:g} s exceeded")
+    if sig in (signal.SIGXCPU, signal.SIGPROF) or (sig == signal.SIGKILL and cpu_spent):
         return _res(Status.TIMEOUT, f"CPU limit of {config.cpu_limit_s} s exceeded")
     if sig == signal.SIGKILL:
         return _res(Status.MEMORY, "killed by SIGKILL (out of memory)")

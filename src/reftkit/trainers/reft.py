@@ -12,21 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reftkit import ppo
 from reftkit.answers import reward_from_grade
+from reftkit.batching import shuffled_loader
 from reftkit.config import ReFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
-from reftkit.model import PolicyWithValueHead, lm_response_logprobs, load_causal_lm, load_tokenizer
-from reftkit.model import response_slice, token_logprobs
+from reftkit.lora import reference_lm
+from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, lm_response_logprobs, load_causal_lm
+from reftkit.model import load_tokenizer, response_slice, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.training import (
-    Metrics, Progress, epoch_batches, load_examples_for, loader_generator, make_accelerator, make_optimizer,
+    training_examples,
+    Metrics, Progress, epoch_batches, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
     resume_from, save_checkpoint, save_step_checkpoint,
 )
 
@@ -76,7 +78,8 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
 
     old_logprobs, old_values = policy_outputs(policy, out.sequences, out.attention_mask, out.prompt_len,
                                               cfg.temperature)
-    ref_logprobs = lm_response_logprobs(ref_lm, out.sequences, out.attention_mask, out.prompt_len, cfg.temperature)
+    with reference_lm(accelerator.unwrap_model(policy).lm, ref_lm) as ref:
+        ref_logprobs = lm_response_logprobs(ref, out.sequences, out.attention_mask, out.prompt_len, cfg.temperature)
     mask = out.response_mask
     rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_beta)
     advantages, returns = ppo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -104,7 +107,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
         for start in range(0, n, cfg.mini_batch_size):
             idx = order[start : start + cfg.mini_batch_size]
             mask = batch.mask[idx]
-            with accelerator.autocast():
+            with accelerator.autocast(), checkpointing_in_eval_mode(policy):
                 logprobs, values = policy_outputs(policy, batch.sequences[idx], batch.attention_mask[idx],
                                                   batch.prompt_len, cfg.temperature)
             pg_loss, clip_frac = ppo.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask,
@@ -129,16 +132,20 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
 
 def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
-    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+    train = training_examples(train, cfg)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     tokenizer = load_tokenizer(cfg.model)
-    policy = PolicyWithValueHead(load_causal_lm(cfg.model))
+    policy = PolicyWithValueHead(prepare_lm_for_training(load_causal_lm(cfg.model), cfg))
     policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
-    ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
+    ref_lm = None  # with LoRA the reference is the policy with its adapters off: no second copy
+    if not cfg.lora_r or cfg.ref_model not in (None, cfg.model):
+        ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
 
-    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True,
-                        generator=loader_generator(cfg.seed))
+    def prompt_lengths() -> list[int]:
+        return [len(encode_prompt(tokenizer, ex, cfg.max_prompt_tokens, cfg.cot)) for ex in train]
+
+    loader = shuffled_loader(list(range(len(train))), prompt_lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
     updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
     batches_per_epoch = -(-len(loader) // accelerator.num_processes)
     groups = [{"params": policy.lm.parameters()},

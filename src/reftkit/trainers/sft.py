@@ -7,17 +7,18 @@ import math
 from functools import partial
 from pathlib import Path
 
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reftkit.batching import shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
 from reftkit.prompts import collate_sft, encode_sft
 from reftkit.training import (
-    Metrics, Progress, epoch_batches, load_examples_for, load_model_and_tokenizer, loader_generator, make_accelerator,
-    make_optimizer, resume_from, save_checkpoint, save_step_checkpoint,
+    training_examples,
+    Metrics, Progress, epoch_batches, load_examples_for, load_model_and_tokenizer, make_accelerator,
+    make_optimizer, prepare_lm_for_training, resume_from, save_checkpoint, save_step_checkpoint,
 )
 
 log = logging.getLogger("reftkit")
@@ -35,18 +36,19 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
 
 def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
-    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+    train = training_examples(train, cfg)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
+    model = prepare_lm_for_training(model, cfg)
 
     features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     truncated = sum(f.truncated for f in features)
     if truncated:
         log.warning("%d of %d training examples exceed max_length=%d and were truncated", truncated,
                     len(features), cfg.max_length)
-    loader = DataLoader(features, batch_size=cfg.batch_size, shuffle=True, generator=loader_generator(cfg.seed),
-                        collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
+    loader = shuffled_loader(features, lambda: [len(f.input_ids) for f in features], cfg.batch_size, cfg.seed,
+                             cfg.group_by_length, collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -63,7 +65,7 @@ def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Examp
     for epoch in range(progress.epoch, cfg.epochs):
         for i, batch in epoch_batches(accelerator, loader, progress, epoch):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(**batch, use_cache=False).loss  # no KV cache in training (nor with checkpointing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

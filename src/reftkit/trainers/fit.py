@@ -1,0 +1,63 @@
+"""The supervised loop shared by SFT and the reranker: batches -> loss -> step, with checkpoints,
+--resume, metrics and a per-epoch hook. Methods with rollouts (ReFT, Online-ST) own their loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from reftkit.config import TrainConfig
+from reftkit.training import Metrics, Progress, epoch_batches, resume_from, save_checkpoint, save_step_checkpoint
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]  # (loss, extra metrics)
+
+
+def _identity(model):
+    return model
+
+
+def fit(
+    accelerator: Accelerator, cfg: TrainConfig, model, tokenizer, loader, optimizer, scheduler, loss_fn: LossFn, *,
+    name: str, steps_per_epoch: int, after_epoch: Callable[[int, Progress, Metrics], None] | None = None,
+    lm_of=_identity,
+) -> Path:
+    """Runs cfg.epochs over `loader` (all already `accelerator.prepare`d); returns the final model dir."""
+    accelerator.register_for_checkpointing(scheduler)
+    progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
+    metrics = Metrics(accelerator, cfg, name)
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc=name,
+               disable=not (cfg.progress and accelerator.is_main_process))
+    model.train()
+    for epoch in range(progress.epoch, cfg.epochs):
+        for i, batch in epoch_batches(accelerator, loader, progress, epoch):
+            with accelerator.accumulate(model):
+                loss, extra = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress.step += 1
+            progress.epoch, progress.batch_in_epoch = epoch, i + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(), **extra,
+                         "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, progress)
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        if after_epoch is not None:
+            after_epoch(epoch, progress, metrics)
+        save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, progress)
+    bar.close()
+    final = save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
+                            cfg.model_dump(mode="json"))
+    metrics.close()
+    return final

@@ -1,0 +1,33 @@
+"""Offline self-training (the paper's baseline): sample k responses per training question from the
+warm-up model once, keep the correct ones (deduplicated per question), then SFT from the warm-up
+on them together with the original data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from reftkit.config import OfflineSTConfig
+from reftkit.cot import open_grader
+from reftkit.data.records import Example
+from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.sampling import correct_examples, draw_samples, read_samples
+from reftkit.trainers.sft import train_sft
+from reftkit.training import make_accelerator, training_examples
+
+log = logging.getLogger("reftkit")
+
+
+def train_offline_st(cfg: OfflineSTConfig, train: list[Example] | None = None,
+                     eval_set: list[Example] | None = None) -> Path:
+    train = training_examples(train, cfg)
+    if cfg.samples_file:
+        rows = read_samples(Path(cfg.samples_file), train)
+    else:
+        with open_grader(cfg) as grader:
+            rows = draw_samples(make_accelerator(cfg), load_causal_lm(cfg.model), load_tokenizer(cfg.model), train,
+                                grader, cfg)
+    extra = correct_examples(rows, train, cfg.cot)
+    log.info("offline self-training: %d correct distinct samples of %d, on %d questions, added to %d examples",
+             len(extra), len(rows), len({e.id for e in extra}), len(train))
+    return train_sft(cfg, train + extra, eval_set)

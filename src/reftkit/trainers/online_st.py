@@ -1,0 +1,87 @@
+"""Online self-training (the paper's baseline): each batch, sample from the current policy, keep
+the correct samples, and take one SFT step on them mixed with the batch's reference CoTs.
+
+The loss is (1 - w) * mean token NLL over the reference CoTs + w * mean token NLL over the correct
+samples (w = self_weight, the paper's 50/50); a batch without a correct sample trains on the
+references alone. One forward and backward per batch on every process keeps DDP in step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from reftkit.config import OnlineSTConfig
+from reftkit.cot import open_grader
+from reftkit.data.records import Example
+from reftkit.evaluate import decode_and_grade, evaluate_run
+from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft
+from reftkit.sampling import correct_examples
+from reftkit.trainers.fit import fit
+from reftkit.training import (
+    load_examples_for, load_model_and_tokenizer, loader_generator, make_accelerator, make_optimizer, training_examples,
+)
+
+log = logging.getLogger("reftkit")
+
+
+def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
+    """(1 - w) * mean NLL of reference tokens + w * mean NLL of own-sample tokens.
+
+    logits [B, L, V], labels [B, L] (IGNORE_INDEX off the response), is_own [B] bool."""
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:],
+                                            ignore_index=IGNORE_INDEX, reduction="none")  # [B, L-1]
+    tokens = (labels[:, 1:] != IGNORE_INDEX).float()
+    own = is_own.float().unsqueeze(1) * tokens
+    ref = tokens - own
+    w = self_weight if own.sum() > 0 else 0.0
+    return (1 - w) * (nll * ref).sum() / ref.sum().clamp(min=1) + w * (nll * own).sum() / own.sum().clamp(min=1)
+
+
+def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
+                    eval_set: list[Example] | None = None) -> Path:
+    with open_grader(cfg) as grader:
+        return _train_online_st(cfg, train, eval_set, grader)
+
+
+def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set: list[Example] | None,
+                     grader) -> Path:
+    accelerator = make_accelerator(cfg)
+    train = training_examples(train, cfg)
+    if eval_set is None and cfg.eval_file:
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
+    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
+    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True,
+                        generator=loader_generator(cfg.seed))
+    steps_per_epoch = -(-len(loader) // accelerator.num_processes)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    sampling = cfg.sampling(cfg.max_length - cfg.max_prompt_tokens)
+
+    def loss_fn(model, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        questions = [train[j] for j in indices.tolist()]
+        rows = decode_and_grade(accelerator, accelerator.unwrap_model(model), tokenizer, questions, grader, sampling,
+                                num_samples=cfg.num_samples, batch_size=len(questions) * cfg.num_samples,
+                                max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
+        own = correct_examples(rows, questions, cfg.cot)
+        features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in questions + own]
+        batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
+        is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own)],
+                                                device=accelerator.device, dtype=torch.float), "sum")
+        return mixed_nll(logits, batch["labels"], is_own, cfg.self_weight), {
+            "train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())}
+
+    def after_epoch(epoch: int, progress, metrics) -> None:
+        if eval_set:
+            acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
+                               cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
+            metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
+
+    return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, loss_fn, name="online_st",
+               steps_per_epoch=steps_per_epoch, after_epoch=after_epoch)

@@ -1,0 +1,54 @@
+"""Inference over k samples per question: majority voting, pass@k and reranking. Pure functions.
+
+Rules (each tested in tests/test_voting.py):
+
+* Only samples with an extracted answer vote; a question where none has one gets no answer (wrong).
+* Numeric answers are grouped with the reward's tolerance: a sample joins the first group (in
+  sample order) whose first member is within `tol` of it, else it opens a new group. Grouping
+  against a fixed representative keeps groups from drifting (a chain 1.00, 1.01, 1.02 is two
+  groups, not one). Option letters group by equality, ignoring case.
+* The largest group wins; a tie goes to the group whose first member came first in sample order.
+  Sample order is the order of generation, so the rule is deterministic and needs no RNG.
+* The vote's answer is the winning group's first member: its correctness is that sample's.
+* pass@k: some sample is correct. rerank@k: the highest-scored sample; ties go to the earliest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reftkit.answers import same_answer
+
+
+def answer_groups(answers: Sequence[str | None], tol: float = 1e-2, multiple_choice: bool = False) -> list[list[int]]:
+    """Indices of the samples in each answer group, groups in order of their first member."""
+    groups: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        home = next((g for g in groups if same_answer(answers[g[0]], answer, tol, multiple_choice)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return groups
+
+
+def majority_vote(answers: Sequence[str | None], tol: float = 1e-2, multiple_choice: bool = False) -> int | None:
+    """Index of the sample whose answer wins the vote, or None when no sample has an answer."""
+    groups = answer_groups(answers, tol, multiple_choice)
+    if not groups:
+        return None
+    # max() keeps the first of equal keys, and groups are ordered by first appearance: the tie rule.
+    return max(groups, key=len)[0]
+
+
+def rerank(scores: Sequence[float]) -> int | None:
+    """Index of the highest-scored sample (earliest on ties), or None for no samples."""
+    if not scores:
+        return None
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def pass_at_k(correct: Sequence[bool]) -> bool:
+    return any(correct)
