@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
 from conftest import LENGTHS
+from reftkit import training as training_module
 from reftkit.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.trainers import sft as sft_module
@@ -131,7 +132,7 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
             raise KeyboardInterrupt
         count["n"] += 1
 
-    monkeypatch.setattr(sft_module.Metrics, "log", dying_log)
+    monkeypatch.setattr(training_module.Metrics, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         train_sft(sft_config(tmp_path / "cut", tiny_checkpoint), train)
     monkeypatch.undo()

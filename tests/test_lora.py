@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from conftest import LENGTHS
+from reftkit import training as training_module
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.lora import add_lora, lora_layers, merged_state_dict, reference_lm
 from reftkit.model import (
@@ -210,7 +211,7 @@ def test_sft_with_lora_resumes_exactly(tmp_path, splits, tiny_checkpoint, monkey
                          gradient_checkpointing=True, **LENGTHS, **kw)
 
     full = sft_module.train_sft(cfg(tmp_path / "full"), splits[0])
-    real_log, count = sft_module.Metrics.log, {"n": 0}
+    real_log, count = training_module.Metrics.log, {"n": 0}
 
     def dying_log(self, record, step):
         if count["n"] == 4:  # 3 steps per epoch: dies in epoch 2
@@ -218,7 +219,7 @@ def test_sft_with_lora_resumes_exactly(tmp_path, splits, tiny_checkpoint, monkey
         count["n"] += 1
         real_log(self, record, step)
 
-    monkeypatch.setattr(sft_module.Metrics, "log", dying_log)
+    monkeypatch.setattr(training_module.Metrics, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         sft_module.train_sft(cfg(tmp_path / "cut"), splits[0])
     monkeypatch.undo()

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import LENGTHS
+from reftkit import training as training_module
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
-from reftkit.trainers import sft as sft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
 from reftkit.training import latest_checkpoint
@@ -102,7 +102,7 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
     full = train_sft(sft_config(tmp_path / "full", tiny_checkpoint, save_every=1), train)
     # 3 steps per epoch: die after logging step 5, i.e. in epoch 2 with one batch of it consumed
     # and checkpointed (checkpoint-4): resume must skip exactly that batch of the same shuffle.
-    interrupt_after(monkeypatch, sft_module.Metrics, "log", calls=4)
+    interrupt_after(monkeypatch, training_module.Metrics, "log", calls=4)
     with pytest.raises(Interrupt):
         train_sft(sft_config(tmp_path / "cut", tiny_checkpoint, save_every=1), train)
     monkeypatch.undo()

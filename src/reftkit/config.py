@@ -185,6 +185,12 @@ class RerankerConfig(TrainConfig, SamplesInput):
     epochs: int = Field(2, gt=0, description="passes over the samples")
     batch_size: int = Field(16, gt=0, description="samples per process per batch")
 
+    @model_validator(mode="after")
+    def _no_lora(self):
+        if self.lora_r:
+            raise ValueError("lora_r: LoRA is not supported for the reranker (its fresh score head must train fully)")
+        return self
+
 
 MethodName = Literal["sft", "offline_st", "online_st", "reft"]
 # Stage sections of `reftkit reproduce` and the config each one validates into.

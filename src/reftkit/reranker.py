@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
+from reftkit.batching import shuffled_loader
 from reftkit.config import RerankerConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from reftkit.prompts import pad_right, prompt_text
 from reftkit.sampling import draw_samples, read_samples
 from reftkit.trainers.fit import fit
-from reftkit.training import loader_generator, make_accelerator, make_optimizer, training_examples
+from reftkit.training import make_accelerator, make_optimizer, training_examples
 
 
 def reranker_text(example: Example, output: str) -> str:
@@ -88,8 +88,10 @@ def train_reranker(cfg: RerankerConfig, train: list[Example] | None = None) -> P
     weight = pos_weight(labels)
 
     model = new_reranker(cfg.model, tokenizer.pad_token_id)
-    loader = DataLoader(features, batch_size=cfg.batch_size, shuffle=True, generator=loader_generator(cfg.seed),
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    loader = shuffled_loader(features, lambda: [len(f[0]) for f in features], cfg.batch_size, cfg.seed,
+                             cfg.group_by_length, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

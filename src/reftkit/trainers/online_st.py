@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
+from reftkit.batching import shuffled_loader
 from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
@@ -22,7 +22,8 @@ from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft
 from reftkit.sampling import correct_examples
 from reftkit.trainers.fit import fit
 from reftkit.training import (
-    load_examples_for, load_model_and_tokenizer, loader_generator, make_accelerator, make_optimizer, training_examples,
+    load_examples_for, load_model_and_tokenizer, make_accelerator, make_optimizer,
+    prepare_lm_for_training, training_examples,
 )
 
 log = logging.getLogger("reftkit")
@@ -54,8 +55,10 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
-    loader = DataLoader(list(range(len(train))), batch_size=cfg.batch_size, shuffle=True,
-                        generator=loader_generator(cfg.seed))
+    model = prepare_lm_for_training(model, cfg)
+    references = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
+    loader = shuffled_loader(list(range(len(train))), lambda: [len(f.input_ids) for f in references], cfg.batch_size,
+                             cfg.seed, cfg.group_by_length)
     steps_per_epoch = -(-len(loader) // accelerator.num_processes)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -67,11 +70,12 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
                                 num_samples=cfg.num_samples, batch_size=len(questions) * cfg.num_samples,
                                 max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
         own = correct_examples(rows, questions, cfg.cot)
-        features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in questions + own]
+        features = [references[j] for j in indices.tolist()]
+        features += [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in own]
         batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
         is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own)],
                                                 device=accelerator.device, dtype=torch.float), "sum")
         return mixed_nll(logits, batch["labels"], is_own, cfg.self_weight), {

@@ -27,9 +27,8 @@ from reftkit.model import load_tokenizer, response_slice, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.training import (
-    training_examples,
     Metrics, Progress, epoch_batches, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
-    resume_from, save_checkpoint, save_step_checkpoint,
+    resume_from, save_checkpoint, save_step_checkpoint, training_examples,
 )
 
 log = logging.getLogger("reftkit")
