@@ -203,5 +203,5 @@ def test_reproduce_config_errors_name_the_stage_and_key():
     with pytest.raises(ValueError, match="demo makes its own data"):
         ReproduceConfig(demo=True, model="gpt2")
     demo = ReproduceConfig(demo=True)
-    assert demo.stage("reft").max_train_examples == 800 and demo.stage("eval").num_samples == 16
+    assert demo.stage("reft").max_train_examples == 800 and demo.stage("eval").num_samples == 8
     assert demo.stage("warmup").model == "tiny" and demo.stage("warmup").max_length == 176

@@ -217,7 +217,7 @@ def demo_stage_options(d: DemoConfig) -> dict[str, dict]:
         "train_samples": {"num_samples": 8, "max_eval_examples": d.reft_questions},
         "offline_st": {"epochs": d.sft_extra_epochs, **sft},
         "reranker": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "warmup_ratio": 0.05},
-        "eval": {"num_samples": 16},
+        "eval": {"num_samples": 8},
     }
 
 

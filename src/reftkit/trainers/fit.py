@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from reftkit.config import TrainConfig
-from reftkit.training import Metrics, Progress, epoch_batches, resume_from, save_checkpoint, save_step_checkpoint
+from reftkit.data.records import Example
+from reftkit.evaluate import evaluate_run
+from reftkit.training import (
+    Metrics, Progress, epoch_batches, load_examples_for, load_model_and_tokenizer, make_accelerator,
+    prepare_lm_for_training, resume_from, save_checkpoint, save_step_checkpoint, training_examples,
+)
+
+log = logging.getLogger("reftkit")
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]  # (loss, extra metrics)
 
@@ -61,3 +69,26 @@ def fit(
                             cfg.model_dump(mode="json"))
     metrics.close()
     return final
+
+
+def start_lm_run(cfg: TrainConfig, train: list[Example] | None, eval_set: list[Example] | None):
+    """(accelerator, train, eval_set, model, tokenizer) of a run that fine-tunes a causal LM, with
+    the configured LoRA / gradient checkpointing applied."""
+    accelerator = make_accelerator(cfg)
+    train = training_examples(train, cfg)
+    if eval_set is None and cfg.eval_file:
+        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
+    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
+    return accelerator, train, eval_set, prepare_lm_for_training(model, cfg), tokenizer
+
+
+def greedy_eval_hook(accelerator, model, tokenizer, eval_set: list[Example] | None, grader, cfg):
+    """An `after_epoch` hook: greedy accuracy on eval_set, logged and kept as predictions-epochN.jsonl."""
+    def after_epoch(epoch: int, progress: Progress, metrics: Metrics) -> None:
+        if not eval_set:
+            return
+        acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
+                           cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
+        metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
+        log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
+    return after_epoch

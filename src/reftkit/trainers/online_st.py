@@ -17,13 +17,12 @@ from reftkit.batching import shuffled_loader
 from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade, evaluate_run
+from reftkit.evaluate import decode_and_grade
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft
 from reftkit.sampling import correct_examples
-from reftkit.trainers.fit import fit
+from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run
 from reftkit.training import (
-    load_examples_for, load_model_and_tokenizer, make_accelerator, make_optimizer,
-    prepare_lm_for_training, training_examples,
+    make_optimizer,
 )
 
 log = logging.getLogger("reftkit")
@@ -50,12 +49,7 @@ def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
 
 def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set: list[Example] | None,
                      grader) -> Path:
-    accelerator = make_accelerator(cfg)
-    train = training_examples(train, cfg)
-    if eval_set is None and cfg.eval_file:
-        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
-    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
-    model = prepare_lm_for_training(model, cfg)
+    accelerator, train, eval_set, model, tokenizer = start_lm_run(cfg, train, eval_set)
     references = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     loader = shuffled_loader(list(range(len(train))), lambda: [len(f.input_ids) for f in references], cfg.batch_size,
                              cfg.seed, cfg.group_by_length)
@@ -81,11 +75,6 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
         return mixed_nll(logits, batch["labels"], is_own, cfg.self_weight), {
             "train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())}
 
-    def after_epoch(epoch: int, progress, metrics) -> None:
-        if eval_set:
-            acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
-                               cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
-            metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
-
     return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, loss_fn, name="online_st",
-               steps_per_epoch=steps_per_epoch, after_epoch=after_epoch)
+               steps_per_epoch=steps_per_epoch,
+               after_epoch=greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg))

@@ -11,12 +11,10 @@ from reftkit.batching import shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.evaluate import evaluate_run
 from reftkit.prompts import collate_sft, encode_sft
-from reftkit.trainers.fit import fit
+from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run
 from reftkit.training import (
-    load_examples_for, load_model_and_tokenizer, make_accelerator, make_optimizer, prepare_lm_for_training,
-    training_examples,
+    make_optimizer,
 )
 
 log = logging.getLogger("reftkit")
@@ -29,13 +27,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
 
 
 def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
-    accelerator = make_accelerator(cfg)
-    train = training_examples(train, cfg)
-    if eval_set is None and cfg.eval_file:
-        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
-    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
-    model = prepare_lm_for_training(model, cfg)
-
+    accelerator, train, eval_set, model, tokenizer = start_lm_run(cfg, train, eval_set)
     features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     truncated = sum(f.truncated for f in features)
     if truncated:
@@ -47,13 +39,8 @@ def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Examp
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    def after_epoch(epoch: int, progress, metrics) -> None:
-        if eval_set and cfg.eval_every_epoch:
-            acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
-                               cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
-            metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
-            log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
-
+    after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set if cfg.eval_every_epoch else None, grader,
+                                   cfg)
     return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, lm_loss, name="sft",
                steps_per_epoch=steps_per_epoch, after_epoch=after_epoch)
 
