@@ -216,7 +216,7 @@ def demo_stage_options(d: DemoConfig) -> dict[str, dict]:
         "online_st": {**online, "lr": d.sft_continue_lr},
         "train_samples": {"num_samples": 8, "max_eval_examples": d.reft_questions},
         "offline_st": {"epochs": d.sft_extra_epochs, **sft},
-        "reranker": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "warmup_ratio": 0.05},
+        "reranker": {"epochs": 4, "lr": 3e-4, "batch_size": 32, "warmup_ratio": 0.05},  # experiments/reranker_dev.py
         "eval": {"num_samples": 8},
     }
 
