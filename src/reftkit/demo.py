@@ -32,6 +32,7 @@ def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the three stages and prints (and returns) test accuracy and wall-clock per stage."""
+    from reftkit.evaluate import write_examples
     from reftkit.evaluate_cli import run_eval
     from reftkit.config import EvalConfig
 
@@ -39,9 +40,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     warmup, sft, reft = demo_configs(cfg)
     test_file = Path(cfg.output_dir) / "test.jsonl"
     if process_state().is_main_process:
-        test_file.parent.mkdir(parents=True, exist_ok=True)
-        test_file.write_text("".join(json.dumps({"item_id": e.id, "question": e.question, "answer_cot": e.cot,
-                                                 "answer_value": e.answer}) + "\n" for e in test))
+        write_examples(test_file, test)
     process_state().wait_for_everyone()
 
     results: dict[str, dict] = {}

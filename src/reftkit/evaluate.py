@@ -75,6 +75,20 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     tmp.replace(path)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Writes via a temporary file and a rename: a stage's marker file is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def write_examples(path: Path, examples: Iterable[Example]) -> None:
+    """Examples as a reft-format JSONL file (what `--data_format reft` reads back)."""
+    write_jsonl(path, ({"item_id": e.id, "question": e.question, "answer_cot": e.cot, "answer_value": e.answer}
+                       for e in examples))
+
+
 def evaluate(
     accelerator: Accelerator,
     lm: PreTrainedModel,

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from reftkit.config import CommonConfig, DemoConfig, EvalConfig, ReproduceConfig
 from reftkit.report import plot_accuracy, plot_curves, results_table
-from reftkit.sampling import RESULTS_FILE
+from reftkit.evaluate import write_examples, write_json
+from reftkit.sampling import RESULTS_FILE, run_sample
 from reftkit.training import STATE_FILE, latest_checkpoint, process_state
 
 log = logging.getLogger("reftkit")
@@ -34,10 +35,7 @@ STAGE_FILE = "stage.json"  # wall-clock seconds of a finished stage
 
 def _write_json(path: Path, data: dict) -> None:
     if process_state().is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        write_json(path, data)
     process_state().wait_for_everyone()
 
 
@@ -62,8 +60,6 @@ def train_stage(cfg: ReproduceConfig, name: str, train_fn: Callable, **fixed) ->
 
 def sample_stage(cfg: ReproduceConfig, name: str, directory: Path, **fixed) -> Path:
     """`reftkit sample` as a stage; done when its results.json exists."""
-    from reftkit.sampling import run_sample
-
     stage_cfg = cfg.stage(name, output_dir=directory, **fixed)
     if not (directory / RESULTS_FILE).exists():
         log.info("stage %s: sampling into %s", name, directory)
@@ -108,10 +104,7 @@ def write_demo_data(cfg: ReproduceConfig) -> tuple[str, str]:
     for split, examples in (("train", train), ("test", test)):
         path = cfg.output_dir / "data" / f"{split}.jsonl"
         if process_state().is_main_process and not path.exists():
-            from reftkit.evaluate import write_jsonl
-
-            write_jsonl(path, ({"item_id": e.id, "question": e.question, "answer_cot": e.cot, "answer_value": e.answer}
-                               for e in examples))
+            write_examples(path, examples)
         paths.append(str(path))
     process_state().wait_for_everyone()
     return paths[0], paths[1]

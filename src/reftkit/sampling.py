@@ -18,7 +18,7 @@ from reftkit.config import SampleConfig
 from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade, write_jsonl
+from reftkit.evaluate import decode_and_grade, write_json, write_jsonl
 from reftkit.voting import majority_vote, pass_at_k, rerank
 
 log = logging.getLogger("reftkit")
@@ -72,7 +72,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     summary = summarize(rows, examples)
     if accelerator.is_main_process:
         write_jsonl(cfg.output_dir / SAMPLES_FILE, rows)
-        (cfg.output_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        write_json(cfg.output_dir / RESULTS_FILE, summary)
     accelerator.wait_for_everyone()
     log.info("%s", summary)
     return summary
