@@ -63,3 +63,11 @@ def test_program_grader_runs_the_programs_in_the_sandbox():
                                                           (None, False), (None, False)]
     assert wrong[1].detail.startswith("wrong_type") and wrong[2].detail.startswith("forbidden")
     assert wrong[3].detail.startswith("error")
+
+
+@pytest.mark.parametrize("cot", ["natural", "program"])
+def test_few_shot_prompt_puts_whole_worked_examples_first(cot):
+    train, test = make_splits(4, 1, seed=3, cot=cot)
+    prompt = prompt_text(test[0], cot, shots=train[:2])
+    demos = "".join(prompt_text(s, cot) + response_text(s, cot) + "\n\n" for s in train[:2])
+    assert prompt == demos + prompt_text(test[0], cot)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from conftest import LENGTHS
-from reftkit.config import OfflineSTConfig, OnlineSTConfig, RerankerConfig, ReproduceConfig
+from reftkit.config import EvalConfig, OfflineSTConfig, OnlineSTConfig, RerankerConfig, ReproduceConfig
 from reftkit.cot import program_header, response_text
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
@@ -205,3 +205,21 @@ def test_reproduce_config_errors_name_the_stage_and_key():
     demo = ReproduceConfig(demo=True)
     assert demo.stage("reft").max_train_examples == 800 and demo.stage("eval").num_samples == 8
     assert demo.stage("warmup").model == "tiny" and demo.stage("warmup").max_length == 176
+
+
+def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_question(warm_checkpoint, splits, tmp_path):
+    from reftkit.evaluate import write_examples
+    from reftkit.evaluate_cli import run_eval
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    write_examples(train, splits[0])
+    write_examples(test, splits[1][:6])
+    cfg = EvalConfig(model=str(warm_checkpoint), train_file=str(train), eval_file=str(test), few_shot=2,
+                     output_dir=tmp_path / "out", data_format="reft", max_prompt_tokens=200, max_length=240,
+                     progress=False)
+    acc = run_eval(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and acc == sum(r["correct"] for r in rows) / 6
+    assert not any("Question:" in r["output"] for r in rows)
+    with pytest.raises(ValueError, match="few_shot: the worked examples come from train_file"):
+        EvalConfig(few_shot=2, eval_file=str(test))

@@ -54,3 +54,15 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_checkpoint, splits):
     greedy = Sampling(do_sample=False, max_new_tokens=16)
     batched = generate(lm, tok, prompts, greedy).texts
     assert batched == [generate(lm, tok, [p], greedy).texts[0] for p in prompts]
+
+
+def test_generation_ends_before_a_stop_string(warm_checkpoint, splits):
+    lm, tok = load_causal_lm(str(warm_checkpoint)), load_tokenizer(str(warm_checkpoint))
+    prompt = encode_prompt(tok, splits[1][0], 64)
+    free = generate(lm, tok, [prompt], Sampling(do_sample=False, max_new_tokens=24))
+    text = free.texts[0]
+    stop = "\nTherefore"  # a multi-token stop string, as few-shot prompting's "\nQuestion:"
+    assert stop in text.strip(), f"the warm-up model should write its answer line: {text!r}"
+    stopped = generate(lm, tok, [prompt], Sampling(do_sample=False, max_new_tokens=24, stop=stop))
+    assert stopped.texts[0] == text.split(stop, 1)[0]
+    assert stopped.sequences.shape[1] < free.sequences.shape[1]  # decoding stopped there, not just the text

@@ -126,6 +126,14 @@ class ReFTConfig(TrainConfig, SamplingOptions):
 class EvalConfig(CommonConfig):
     """Greedy decoding and top-1 accuracy of a checkpoint (`model`) on eval_file."""
 
+    few_shot: int = Field(0, ge=0, description="put the first N examples of train_file before each question as worked examples (a base model that never saw the format); the answer ends where the model starts a new question. Raise max_prompt_tokens to fit them")
+
+    @model_validator(mode="after")
+    def _shots_source(self):
+        if self.few_shot and self.train_file is None:
+            raise ValueError("few_shot: the worked examples come from train_file; set it")
+        return self
+
 
 class DemoConfig(_Config):
     """The built-in demo: synthetic problems, tiny model, SFT warm-up then ReFT vs continued SFT."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -15,7 +15,7 @@ from reftkit.answers import Grader
 from reftkit.config import CommonConfig
 from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
-from reftkit.prompts import encode_prompt
+from reftkit.prompts import FEW_SHOT_STOP, encode_prompt
 from reftkit.rollout import Sampling, generate
 
 
@@ -34,6 +34,7 @@ def decode_and_grade(
     progress: bool = True,
     desc: str = "eval",
     local: bool = False,
+    shots: Sequence[Example] = (),
 ) -> list[dict]:
     """`num_samples` graded responses per example, one row per response, ordered by (example,
     sample): each process decodes its shard and all get all rows; with `local`, each process
@@ -41,10 +42,11 @@ def decode_and_grade(
 
     Prompts are sorted by length inside a shard so a batch pads as little as possible;
     `batch_size` counts responses, so k samples per prompt mean batch_size // k prompts a batch.
+    `shots` are worked examples put before every prompt (few-shot prompting of a base model).
     """
     rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
     shard = list(range(rank, len(examples), world))
-    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot) for i in shard}
+    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot, shots) for i in shard}
     order = sorted(shard, key=lambda i: len(prompts[i]))
     per_batch = max(1, batch_size // num_samples)
     rows = []
@@ -102,19 +104,21 @@ def evaluate(
     progress: bool = True,
     predictions_path: Path | None = None,
     cot: CotStyle = "natural",
+    shots: Sequence[Example] = (),
 ) -> float:
-    """Top-1 (greedy) accuracy over all processes."""
-    greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens)
+    """Top-1 (greedy) accuracy over all processes; with `shots`, a response ends where the model
+    starts a new question."""
+    greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens, stop=FEW_SHOT_STOP if shots else None)
     rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, greedy, batch_size=batch_size,
-                            max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress)
+                            max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress, shots=shots)
     if predictions_path is not None and accelerator.is_main_process:
         write_jsonl(predictions_path, ({k: v for k, v in r.items() if k not in ("index", "sample")} for r in rows))
     return sum(r["correct"] for r in rows) / max(len(rows), 1)
 
 
 def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
-                 cfg: CommonConfig, predictions_path: Path) -> float:
+                 cfg: CommonConfig, predictions_path: Path, shots: Sequence[Example] = ()) -> float:
     """`evaluate` with a run config's batch size, lengths and progress setting."""
     return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
-                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot)
+                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots)

@@ -17,9 +17,10 @@ def run_eval(cfg: EvalConfig) -> float:
     accelerator = make_accelerator(cfg)
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
+    shots = load_examples_for(cfg.train_file, cfg, "train")[: cfg.few_shot] if cfg.few_shot else []
     path = cfg.output_dir / "predictions.jsonl"
     with open_grader(cfg) as grader:
-        acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path)
+        acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path, shots)
     Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)}, 0)
     log.info("accuracy %.4f on %d examples; predictions in %s", acc, len(examples), path)
     return acc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,11 +11,15 @@ from reftkit.cot import CotStyle, question_text, response_prefix, response_text
 from reftkit.data.records import Example
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+# A model prompted with worked examples goes on to write the next one: its answer ends here.
+FEW_SHOT_STOP = "\nQuestion:"
 
 
-def prompt_text(example: Example, cot: CotStyle = "natural") -> str:
-    """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n` (+ P-CoT's prefix)."""
-    return f"Question:\n{question_text(example)}\nAnswer reasoning:\n{response_prefix(example, cot)}"
+def prompt_text(example: Example, cot: CotStyle = "natural", shots: Sequence[Example] = ()) -> str:
+    """What the model is conditioned on: `Question:\\n{q}\\nAnswer reasoning:\\n` (+ P-CoT's prefix),
+    after `shots` worked examples (question and reference response each) for few-shot prompting."""
+    demos = "".join(f"{prompt_text(s, cot)}{response_text(s, cot)}\n\n" for s in shots)
+    return f"{demos}Question:\n{question_text(example)}\nAnswer reasoning:\n{response_prefix(example, cot)}"
 
 
 @dataclass(frozen=True)
@@ -24,9 +29,10 @@ class Encoded:
     truncated: bool
 
 
-def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural") -> list[int]:
+def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural",
+                  shots: Sequence[Example] = ()) -> list[int]:
     """Prompt token ids, keeping the last max_prompt_tokens (the question's end holds the ask)."""
-    ids = tokenizer(prompt_text(example, cot), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt_text(example, cot, shots), add_special_tokens=True)["input_ids"]
     return ids[-max_prompt_tokens:]
 
 

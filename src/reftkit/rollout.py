@@ -17,6 +17,7 @@ class Sampling:
     top_k: int = 0  # 0 = off (the paper samples from the full distribution)
     top_p: float = 1.0
     max_new_tokens: int = 400
+    stop: str | None = None  # a response also ends before this text (few-shot prompting)
 
 
 @dataclass
@@ -51,10 +52,11 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        stop_strings=[sampling.stop] if sampling.stop else None,
     )
     was_training = lm.training
     lm.eval()
-    sequences = lm.generate(**batch, generation_config=config)
+    sequences = lm.generate(**batch, generation_config=config, tokenizer=tokenizer)
     lm.train(was_training)
     prompt_len = batch["input_ids"].shape[1]
     responses = sequences[:, prompt_len:]
@@ -63,4 +65,6 @@ def generate(
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     texts = tokenizer.batch_decode(responses * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
                                    skip_special_tokens=True)
+    if sampling.stop:
+        texts = [t.split(sampling.stop, 1)[0] for t in texts]
     return Generated(sequences, attention_mask, mask, prompt_len, texts)
