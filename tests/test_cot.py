@@ -8,7 +8,8 @@ from reftkit.config import EvalConfig
 from reftkit.cot import open_grader, program_body, program_header
 from reftkit.data.records import Example
 from reftkit.data.synthetic import make_splits
-from reftkit.prompts import prompt_text, response_text
+from reftkit.prompts import encode_prompt, encode_sft, prompt_text, response_text
+from reftkit.tiny import build_tokenizer
 
 SVAMP_STYLE = '''def solution():
     """there are 2 bananas . each comes in a package of 13 ."""
@@ -71,3 +72,15 @@ def test_few_shot_prompt_puts_whole_worked_examples_first(cot):
     prompt = prompt_text(test[0], cot, shots=train[:2])
     demos = "".join(prompt_text(s, cot) + response_text(s, cot) + "\n\n" for s in train[:2])
     assert prompt == demos + prompt_text(test[0], cot)
+
+
+@pytest.mark.parametrize("cot", ["natural", "program"])
+def test_few_shot_prompt_tokenizes_each_worked_example_as_sft_does(cot):
+    """The answer starts after the same token boundary in the shots as after the question."""
+    train, test = make_splits(4, 1, seed=3, cot=cot)
+    tokenizer = build_tokenizer(prompt_text(e, cot) + response_text(e, cot) for e in train)
+    ids = encode_prompt(tokenizer, test[0], 10_000, cot, shots=train[:2])
+    first_shot = encode_sft(tokenizer, train[0], 10_000, 10_000, cot).input_ids[:-1]  # without its EOS
+    assert ids[: len(first_shot)] == first_shot
+    assert tokenizer.decode(ids) == prompt_text(test[0], cot, shots=train[:2])
+    assert encode_prompt(tokenizer, test[0], 5, cot, shots=train[:2]) == ids[-5:]

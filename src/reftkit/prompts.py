@@ -31,8 +31,14 @@ class Encoded:
 
 def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural",
                   shots: Sequence[Example] = ()) -> list[int]:
-    """Prompt token ids, keeping the last max_prompt_tokens (the question's end holds the ask)."""
-    ids = tokenizer(prompt_text(example, cot, shots), add_special_tokens=True)["input_ids"]
+    """Prompt token ids, keeping the last max_prompt_tokens (the question's end holds the ask).
+    Each shot's prompt and response are tokenized apart, as SFT does, so the token boundary where
+    the answer starts is the same in the shots as after the question (a prompt ending in a lone
+    "\n" token followed by "    x = ..." in the shots: otherwise BPE merges "\n    " inside the
+    shots and the model, never shown a lone "\n" before code, starts a new question instead)."""
+    texts = [t for s in shots for t in (prompt_text(s, cot), response_text(s, cot))] + [prompt_text(example, cot)]
+    texts = [("\n\n" if n and n % 2 == 0 else "") + t for n, t in enumerate(texts)]  # blank line between shots
+    ids = [i for n, t in enumerate(texts) for i in tokenizer(t, add_special_tokens=n == 0)["input_ids"]]
     return ids[-max_prompt_tokens:]
 
 

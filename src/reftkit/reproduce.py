@@ -47,7 +47,12 @@ def _timed(directory: Path, run: Callable[[], object]) -> None:
 
 def train_stage(cfg: ReproduceConfig, name: str, train_fn: Callable, **fixed) -> Path:
     """Runs one training stage unless its final model exists; resumes it from a checkpoint."""
-    stage_cfg = cfg.stage(name, eval_file=None, **fixed)  # no test-set peeking while training
+    return resumable_training(name, cfg.stage(name, eval_file=None, **fixed), train_fn)  # no test-set peeking
+
+
+def resumable_training(name: str, stage_cfg, train_fn: Callable) -> Path:
+    """`train_fn(stage_cfg)` unless its final model exists, resumed from its last checkpoint if any;
+    the seconds it took go to stage.json (those of the last, resumed part only after an interruption)."""
     final = stage_cfg.output_dir / "final"
     if (final / STATE_FILE).exists():
         log.info("stage %s: done, skipped (%s)", name, final)
@@ -133,7 +138,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     results = {}
     for method, model in models.items():
         results[METHOD_NAMES[method]] = eval_stage(cfg, method, model, reranker, test_file) | {
-            "train_seconds": _stage_seconds(cfg.output_dir / method)}
+            "train_seconds": stage_seconds(cfg.output_dir / method)}
     k = next(iter(results.values()))["k"]
     table = results_table(results, k)
     seconds = {str(p.parent.relative_to(cfg.output_dir)): json.loads(p.read_text())["seconds"]
@@ -149,6 +154,6 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     return results
 
 
-def _stage_seconds(directory: Path) -> float | None:
+def stage_seconds(directory: Path) -> float | None:
     path = directory / STAGE_FILE
     return json.loads(path.read_text())["seconds"] if path.exists() else None
