@@ -51,11 +51,13 @@ def test_synthetic_reference_programs_are_bodies_after_the_header():
         assert response_text(ex, "program").startswith("    ") and "return result" in response_text(ex, "program")
 
 
-def test_program_grader_runs_the_programs_in_the_sandbox():
+@pytest.mark.parametrize("per_child", [1, 8])
+def test_program_grader_runs_the_programs_in_the_sandbox(per_child):
     train, _ = make_splits(40, 1, seed=5, one_line_fraction=0.5, cot="program")
     completions = [program_body(ex.cot) for ex in train]
-    cfg = EvalConfig(cot="program", exec_workers=2, exec_timeout=5.0)
+    cfg = EvalConfig(cot="program", exec_workers=2, exec_timeout=5.0, exec_programs_per_child=per_child)
     with open_grader(cfg) as grader:
+        assert grader.executor.config.programs_per_child == per_child
         grades = grader.grade(completions, train)  # every reference program returns its gold answer
         assert all(g.correct for g in grades), [g for g in grades if not g.correct][:3]
         wrong = grader.grade(["    return 1 + 1\n", "    return None\n", "    import os\n    return 3\n",

@@ -31,6 +31,9 @@ class CommonConfig(_Config):
     exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
     exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
     exec_memory_mb: int = Field(512, gt=0, description="program CoT: memory limit per program (MiB)")
+    exec_programs_per_child: int = Field(
+        1, gt=0, description="program CoT: programs run in turn by one forked child (1: a fresh process each; "
+                            "more is faster but programs of a child share module state, docs/executor.md)")
     skip_invalid: bool = Field(False, description="skip malformed rows (reported with reasons) instead of stopping")
     output_dir: Path = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
     seed: int = Field(42, description="seed for data order, sampling and initialisation")

@@ -97,6 +97,7 @@ def open_grader(cfg) -> Iterator[Grader]:
         return
     from reftkit.executor import ExecutorConfig, ProgramExecutor
 
-    limits = ExecutorConfig(workers=cfg.exec_workers, timeout_s=cfg.exec_timeout, memory_mb=cfg.exec_memory_mb)
+    limits = ExecutorConfig(workers=cfg.exec_workers, timeout_s=cfg.exec_timeout, memory_mb=cfg.exec_memory_mb,
+                            programs_per_child=cfg.exec_programs_per_child)
     with ProgramExecutor(limits) as executor:
         yield ProgramGrader(executor)
