@@ -18,7 +18,8 @@ Protocol, per CoT style:
   sft      SFT baseline: continued SFT from the warm-up, given ReFT's wall-clock (its example count
            is ReFT's seconds over the warm-up's seconds per example; the rows after the warm-up's
            come first, so it sees new data before repeating)
-Writes <output_dir>/results.json and results.md; docs/svamp-smollm2.md holds the write-up.
+Writes <output_dir>/results.json and results.md (accuracies, then paired counts on the same dev
+questions with an exact McNemar test); docs/svamp-smollm2.md holds the write-up.
 """
 
 from __future__ import annotations
@@ -149,6 +150,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: under "no difference" each discordant question is a fair coin."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def correct_by_id(directory: Path) -> dict[str, bool]:
+    with open(directory / "predictions.jsonl") as f:
+        return {row["id"]: bool(row["correct"]) for row in map(json.loads, f)}
+
+
+def paired(out: Path, results: dict) -> str:
+    """ReFT against the SFT baseline and the warm-up, question by question."""
+    lines = ["| CoT | ReFT vs | only ReFT right | only other right | both right | McNemar p |", "|---|---|---|---|---|---|"]
+    for cot, rows in results.items():
+        if "reft" not in rows:
+            continue
+        reft = correct_by_id(out / cot / "eval" / "reft")
+        for other in ("sft", "warmup"):
+            if other in rows:
+                theirs = correct_by_id(out / cot / "eval" / other)
+                a = sum(reft[i] and not theirs[i] for i in reft)
+                b = sum(theirs[i] and not reft[i] for i in reft)
+                both = sum(reft[i] and theirs[i] for i in reft)
+                lines.append(f"| {cot} | {other} | {a} | {b} | {both} | {mcnemar_p(a, b):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/svamp-smollm2"))
@@ -183,8 +213,9 @@ def main() -> int:
         results[cot] = run_style(cot, *splits[cot], args, args.output_dir)
         write_json(args.output_dir / "results.json", {"args": {k: str(v) for k, v in vars(args).items()},
                                                       "results": results})
-        (args.output_dir / "results.md").write_text(table(results) + "\n")
-    print(table(results))
+        report = table(results) + "\n\n" + paired(args.output_dir, results) + "\n"
+        (args.output_dir / "results.md").write_text(report)
+    print(report)
     return 0
 
 
