@@ -19,6 +19,16 @@ from pathlib import Path
 import yaml
 
 
+def value(text: str):
+    """`3e-6` -> 3e-06 (YAML 1.1 reads it as a string), `true` -> True, `8` -> 8."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", type=Path, required=True)
@@ -35,11 +45,11 @@ def main() -> int:
 
     root = args.run_dir / args.cot
     state = json.loads((root / "reft" / "final" / "trainer_state.json").read_text())["config"]
-    changes = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    changes = {key: value(text) for key, text in (item.split("=", 1) for item in args.set)}
     unknown = set(changes) - set(state)
     if unknown:
         parser.error(f"not ReFT config fields: {sorted(unknown)}")
-    name = "rerun-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+    name = "rerun-" + "-".join(sorted(item.replace("=", "") for item in args.set))  # as typed: stable
     cfg = ReFTConfig(**{**state, **changes, "output_dir": root / name})
     final = resumable_training(f"{args.cot}/{name}", cfg, train_reft)
     dev = {key: state[key] for key in ("cot", "data_format", "train_file", "seed", "exec_workers",
