@@ -45,6 +45,8 @@ def main() -> int:
 
     root = args.run_dir / args.cot
     state = json.loads((root / "reft" / "final" / "trainer_state.json").read_text())["config"]
+    if any("=" not in item for item in args.set):
+        parser.error("--set takes KEY=VALUE items, e.g. lr=3e-6")
     changes = {key: value(text) for key, text in (item.split("=", 1) for item in args.set)}
     unknown = set(changes) - set(state)
     if unknown:
