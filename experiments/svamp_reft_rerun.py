@@ -6,7 +6,8 @@ search for settings (the dev split would then no longer be held out).
 
 Reads <run_dir>/<cot>/reft/final/trainer_state.json (the stage's full config), applies `--set`,
 trains from the same warm-up into <run_dir>/<cot>/rerun-<settings>/ (resumable: a finished rerun is
-only re-scored) and prints one JSON line: accuracy, training and eval seconds, and the settings.
+only re-scored) and prints one JSON line: the settings, accuracy, questions without an answer, training and eval
+seconds, and paired counts with an exact McNemar p against the run's ReFT, SFT and warm-up.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> int:
     from reftkit.reproduce import resumable_training, stage_seconds
     from reftkit.trainers.reft import train_reft
 
-    from svamp_smollm2 import timed_eval
+    from svamp_smollm2 import compare, eval_dir, no_answer, timed_eval
 
     root = args.run_dir / args.cot
     state = json.loads((root / "reft" / "final" / "trainer_state.json").read_text())["config"]
@@ -56,9 +57,14 @@ def main() -> int:
     final = resumable_training(f"{args.cot}/{name}", cfg, train_reft)
     dev = {key: state[key] for key in ("cot", "data_format", "train_file", "seed", "exec_workers",
                                         "max_prompt_tokens", "max_length")}
-    result = timed_eval(root / "eval" / name, model=str(final), eval_file=str(root / "data" / "dev.jsonl"),
+    scored = eval_dir(args.run_dir, args.cot, name)
+    result = timed_eval(scored, model=str(final), eval_file=str(root / "data" / "dev.jsonl"),
                         eval_batch_size=args.eval_batch_size, progress=False, **dev)
-    print(json.dumps({"settings": changes, **result, "train_seconds": stage_seconds(root / name)}))
+    vs = {stage: dict(zip(("only_rerun_right", "only_other_right", "both_right", "mcnemar_p"),
+                          compare(scored, eval_dir(args.run_dir, args.cot, stage)), strict=True))
+          for stage in ("reft", "sft", "warmup")}
+    print(json.dumps({"settings": changes, **result, "no_answer": no_answer(scored),
+                      "train_seconds": stage_seconds(root / name), "vs": vs}))
     return 0
 
 

@@ -105,7 +105,7 @@ def run_style(cot: str, train: list, dev: list, args, out: Path) -> dict:
     results = {}
 
     new_tokens = LENGTHS[cot]["max_length"] - LENGTHS[cot]["max_prompt_tokens"]
-    base = timed_eval(root / "base", model=args.model, few_shot=args.shots,
+    base = timed_eval(eval_dir(out, cot, "base"), model=args.model, few_shot=args.shots,
                       **{**dev_eval, "max_prompt_tokens": 1024, "max_length": 1024 + new_tokens})
     results["base"] = base | {"train_seconds": 0.0, "note": f"{args.shots}-shot"}
 
@@ -113,7 +113,7 @@ def run_style(cot: str, train: list, dev: list, args, out: Path) -> dict:
                          max_train_examples=args.warmup_examples, batch_size=args.batch_size, lr=args.sft_lr,
                          warmup_ratio=0.03, eval_every_epoch=False, save_every=args.save_every)
     warm = resumable_training(f"{cot}/warmup", warm_cfg, train_sft)
-    results["warmup"] = timed_eval(root / "eval" / "warmup", model=str(warm), **dev_eval) | {
+    results["warmup"] = timed_eval(eval_dir(out, cot, "warmup"), model=str(warm), **dev_eval) | {
         "train_seconds": stage_seconds(root / "warmup")}
 
     reft_cfg = ReFTConfig(**common, model=str(warm), output_dir=root / "reft", epochs=1,
@@ -121,7 +121,7 @@ def run_style(cot: str, train: list, dev: list, args, out: Path) -> dict:
                           num_samples=args.num_samples, mini_batch_size=args.reft_batch_size * args.num_samples // 2,
                           lr=args.reft_lr, value_head_lr=args.value_head_lr, save_every=args.save_every)
     reft = resumable_training(f"{cot}/reft", reft_cfg, train_reft)
-    results["reft"] = timed_eval(root / "eval" / "reft", model=str(reft), **dev_eval) | {
+    results["reft"] = timed_eval(eval_dir(out, cot, "reft"), model=str(reft), **dev_eval) | {
         "train_seconds": stage_seconds(root / "reft")}
 
     # The baseline gets ReFT's wall-clock, at the warm-up's measured cost per example.
@@ -132,20 +132,25 @@ def run_style(cot: str, train: list, dev: list, args, out: Path) -> dict:
                         max_train_examples=min(budget, len(train)), batch_size=args.batch_size, lr=args.sft_lr,
                         warmup_ratio=0.03, eval_every_epoch=False, save_every=args.save_every)
     sft = resumable_training(f"{cot}/sft", sft_cfg, lambda cfg: train_sft(cfg, rotated))
-    results["sft"] = timed_eval(root / "eval" / "sft", model=str(sft), **dev_eval) | {
+    results["sft"] = timed_eval(eval_dir(out, cot, "sft"), model=str(sft), **dev_eval) | {
         "train_seconds": stage_seconds(root / "sft"), "examples": sft_cfg.epochs * sft_cfg.max_train_examples}
     return results
 
 
-def table(results: dict) -> str:
+def eval_dir(out: Path, cot: str, stage: str) -> Path:
+    return out / cot / ("base" if stage == "base" else f"eval/{stage}")
+
+
+def table(out: Path, results: dict) -> str:
     names = {"base": "SmolLM2 base (few-shot)", "warmup": "warm-up SFT", "sft": "SFT baseline (ReFT's time)",
              "reft": "ReFT"}
-    lines = ["| CoT | model | dev top-1 | training s | eval s |", "|---|---|---|---|---|"]
+    lines = ["| CoT | model | dev top-1 | no answer | training s | eval s |", "|---|---|---|---|---|---|"]
     for cot, rows in results.items():
         for stage in STAGES:
             if stage in rows:
                 r = rows[stage]
-                lines.append(f"| {cot} | {names[stage]} | {100 * r['accuracy']:.1f}% | {r['train_seconds'] or 0:.0f} "
+                lines.append(f"| {cot} | {names[stage]} | {100 * r['accuracy']:.1f}% | "
+                             f"{no_answer(eval_dir(out, cot, stage))} | {r['train_seconds'] or 0:.0f} "
                              f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -157,25 +162,33 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def correct_by_id(directory: Path) -> dict[str, bool]:
-    with open(directory / "predictions.jsonl") as f:
-        return {row["id"]: bool(row["correct"]) for row in map(json.loads, f)}
+def predictions(eval_dir: Path) -> dict[str, dict]:
+    with open(eval_dir / "predictions.jsonl") as f:
+        return {row["id"]: row for row in map(json.loads, f)}
+
+
+def no_answer(eval_dir: Path) -> int:
+    """Dev questions without an extracted answer (P-CoT: the program failed to run)."""
+    return sum(row["extracted"] is None for row in predictions(eval_dir).values())
+
+
+def compare(eval_a: Path, eval_b: Path) -> tuple[int, int, int, float]:
+    """(only a right, only b right, both right, McNemar p) on the same dev questions."""
+    a, b = predictions(eval_a), predictions(eval_b)
+    only_a = sum(a[i]["correct"] and not b[i]["correct"] for i in a)
+    only_b = sum(b[i]["correct"] and not a[i]["correct"] for i in a)
+    both = sum(a[i]["correct"] and b[i]["correct"] for i in a)
+    return only_a, only_b, both, mcnemar_p(only_a, only_b)
 
 
 def paired(out: Path, results: dict) -> str:
     """ReFT against the SFT baseline and the warm-up, question by question."""
     lines = ["| CoT | ReFT vs | only ReFT right | only other right | both right | McNemar p |", "|---|---|---|---|---|---|"]
     for cot, rows in results.items():
-        if "reft" not in rows:
-            continue
-        reft = correct_by_id(out / cot / "eval" / "reft")
         for other in ("sft", "warmup"):
-            if other in rows:
-                theirs = correct_by_id(out / cot / "eval" / other)
-                a = sum(reft[i] and not theirs[i] for i in reft)
-                b = sum(theirs[i] and not reft[i] for i in reft)
-                both = sum(reft[i] and theirs[i] for i in reft)
-                lines.append(f"| {cot} | {other} | {a} | {b} | {both} | {mcnemar_p(a, b):.2f} |")
+            if "reft" in rows and other in rows:
+                a, b, both, p = compare(eval_dir(out, cot, "reft"), eval_dir(out, cot, other))
+                lines.append(f"| {cot} | {other} | {a} | {b} | {both} | {p:.2f} |")
     return "\n".join(lines)
 
 
@@ -213,7 +226,7 @@ def main() -> int:
         results[cot] = run_style(cot, *splits[cot], args, args.output_dir)
         write_json(args.output_dir / "results.json", {"args": {k: str(v) for k, v in vars(args).items()},
                                                       "results": results})
-        report = table(results) + "\n\n" + paired(args.output_dir, results) + "\n"
+        report = table(args.output_dir, results) + "\n\n" + paired(args.output_dir, results) + "\n"
         (args.output_dir / "results.md").write_text(report)
     print(report)
     return 0
