@@ -1,22 +1,28 @@
-"""Throughput of reftkit's sandboxed executor vs the paper's naive process pool, on the same programs.
+"""Throughput of reftkit's sandboxed executor vs the paper's naive process pools, on the same programs.
 
-    python benchmarks/executor_speed.py [--programs 1000] [--batch 100] [--programs-per-child 16] [--svamp]
-                                        [--doc docs/executor-speed.md]
+    python benchmarks/executor_speed.py [--programs 1000] [--batch 4 100] [--programs-per-child 16] [--svamp]
+                                        [--naive paper fork spawn] [--doc docs/executor-speed.md]
 
 Programs: P-CoT programs like the SVAMP/GSM8K training data (`def solution(): ... return result`), made
 by a small template generator (some use math, fractions or statistics); with --svamp, the `answer_cot`
 programs of ../shared/data/svamp/train_python.json instead (skipped cleanly when the file is absent).
 
-Naive approach (the paper's code): a new concurrent.futures.ProcessPoolExecutor per batch, exec() of each
-program in it, future.result(timeout=...). No isolation at all. Measured with the "fork" start method
-(Python 3.11's default on Linux: the pool forks this small benchmark process) and with "spawn" (what a
-trainer holding CUDA state has to use; its workers re-import the main module, which here is light).
-reftkit runs twice: with its default of a fresh forked child per program, and with the opt-in
-programs_per_child (several programs of a batch share one forked child, see docs/executor.md).
-All approaches run the same batches, in alternating rounds so that they see the same machine load; the
-report gives the median round. A second phase (--trainer-imports, default torch and transformers) repeats
-the measurement after importing what a trainer's main module imports, in this process and (through the
-main module) in spawned pool workers: the setting the paper's code actually runs in.
+Every approach gets the same programs in calls of --batch programs (one table per batch size):
+- reftkit's ProgramExecutor, with its default of a fresh forked child per program, and with the opt-in
+  programs_per_child (several programs of a call share one sandboxed child, see docs/executor.md);
+- "paper": what the paper's code (src/python_engine.py of the ReFT repository) does for every call: a new
+  pebble ProcessPool of 8 workers whose initializer sets RLIMIT_AS, one `schedule(..., timeout=...)` per
+  program, `exec` of the program with `import math` and `import sympy` prepended, no other isolation.
+  Its ReFT scripts call it with batch_size=4 programs per training process: the --batch 4 table.
+  Needs `pip install pebble` (the row is skipped with a message without it);
+- "fork"/"spawn": a leaner naive pool: a new stdlib ProcessPoolExecutor with --workers workers per call,
+  the same `exec`. Spawn starts fresh interpreters for every call, so it is measured only at the largest
+  batch size (at 4 programs per call from a trainer-like process it would take many minutes).
+All approaches run in alternating rounds so that they see the same machine load; the report gives the
+median round. A second phase repeats the measurement from a trainer-like process: it imports what a
+trainer's main module imports (--trainer-imports; spawned pool workers re-import them through this module)
+and holds --trainer-memory-gb of touched memory standing for model weights and optimizer state, which every
+forked pool worker must map (page tables) and which fork-based pools therefore pay for.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import json
 import math
 import multiprocessing
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -41,6 +49,9 @@ from pathlib import Path
 from reftkit.executor import ExecutorConfig, ProgramExecutor, Status
 from reftkit.executor.sandbox import answer
 
+PAPER_PREFIX = "import math\nimport sympy\n"
+PAPER_RLIMIT_AS = 120 * 2**30  # the paper's "20GB" allowance, as its code computes it (2**30 * 12 * 10)
+PAPER_WORKERS = 8
 SVAMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "svamp" / "train_python.json"
 TRAINER_ENV = "REFTKIT_BENCH_TRAINER_IMPORTS"
 NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Jack", "Aiko"]
@@ -140,11 +151,21 @@ def svamp_programs(count: int) -> list[str] | None:
 
 
 def _naive_one(source: str) -> str | None:
-    """The paper's way: exec in a pool process, no isolation. Answer text as reftkit would write it."""
+    """exec in a pool process, no isolation. Answer text as reftkit would write it."""
     namespace: dict = {}
     exec(source, namespace)  # noqa: S102 -- the unsafe baseline being measured
     status, text, _ = answer(namespace["solution"](), 10**6)
     return text if status is Status.OK else None
+
+
+def _paper_one(source: str) -> str | None:
+    """The paper's task: its two imports prepended. (It execs with separate globals and locals dicts, which
+    breaks programs that import at top level; one namespace here, so that the answers can be compared.)"""
+    return _naive_one(PAPER_PREFIX + source)
+
+
+def _paper_initializer(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def run_naive(batches: list[list[str]], workers: int, timeout_s: float, method: str) -> list[str | None]:
@@ -158,6 +179,24 @@ def run_naive(batches: list[list[str]], workers: int, timeout_s: float, method: 
                     out.append(future.result(timeout=timeout_s))
                 except Exception:  # noqa: BLE001 -- the baseline maps every failure to "no answer"
                     out.append(None)
+    return out
+
+
+def run_paper(batches: list[list[str]], workers: int, timeout_s: float) -> list[str | None]:
+    """The paper's run_python_code: a new pebble pool per call, one scheduled task with a timeout per program."""
+    import pebble
+
+    out: list[str | None] = []
+    for batch in batches:
+        with pebble.ProcessPool(max_workers=workers, initializer=_paper_initializer,
+                                initargs=(PAPER_RLIMIT_AS,)) as pool:
+            futures = [pool.schedule(_paper_one, args=[src], timeout=timeout_s) for src in batch]
+            for future in futures:
+                try:
+                    out.append(future.result())
+                except Exception:  # noqa: BLE001 -- as in the paper: any failure is "no answer"
+                    out.append(None)
+            pool.close()
     return out
 
 
@@ -192,34 +231,57 @@ def _timed(fn, *args) -> tuple[float, list]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def measure(executors: dict[str, ProgramExecutor], batches: list[list[str]], args, rounds: int) -> dict:
-    """Alternating rounds of every approach; times per approach, and each approach's answers."""
-    times: dict[str, list[float]] = {**{name: [] for name in executors}, **{m: [] for m in args.naive}}
-    answers: dict[str, list[str | None]] = {}
-    for _ in range(rounds):
-        for name, executor in executors.items():
-            elapsed, answers[name] = _timed(run_reftkit, executor, batches)
-            times[name].append(elapsed)
-        for method in args.naive:
-            elapsed, answers[method] = _timed(run_naive, batches, args.workers, args.timeout, method)
-            times[method].append(elapsed)
-    return {"times": times, "answers": answers}
+def _approaches(args, batch: int) -> list[str]:
+    """The naive approaches measured at this batch size (spawn only at the largest: see the docstring)."""
+    return [a for a in args.naive if a != "spawn" or batch == max(args.batch)]
+
+
+def measure(executors: dict[str, ProgramExecutor], programs: list[str], args, rounds: int) -> dict:
+    """For each batch size, alternating rounds of every approach: times per approach and each one's answers."""
+    tables = {}
+    for size in args.batch:
+        batches = [programs[i : i + size] for i in range(0, len(programs), size)]
+        naive = _approaches(args, size)
+        times: dict[str, list[float]] = {name: [] for name in [*executors, *naive]}
+        answers: dict[str, list[str | None]] = {}
+        for _ in range(rounds):
+            for name, executor in executors.items():
+                elapsed, answers[name] = _timed(run_reftkit, executor, batches)
+                times[name].append(elapsed)
+            for name in naive:
+                if name == "paper":
+                    elapsed, answers[name] = _timed(run_paper, batches, args.paper_workers, args.timeout)
+                else:
+                    elapsed, answers[name] = _timed(run_naive, batches, args.workers, args.timeout, name)
+                times[name].append(elapsed)
+        tables[size] = {"times": times, "answers": answers}
+    return tables
+
+
+def _hold_memory(gigabytes: float) -> bytearray:
+    """Touched memory standing for a trainer's weights and optimizer state (every page resident)."""
+    return bytearray(b"\x01") * int(gigabytes * 2**30)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--programs", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=100, help="programs per call, like one rollout batch")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 100],
+                        help="programs per call, like one rollout batch (4: the paper's ReFT scripts); a table each")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="workers of reftkit and of the stdlib naive pools")
+    parser.add_argument("--paper-workers", type=int, default=PAPER_WORKERS, help="workers of the paper's pebble pool")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--programs-per-child", type=int, default=16,
                         help="programs_per_child of the second reftkit row (opt-in mode); 1 to skip that row")
     parser.add_argument("--svamp", action="store_true", help=f"use the answer_cot programs of {SVAMP}")
-    parser.add_argument("--naive", nargs="+", default=["fork", "spawn"], choices=["fork", "spawn", "forkserver"],
-                        help="start methods of the naive pool to measure")
+    parser.add_argument("--naive", nargs="+", default=["paper", "fork", "spawn"],
+                        choices=["paper", "fork", "spawn", "forkserver"], help="naive approaches to measure")
     parser.add_argument("--trainer-imports", default="torch,transformers",
                         help="modules a trainer imports, for the second phase ('' to skip it)")
+    parser.add_argument("--trainer-memory-gb", type=float, default=1.0,
+                        help="touched memory the process holds in the second phase (model weights, optimizer)")
     parser.add_argument("--trainer-rounds", type=int, default=1)
     parser.add_argument("--doc", default="docs/executor-speed.md", help="markdown report path; '' to skip writing")
     args = parser.parse_args()
@@ -228,7 +290,12 @@ def main() -> None:
     if programs is None:
         print(f"{SVAMP} not found: nothing to benchmark with --svamp (skipped)")
         return
-    batches = [programs[i : i + args.batch] for i in range(0, len(programs), args.batch)]
+    if "paper" in args.naive:
+        if importlib.util.find_spec("pebble") is None:
+            print("pebble is not installed (pip install pebble): the paper's approach is skipped")
+            args.naive.remove("paper")
+        else:
+            import sympy  # noqa: F401 -- the paper's module imports it: its forked workers inherit it
     config = ExecutorConfig(workers=args.workers, timeout_s=args.timeout)
     load_before = _load()
     start = time.perf_counter()
@@ -239,38 +306,46 @@ def main() -> None:
             shared = dataclasses.replace(config, programs_per_child=args.programs_per_child)
             executors["shared"] = stack.enter_context(ProgramExecutor(shared))
         for executor in executors.values():
-            run_reftkit(executor, batches[:1])  # warm-up: pools started, caches hot
-        phases = {"bare": measure(executors, batches, args, args.rounds)}
+            run_reftkit(executor, [programs[:100]])  # warm-up: pools started, caches hot
+        phases = {"bare": measure(executors, programs, args, args.rounds)}
         if args.trainer_imports:
             os.environ[TRAINER_ENV] = args.trainer_imports
             _import_trainer_modules()
-            phases["trainer"] = measure(executors, batches, args, args.trainer_rounds)
+            held = _hold_memory(args.trainer_memory_gb)
+            phases["trainer"] = measure(executors, programs, args, args.trainer_rounds)
+            del held
         layers = dict(executors["reftkit"].layers)
     report(args, programs, phases, layers, startup, (load_before, _load()))
 
 
-def _table(n: int, phase: dict, args) -> list[str]:
-    median = {k: statistics.median(v) for k, v in phase["times"].items()}
+ROW_NAMES = {
+    "reftkit": "reftkit ProgramExecutor (default: a fresh child per program)",
+    "shared": "reftkit ProgramExecutor, programs_per_child={ppc} (opt-in)",
+    "paper": "paper's code: new pebble ProcessPool ({pw} workers) per call + exec",
+    "fork": "naive: new ProcessPoolExecutor (fork, {w} workers) per call + exec",
+    "spawn": "naive: new ProcessPoolExecutor (spawn, {w} workers) per call + exec",
+    "forkserver": "naive: new ProcessPoolExecutor (forkserver, {w} workers) per call + exec",
+}
+ISOLATION = {"reftkit": "all layers below",
+             "shared": "all layers below; programs of a chunk share one child (docs/executor.md)",
+             "paper": "RLIMIT_AS 120 GiB only"}
+
+
+def _table(n: int, table: dict, args) -> list[str]:
+    median = {k: statistics.median(v) for k, v in table["times"].items()}
     rate = {k: n / v for k, v in median.items()}
-    ours = phase["answers"]["reftkit"]
+    ours = table["answers"]["reftkit"]
     mine = [k for k in ("reftkit", "shared") if k in rate]
-    names = {"reftkit": "reftkit ProgramExecutor (default: a fresh child per program)",
-             "shared": f"reftkit ProgramExecutor, programs_per_child={args.programs_per_child} (opt-in)"}
-    isolation = {"reftkit": "all layers below",
-                 "shared": "all layers below; programs of a chunk share one child (docs/executor.md)"}
     ratio_heads = " | ".join(f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this" for k in mine)
     rows = [f"| approach | programs / s | median s for all | {ratio_heads} | isolation | answers |",
             "|---|---|---|" + "---|" * len(mine) + "---|---|"]
-    for key, answers in phase["answers"].items():
+    for key, answers in table["answers"].items():
         ratios = " | ".join(f"{rate[k] / rate[key]:.2f}x" for k in mine)
-        if key in names:
-            name, iso = names[key], isolation[key]
-            check = (f"{sum(a is not None for a in ours)}/{n} answered" if key == "reftkit" else
-                     f"{sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))}/{n} agree with default")
-        else:
-            name, iso = f"naive: new ProcessPoolExecutor ({key}) per batch + exec", "none"
-            check = f"{sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))}/{n} agree with reftkit"
-        rows.append(f"| {name} | {rate[key]:.0f} | {median[key]:.2f} | {ratios} | {iso} | {check} |")
+        name = ROW_NAMES[key].format(ppc=args.programs_per_child, pw=args.paper_workers, w=args.workers)
+        agree = sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))
+        check = (f"{sum(a is not None for a in ours)}/{n} answered" if key == "reftkit" else
+                 f"{agree}/{n} agree with {'default' if key == 'shared' else 'reftkit'}")
+        rows.append(f"| {name} | {rate[key]:.0f} | {median[key]:.2f} | {ratios} | {ISOLATION.get(key, 'none')} | {check} |")
     return rows
 
 
@@ -279,6 +354,21 @@ def _load() -> str:
         return f"{os.getloadavg()[0]:.2f}"
     except OSError:
         return "?"
+
+
+def _targets(n: int, phases: dict) -> list[str]:
+    """The issue's targets (>= 500 programs/s, >= 10x the naive approach), per phase and batch size, computed."""
+    lines = []
+    for phase, tables in phases.items():
+        for size, table in tables.items():
+            rate = {k: n / statistics.median(v) for k, v in table["times"].items()}
+            for mine in (k for k in ("reftkit", "shared") if k in rate):
+                against = ", ".join(f"{rate[mine] / rate[k]:.1f}x {k}" for k in rate if k not in ("reftkit", "shared"))
+                tenfold = "yes" if "paper" in rate and rate[mine] >= 10 * rate["paper"] else "no"
+                lines.append(f"- {phase}, {size} per call, reftkit {'default' if mine == 'reftkit' else 'shared'}: "
+                             f"{rate[mine]:.0f}/s (>= 500: {'yes' if rate[mine] >= 500 else 'no'}); "
+                             f"{against} (>= 10x the paper's code: {tenfold})")
+    return lines
 
 
 def report(args, programs, phases, layers, startup, loads) -> None:
@@ -292,24 +382,20 @@ def report(args, programs, phases, layers, startup, loads) -> None:
         f"Command: `{command}`  ",
         f"Machine: {os.cpu_count()}-core CPU, {platform.platform()}, Python {platform.python_version()}  ",
         f"Date: {datetime.date.today().isoformat()}; 1-minute load average {loads[0]} before, {loads[1]} after  ",
-        f"Programs: {n} from the {source}, in batches of {args.batch}; {args.workers} workers for every approach",
-        "",
-        f"## Bare benchmark process (median of {args.rounds} alternating rounds)",
-        "",
-        *_table(n, phases["bare"], args),
+        f"Programs: {n} from the {source}, in calls of {' and '.join(map(str, args.batch))} programs; "
+        f"{args.workers} reftkit workers, {args.workers} workers per stdlib pool, {args.paper_workers} per pebble pool",
     ]
-    if "trainer" in phases:
-        lines += [
-            "",
-            f"## Trainer-like process: {args.trainer_imports} imported ({args.trainer_rounds} round(s))",
-            "",
-            "The naive pool now forks a process holding what a trainer imports, or, with spawn, each of its "
-            "workers re-imports the trainer's main module. (A real trainer also holds model weights and CUDA "
-            "state, which make fork slower still, and unsafe.)",
-            "",
-            *_table(n, phases["trainer"], args),
-        ]
+    titles = {"bare": f"Bare benchmark process (median of {args.rounds} alternating rounds)",
+              "trainer": f"Trainer-like process: {args.trainer_imports} imported, {args.trainer_memory_gb:g} GB of "
+                         f"memory held ({args.trainer_rounds} round(s))"}
+    for phase, tables in phases.items():
+        for size, table in tables.items():
+            lines += ["", f"## {titles[phase]}, {size} programs per call", "", *_table(n, table, args)]
     lines += [
+        "",
+        "## Targets (computed from the tables above)",
+        "",
+        *_targets(n, phases),
         "",
         f"Executor start-up (stdlib pool ready): {startup:.2f} s, not included above (paid once per training run).",
         "",
