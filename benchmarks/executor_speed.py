@@ -14,7 +14,8 @@ Every approach gets the same programs in calls of --batch programs (one table pe
   pebble ProcessPool of 8 workers whose initializer sets RLIMIT_AS, one `schedule(..., timeout=...)` per
   program, `exec` of the program with `import math` and `import sympy` prepended, no other isolation.
   Its ReFT scripts call it with batch_size=4 programs per training process: the --batch 4 table.
-  Needs `pip install pebble` (the row is skipped with a message without it);
+  Needs `pip install pebble` (the row is skipped with a message without it). Like the paper's module, this
+  process then imports sympy before measuring, so every fork-based naive pool forks a process holding it;
 - "fork"/"spawn": a leaner naive pool: a new stdlib ProcessPoolExecutor with --workers workers per call,
   the same `exec`. Spawn starts fresh interpreters for every call, so it is measured only at the largest
   batch size (at 4 programs per call from a trainer-like process it would take many minutes).
