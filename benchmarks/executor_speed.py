@@ -332,9 +332,14 @@ ISOLATION = {"reftkit": "all layers below",
              "paper": "RLIMIT_AS 120 GiB only"}
 
 
-def _table(n: int, table: dict, args) -> list[str]:
+def _medians_and_rates(n: int, table: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds for all n programs, and programs/s, per approach."""
     median = {k: statistics.median(v) for k, v in table["times"].items()}
-    rate = {k: n / v for k, v in median.items()}
+    return median, {k: n / v for k, v in median.items()}
+
+
+def _table(n: int, table: dict, args) -> list[str]:
+    median, rate = _medians_and_rates(n, table)
     ours = table["answers"]["reftkit"]
     mine = [k for k in ("reftkit", "shared") if k in rate]
     ratio_heads = " | ".join(f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this" for k in mine)
@@ -362,7 +367,7 @@ def _targets(n: int, phases: dict) -> list[str]:
     lines = []
     for phase, tables in phases.items():
         for size, table in tables.items():
-            rate = {k: n / statistics.median(v) for k, v in table["times"].items()}
+            _, rate = _medians_and_rates(n, table)
             for mine in (k for k in ("reftkit", "shared") if k in rate):
                 against = ", ".join(f"{rate[mine] / rate[k]:.1f}x {k}" for k in rate if k not in ("reftkit", "shared"))
                 tenfold = "yes" if "paper" in rate and rate[mine] >= 10 * rate["paper"] else "no"
