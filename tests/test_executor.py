@@ -37,7 +37,9 @@ def prog(body: str) -> str:
     return textwrap.dedent(body).strip() + "\n"
 
 
-CONFIG = ExecutorConfig(workers=2, timeout_s=1.0, memory_mb=128, max_output_bytes=2000,
+# cpu_s above timeout_s so that an endless loop always meets the wall clock first: with both at 1 s the kernel's
+# CPU tick and the worker's poll race, and which one names the kill varies (the CPU limit has its own test).
+CONFIG = ExecutorConfig(workers=2, timeout_s=1.0, cpu_s=2.0, memory_mb=128, max_output_bytes=2000,
                         allowed_imports=(*DEFAULT_ALLOWED_IMPORTS, "time"))
 
 
@@ -435,6 +437,16 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_cpu_limit_kills_a_child_per_program():
+    with ProgramExecutor(ExecutorConfig(workers=1, timeout_s=10.0, cpu_s=1.0)) as ex:
+        start = time.monotonic()
+        result, after = ex.run([LOOP, BENIGN])
+        elapsed = time.monotonic() - start
+    assert (result.status, result.detail) == (TIMEOUT, "CPU limit of 1 s exceeded"), result
+    assert after == ExecResult(OK, "7")
+    assert elapsed < 9  # killed by RLIMIT_CPU, well before the 10 s wall clock
 
 
 @pytest.mark.skipif(not LINUX, reason="uses /proc")
