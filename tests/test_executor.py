@@ -441,12 +441,9 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
 
 def test_cpu_limit_kills_a_child_per_program():
     with ProgramExecutor(ExecutorConfig(workers=1, timeout_s=10.0, cpu_s=1.0)) as ex:
-        start = time.monotonic()
         result, after = ex.run([LOOP, BENIGN])
-        elapsed = time.monotonic() - start
-    assert (result.status, result.detail) == (TIMEOUT, "CPU limit of 1 s exceeded"), result
+    assert (result.status, result.detail) == (TIMEOUT, "CPU limit of 1 s exceeded"), result  # not the wall clock
     assert after == ExecResult(OK, "7")
-    assert elapsed < 9  # killed by RLIMIT_CPU, well before the 10 s wall clock
 
 
 @pytest.mark.skipif(not LINUX, reason="uses /proc")
