@@ -323,10 +323,9 @@ ROW_NAMES = {
     "reftkit": "reftkit ProgramExecutor (default: a fresh child per program)",
     "shared": "reftkit ProgramExecutor, programs_per_child={ppc} (opt-in)",
     "paper": "paper's code: new pebble ProcessPool ({pw} workers) per call + exec",
-    "fork": "naive: new ProcessPoolExecutor (fork, {w} workers) per call + exec",
-    "spawn": "naive: new ProcessPoolExecutor (spawn, {w} workers) per call + exec",
-    "forkserver": "naive: new ProcessPoolExecutor (forkserver, {w} workers) per call + exec",
 }
+STDLIB_ROW_NAME = "naive: new ProcessPoolExecutor ({key}, {w} workers) per call + exec"  # fork, spawn, forkserver
+OURS = ("reftkit", "shared")  # reftkit's rows; every other row is a naive approach
 ISOLATION = {"reftkit": "all layers below",
              "shared": "all layers below; programs of a chunk share one child (docs/executor.md)",
              "paper": "RLIMIT_AS 120 GiB only"}
@@ -341,13 +340,14 @@ def _medians_and_rates(n: int, table: dict) -> tuple[dict[str, float], dict[str,
 def _table(n: int, table: dict, args) -> list[str]:
     median, rate = _medians_and_rates(n, table)
     ours = table["answers"]["reftkit"]
-    mine = [k for k in ("reftkit", "shared") if k in rate]
+    mine = [k for k in OURS if k in rate]
     ratio_heads = " | ".join(f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this" for k in mine)
     rows = [f"| approach | programs / s | median s for all | {ratio_heads} | isolation | answers |",
             "|---|---|---|" + "---|" * len(mine) + "---|---|"]
     for key, answers in table["answers"].items():
         ratios = " | ".join(f"{rate[k] / rate[key]:.2f}x" for k in mine)
-        name = ROW_NAMES[key].format(ppc=args.programs_per_child, pw=args.paper_workers, w=args.workers)
+        name = ROW_NAMES.get(key, STDLIB_ROW_NAME).format(key=key, ppc=args.programs_per_child,
+                                                          pw=args.paper_workers, w=args.workers)
         agree = sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))
         check = (f"{sum(a is not None for a in ours)}/{n} answered" if key == "reftkit" else
                  f"{agree}/{n} agree with {'default' if key == 'shared' else 'reftkit'}")
@@ -368,8 +368,8 @@ def _targets(n: int, phases: dict) -> list[str]:
     for phase, tables in phases.items():
         for size, table in tables.items():
             _, rate = _medians_and_rates(n, table)
-            for mine in (k for k in ("reftkit", "shared") if k in rate):
-                against = ", ".join(f"{rate[mine] / rate[k]:.1f}x {k}" for k in rate if k not in ("reftkit", "shared"))
+            for mine in (k for k in OURS if k in rate):
+                against = ", ".join(f"{rate[mine] / rate[k]:.1f}x {k}" for k in rate if k not in OURS)
                 tenfold = "yes" if "paper" in rate and rate[mine] >= 10 * rate["paper"] else "no"
                 lines.append(f"- {phase}, {size} per call, reftkit {'default' if mine == 'reftkit' else 'shared'}: "
                              f"{rate[mine]:.0f}/s (>= 500: {'yes' if rate[mine] >= 500 else 'no'}); "
