@@ -183,14 +183,16 @@ def test_fields_map_other_column_names(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", rows)
     fields = {"question": "problem", "answer": "solution", "id": "uid"}
     assert load_examples(path, fields=fields).examples == [Example("x1", "2+2?", "2+2=4", "4")]
-    # numeric answers without a cot column: evaluation-only data, cot ""
-    path = write_jsonl(tmp_path / "eval.jsonl", [{"problem": "2+2?", "target": "4"}])
-    got = load_examples(path, fields={"question": "problem", "answer": "target"}).examples
+    # numeric answers without a cot column: evaluation-only data, cot "" (its own answer_cot unread)
+    path = write_jsonl(tmp_path / "eval.jsonl", [{"problem": "2+2?", "target": "4", "answer_cot": "2+2=4"}])
+    got = load_examples(path, fields={"question": "problem", "answer": "target"}, require_cot=False).examples
     assert got == [Example("eval-1", "2+2?", "", "4")]
+    with pytest.raises(DataError, match=r"eval\.jsonl: fields maps no 'cot' column, and training needs"):
+        load_examples(path, fields={"question": "problem", "answer": "target"})
     # a missing mapped column is reported under the user's name
     path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "2+2?", "target": "4"}])
     with pytest.raises(DataError, match=r"bad\.jsonl line 1: missing field 'problem'"):
-        load_examples(path, fields={"question": "problem", "answer": "target"})
+        load_examples(path, fields={"question": "problem", "answer": "target"}, require_cot=False)
     with pytest.raises(DataError, match=r"fields \['cot'\] do not apply to the gsm8k format"):
         load_examples(path, "gsm8k", fields={"cot": "target"})
     with pytest.raises(DataError, match="unknown keys"):
@@ -275,7 +277,7 @@ def test_bad_reft_items(tmp_path, item, fragments):
             ("item 0", "correct option is not a single number (c: '5 : 9')"),
         ),
         ("svamp", {"Answer": "many"}, ("item 0", "field 'Answer': not a number")),
-        ("svamp", {"Equation": ""}, ("item 0", "field 'Equation': empty")),
+        ("svamp", {"Equation": ""}, ("item 0", "field 'Equation': no reference CoT (training needs one)")),
     ],
 )
 def test_bad_mathqa_and_svamp_items(tmp_path, fmt, overrides, fragments):
@@ -299,16 +301,17 @@ def test_file_level_problems_raise_even_when_skipping(tmp_path, content, fragmen
 
 
 def test_missing_file(tmp_path):
-    _raises(tmp_path / "nope.jsonl", "file not found")
-    _raises(tmp_path / "nope.json", "file not found", fmt="gsm8k")
+    _raises(tmp_path / "nope.jsonl", "no such file or directory")
+    _raises(tmp_path / "nope.json", "no such file or directory", fmt="gsm8k")
 
 
 def test_unknown_format_and_undetectable_fields(tmp_path):
     path = write_json(tmp_path / "odd.json", [{"foo": 1}])
     with pytest.raises(DataError, match="unknown format 'csv'"):
         load_examples(path, "csv")
-    message = _raises(path, "cannot infer the format", "foo")
+    message = _raises(path, "item 0: cannot infer the format", "foo", "set --data_format to one of")
     assert all(fmt in message for fmt in FORMATS)
+    assert "fmt=" not in message
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -321,7 +324,7 @@ def test_skip_invalid_keeps_good_rows_in_order_and_reports_reasons(tmp_path):
         json.dumps({"answer": "#### 1"}),
         "{oops",
         json.dumps({**GSM8K_ROW, "answer": "no final line"}),
-        json.dumps({"question": "Second good one?", "answer": "#### 2"}),
+        json.dumps({"question": "Second good one?", "answer": "1 + 1 = 2\n#### 2"}),
         json.dumps({"answer": "#### 3"}),
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -335,14 +338,18 @@ def test_skip_invalid_keeps_good_rows_in_order_and_reports_reasons(tmp_path):
     ]
     summary = result.summary()
     assert summary.startswith(f"loaded 2 examples from {path}; skipped 4 (")
-    assert "2x missing field 'question'" in summary
-    assert "1x field 'answer': no '#### N' final line" in summary
+    assert "2x missing field 'question' [train.jsonl line 2, train.jsonl line 6]" in summary
+    assert "1x field 'answer': no '#### N' final line [train.jsonl line 4]" in summary
 
 
-def test_skip_invalid_groups_details_in_summary():
-    skipped = [Skipped(f"a.json item {i}", f"field 'x': not a number ('{i}')") for i in range(3)]
+def test_skip_invalid_groups_details_in_summary_with_the_first_locations():
+    skipped = [Skipped(f"a.json item {i}", f"field 'x': not a number ('{i}')") for i in range(5)]
+    skipped.append(Skipped("a.json item 9", "missing field 'y'"))
     result = LoadResult([Example("1", "q", "", "1")], skipped, "a.json")
-    assert result.summary() == "loaded 1 examples from a.json; skipped 3 (3x field 'x': not a number)"
+    assert result.summary() == (
+        "loaded 1 examples from a.json; skipped 6 (5x field 'x': not a number "
+        "[a.json item 0, a.json item 1, a.json item 2, and 2 more]; 1x missing field 'y' [a.json item 9])"
+    )
 
 
 def test_all_rows_invalid_raises(tmp_path):
@@ -381,7 +388,8 @@ def test_hf_saved_dataset(tmp_path):
 
     bad = datasets.Dataset.from_dict({"q": ["x", None], "a": ["#### 1", "#### 2"]})
     bad.save_to_disk(str(tmp_path / "bad"))
-    result = load_examples(tmp_path / "bad", "hf", fields={"question": "q", "answer": "a"}, skip_invalid=True)
+    result = load_examples(tmp_path / "bad", "hf", fields={"question": "q", "answer": "a"}, skip_invalid=True,
+                           require_cot=False)
     assert [e.answer for e in result.examples] == ["1"]
     assert result.skipped == [Skipped("bad row 1", "field 'q': expected text, got null")]
 
@@ -390,5 +398,6 @@ def test_hf_without_datasets_package_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(DataError, match=r"pip install 'reftkit\[datasets\]'"):
         load_examples("openai/gsm8k", "hf")
+    (tmp_path / "state.json").write_text("{}", encoding="utf-8")  # what save_to_disk writes
     with pytest.raises(DataError, match=r"pip install 'reftkit\[datasets\]'"):
-        load_examples(tmp_path)  # auto: a directory is a saved dataset
+        load_examples(tmp_path)  # auto: a directory datasets saved

@@ -19,12 +19,12 @@ Pure functions, no torch, no I/O. Rules (each one a decision, tested in tests/te
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from reftkit.data.numbers import clean_answer_text, format_number, parse_number
 from reftkit.data.records import Example
 
 TRIGGER = "Therefore, the answer is:"
@@ -32,62 +32,13 @@ TRIGGER = "Therefore, the answer is:"
 # Comma and colon optional: the ReFT data files write "Therefore, the answer is <203>."
 _TRIGGER_RE = re.compile(r"therefore,?\s*the\s+answer\s+is\s*:?", re.IGNORECASE)
 
-# Light cleanup shared by numbers and letters: models and datasets wrap answers in markup.
-_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # \frac{3}{4} -> 3/4
-_LATEX_CMD_RE = re.compile(r"\\[A-Za-z]+")  # \boxed, \text, \left ... (arguments are kept)
-_MARKUP = str.maketrans({c: None for c in "\\{}$*<>`"} | {"\u2212": "-", "\u2013": "-"})
-_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-
-# One unsigned number: "72", "3.", "0.25", ".5", "1e-05" (format_number's output for tiny
-# values). A leading-dot decimal must not follow a letter, so "rs.150" is 150, not 0.15.
-_UNSIGNED = r"(?:[0-9]+(?:\.[0-9]*)?|(?<![A-Za-z])\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-_NUMBER_RE = re.compile(
-    r"(?P<neg>-\s*)?"
-    r"(?:(?P<whole>[0-9]+)\s+(?=[0-9]+\s*/))?"  # whole part of a mixed number "1 1/2"
-    rf"(?P<num>{_UNSIGNED})"
-    rf"(?:\s*/\s*(?P<den>{_UNSIGNED}))?"
-)
-
 # An option letter standing alone, optionally in brackets or after "option"/"choice".
 _LETTER_RE = re.compile(
     r"^(?:(?:option|choice)\s*:?\s*)?[(\[]?\s*(?P<letter>[a-e])\s*(?:[)\].:,]|$)",
     re.IGNORECASE,
 )
 
-_DECIMALS = 10  # canonical text keeps this many decimals: short, and far below any tolerance
 _FLOAT_SLACK = 1e-9  # so a difference of exactly `tol` written in decimal is not lost to rounding
-
-
-def _clean(text: str) -> str:
-    text = _FRAC_RE.sub(r"\1/\2", text)
-    text = _LATEX_CMD_RE.sub("", text).translate(_MARKUP)
-    return _THOUSANDS_RE.sub("", text).strip()
-
-
-def parse_number(text: str) -> float | None:
-    """The first number in a short answer string, or None (see the module rules). Never raises."""
-    match = _NUMBER_RE.search(_clean(text))
-    if match is None:
-        return None
-    value = float(match["num"])
-    if match["den"] is not None:
-        den = float(match["den"])
-        if den == 0:
-            return None
-        whole = match["whole"]
-        if whole is not None and not (match["num"].isdigit() and match["den"].isdigit() and value < den):
-            value = float(whole)  # "10 20/4" is not a mixed number: keep the first number only
-        else:
-            value = value / den + (float(whole) if whole is not None else 0.0)
-    if match["neg"] is not None:
-        value = -value
-    return value if math.isfinite(value) else None
-
-
-def format_number(x: float) -> str:
-    """Canonical text of a finite number: "72", "0.75", "-3", "0.00001" (no exponent)."""
-    text = f"{x:.{_DECIMALS}f}".rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
 
 
 def _answer_line(completion: str) -> str | None:
@@ -114,7 +65,7 @@ def extract_answer(completion: str, multiple_choice: bool = False) -> str | None
 def read_answer(line: str, multiple_choice: bool = False) -> str | None:
     """Canonical answer text of an answer (a trigger's line, or a program's return value)."""
     if multiple_choice:
-        match = _LETTER_RE.match(_clean(line))
+        match = _LETTER_RE.match(clean_answer_text(line))
         return match["letter"].lower() if match else None
     value = parse_number(line)
     return None if value is None else format_number(value)

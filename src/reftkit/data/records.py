@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,8 @@ class Example:
     options: option texts in letter order for multiple choice (("24", "120", ...)), else None.
     cot: the reference chain of thought without the final "Therefore, the answer is" line;
         empty when the source has none (evaluation-only data).
+    cot_source: where the cot was read, as messages name it ("train.jsonl line 3, field 'answer'");
+        empty for examples made in code. Not part of equality.
     """
 
     id: str
@@ -21,6 +23,7 @@ class Example:
     cot: str
     answer: str
     options: tuple[str, ...] | None = None
+    cot_source: str = field(default="", compare=False, repr=False)
 
     @property
     def is_multiple_choice(self) -> bool:
