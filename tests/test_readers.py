@@ -401,3 +401,134 @@ def test_hf_without_datasets_package_gives_install_hint(tmp_path, monkeypatch):
     (tmp_path / "state.json").write_text("{}", encoding="utf-8")  # what save_to_disk writes
     with pytest.raises(DataError, match=r"pip install 'reftkit\[datasets\]'"):
         load_examples(tmp_path)  # auto: a directory datasets saved
+
+
+# ----------------------------------------------------------------------------- reference CoT (issue 14)
+
+
+def test_reft_repo_test_sets_have_no_cot_and_are_read_for_evaluation(tmp_path):
+    # as the ReFT repository's data/gsm8k_test_set.json and data/mathqa_test_set.json
+    numeric = [{"item_id": "gsm8k_0", "question": "Janet has 16 eggs. How many?", "answer_value": 18.0}]
+    choices = [
+        {"item_id": "mathqa_0", "question": "what is 5 ^ 4 ?\na ) 24 , b ) 120 , c ) 625 , d ) 720 , e ) 1024",
+         "answer_value": "c"},
+        {"item_id": "mathqa_95", "question": "height ?\n['a ) 12', 'b ) 15', 'c ) 10', 'd ) 8', 'e ) 14']",
+         "answer_value": "a"},
+    ]
+    got = load_examples(write_json(tmp_path / "gsm8k_test_set.json", numeric), require_cot=False).examples
+    assert got == [Example("gsm8k_0", "Janet has 16 eggs. How many?", "", "18")]
+    got = load_examples(write_json(tmp_path / "mathqa_test_set.json", choices), require_cot=False).examples
+    assert got == [
+        Example("mathqa_0", "what is 5 ^ 4 ?", "", "c", ("24", "120", "625", "720", "1024")),
+        Example("mathqa_95", "height ?", "", "a", ("12", "15", "10", "8", "14")),
+    ]
+    # --data_format reft asks for no answer_cot either, when no CoT is needed
+    assert load_examples(tmp_path / "gsm8k_test_set.json", "reft", require_cot=False).examples == [
+        Example("gsm8k_0", "Janet has 16 eggs. How many?", "", "18")]
+    # training on it is refused, naming the file, the item and the field
+    _raises(tmp_path / "gsm8k_test_set.json", "item 0: missing field 'answer_cot' (the reference CoT", fmt="reft")
+
+
+def test_letter_answer_needs_an_options_line(tmp_path):
+    rows = [{"item_id": "m", "question": "what is 5 ^ 4 ?", "answer_value": "c"}]
+    _raises(write_json(tmp_path / "t.json", rows), "item 0: field 'question': answer_value is an option letter",
+            require_cot=False)
+    rows = [{"item_id": "m", "question": "q ?\na ) 1 , b ) 2 , c ) 3", "answer_value": "e"}]
+    _raises(write_json(tmp_path / "t.json", rows), "field 'answer_value': not an option letter a-c", require_cot=False)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "fragment"),
+    [
+        ("gsm8k", {"question": "q?", "answer": "#### 5"}, "field 'answer': no reference CoT (training needs one)"),
+        ("reft", reft_item(answer_cot="Therefore, the answer is <203>."), "field 'answer_cot': no reference CoT"),
+        ("reft", reft_item(answer_cot=None), "field 'answer_cot': expected text, got null"),
+        ("svamp", {k: v for k, v in SVAMP_ROW.items() if k != "Equation"}, "missing field 'Equation' (the reference"),
+        ("mathqa", {**MATHQA_ROW, "Rationale": '""'}, "field 'Rationale': no reference CoT"),
+        ("mathqa-numeric", {k: v for k, v in MATHQA_ROW.items() if k != "Rationale"}, "missing field 'Rationale'"),
+    ],
+)
+def test_rows_without_reference_cot_are_refused_for_training_and_read_for_evaluation(tmp_path, fmt, row, fragment):
+    path = write_jsonl(tmp_path / "train.jsonl", [row])
+    _raises(path, "line 1: " + fragment, fmt=fmt)
+    assert [e.cot for e in load_examples(path, fmt, require_cot=False).examples] == [""]
+
+
+def test_cot_source_names_the_file_line_and_the_formats_field(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [GSM8K_ROW, reft_item()])
+    assert load_examples(path, "gsm8k", skip_invalid=True).examples[0].cot_source == f"{path} line 1, field 'answer'"
+    path = write_json(tmp_path / "train.json", [reft_item()])
+    assert load_examples(path).examples[0].cot_source == f"{path} item 0, field 'answer_cot'"
+
+
+# ----------------------------------------------------------------------------- sources and messages (issue 14)
+
+
+def test_directory_of_json_files_is_read_in_name_order(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "b.jsonl", [GSM8K_ROW, {"answer": "x\n#### 1"}])
+    write_json(data / "a.json", [{"question": "First?", "answer": "1 + 1 = 2\n#### 2"}])
+    (data / "notes.txt").write_text("not data", encoding="utf-8")
+    (data / "sub").mkdir()
+    write_jsonl(data / "sub" / "c.jsonl", [GSM8K_ROW])
+    result = load_examples(data, skip_invalid=True)
+    assert [(e.id, e.answer) for e in result.examples] == [("a-0", "2"), ("b-1", "72")]
+    assert result.skipped == [Skipped("b.jsonl line 2", "missing field 'question'")]
+    with pytest.raises(DataError, match=rf"{data / 'b.jsonl'} line 2: missing field 'question'"):
+        load_examples(data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="a directory without .json/.jsonl files, and not a saved Hugging Face"):
+        load_examples(tmp_path / "empty")
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(GSM8K_ROW).encode() + b"\n" + json.dumps(GSM8K_ROW).encode() + b"\n{\"q\": \"caf\xe9\"}\n")
+    _raises(path, "line 3: not UTF-8 text (byte 0xe9 at byte column 11)")
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([reft_item()]).encode())  # a byte-order mark is fine
+    assert len(load_examples(path.rename(tmp_path / "bom.json")).examples) == 1
+
+
+@pytest.mark.parametrize("name", ["data/train", "./train", "../nope/train", "train", "a/b/c", "/nonexistent/train"])
+def test_missing_local_looking_path_is_an_error_at_once_without_the_hub(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    hub = []
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda *args, **kwargs: hub.append(args)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match=rf"data '{name}': no such file or directory"):
+        load_examples(name)
+    assert hub == []
+
+
+def test_owner_slash_name_goes_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, split: [{"question": "q?", "answer": f"{name} {split}\n#### 3"}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_examples("openai/gsm8k").examples[0].cot == "openai/gsm8k train"
+    assert load_examples("gsm8k", "hf", split="test").examples[0].cot == "gsm8k test"  # any name with hf
+
+
+# ----------------------------------------------------------------------------- big rows (issue 14)
+
+
+def test_long_runs_of_spaces_do_not_make_the_answer_regexes_quadratic(tmp_path):
+    import time
+
+    spaces = " " * 200_000  # before: minutes (quadratic backtracking); now milliseconds
+    rows = [
+        reft_item("a", answer_cot="29 * 7 = 203" + spaces + "pairs.\nTherefore, the answer is <203>."),
+        reft_item("b", answer_cot=spaces + "x"),
+        {**reft_item("c"), "answer_cot": "the answer is " + spaces + "x\ny"},
+    ]
+    path = write_json(tmp_path / "t.json", rows)
+    start = time.perf_counter()
+    cots = [e.cot for e in load_examples(path).examples]
+    assert cots == ["29 * 7 = 203" + spaces + "pairs.", spaces + "x", "the answer is " + spaces + "x\ny"]
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### " + spaces + "x\nmore"}])
+    _raises(gsm, "no '#### N' final line", fmt="gsm8k")
+    assert equation_cot("(" * 100_000 + " 1.0 + 2.0 " + ")" * 100_000, "3") == "1 + 2 = 3"
+    assert time.perf_counter() - start < 10
