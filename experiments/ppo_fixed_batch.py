@@ -26,7 +26,7 @@ from reftkit.data.synthetic import make_splits
 from reftkit.config import DEMO_LENGTHS as LENGTHS
 from reftkit.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
 from reftkit.trainers.reft import make_rollout, policy_outputs, ppo_update
-from reftkit.training import make_accelerator, make_optimizer
+from reftkit.runtime import make_accelerator, make_optimizer
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from reftkit.config import DEMO_LENGTHS, RerankerConfig
 from reftkit.data.readers import load_examples
 from reftkit.reranker import score_samples, train_reranker
 from reftkit.sampling import read_samples, summarize
-from reftkit.training import make_accelerator
+from reftkit.runtime import make_accelerator
 
 
 def main() -> None:

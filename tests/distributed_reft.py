@@ -19,7 +19,7 @@ from reftkit.config import ReFTConfig  # noqa: E402
 from reftkit.data.synthetic import make_splits  # noqa: E402
 from reftkit.trainers import reft as reft_module  # noqa: E402
 from reftkit.trainers.sft import train_sft  # noqa: E402
-from reftkit.training import process_state  # noqa: E402
+from reftkit.runtime import process_state  # noqa: E402
 
 out = Path(sys.argv[1])
 state = process_state()

@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
 from conftest import LENGTHS
-from reftkit import training as training_module
+from reftkit import runtime as training_module
 from reftkit.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.sft import train_sft
-from reftkit.training import latest_checkpoint
+from reftkit.checkpoints import latest_checkpoint
 
 N, BATCH = 1003, 8  # not a multiple of the batch size: one short batch
 

@@ -123,18 +123,20 @@ def test_unknown_yaml_key_names_key_file_and_suggestion(calls, tmp_path, capsys)
 
 def test_bad_value_type_names_key_and_value(calls, tmp_path, capsys):
     assert run(["reft", "--kl_coef", "abc"]) == 2
-    assert "reftkit reft: invalid value for 'kl_coef': 'abc' (expected a number)" in _error(capsys)
-    assert run(["sft", write(tmp_path, "bf16: maybe\nseed: x\n")]) == 2
+    assert "reftkit reft: invalid value for 'kl_coef' on the command line: 'abc' (expected a number)" in _error(capsys)
+    cfg_file = write(tmp_path, "bf16: maybe\nseed: x\n")
+    assert run(["sft", cfg_file]) == 2
     err = _error(capsys)
-    assert "'bf16': 'maybe'" in err and "'auto'" in err and "'seed': 'x' (expected an integer)" in err
+    assert f"'bf16' in {cfg_file}: 'maybe'" in err and "'auto'" in err
+    assert f"'seed' in {cfg_file}: 'x' (expected an integer)" in err
     assert run(["sft", "--log_with", "mlflow"]) == 2
-    assert "'log_with': 'mlflow'" in _error(capsys)
+    assert "'log_with' on the command line: 'mlflow'" in _error(capsys)
     assert not calls
 
 
 def test_out_of_range_and_cross_field_checks(calls, capsys):
     assert run(["sft", "--lr", "-1"]) == 2
-    assert "invalid value for 'lr': '-1' (must be greater than 0)" in _error(capsys)
+    assert "invalid value for 'lr' on the command line: '-1' (must be greater than 0)" in _error(capsys)
     assert run(["sft", "--max-length", "100"]) == 2
     assert "max_prompt_tokens (300) must be < max_length (100)" in _error(capsys)
     assert not calls

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from conftest import LENGTHS
-from reftkit import training as training_module
+from reftkit import runtime as training_module
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.lora import add_lora, lora_layers, merged_state_dict, reference_lm
 from reftkit.model import (
@@ -22,7 +22,7 @@ from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
-from reftkit.training import ACCELERATE_DIR, latest_checkpoint
+from reftkit.checkpoints import ACCELERATE_DIR, latest_checkpoint
 
 PROMPT_LEN = 8
 

@@ -134,7 +134,7 @@ def test_second_use_loads_the_cache_without_converting(cache, installed, monkeyp
 
 
 def test_training_loader_accepts_the_name(cache, installed):
-    from reftkit.training import load_model_and_tokenizer
+    from reftkit.runtime import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(NAME, [], seed=0)
     assert model.config.vocab_size == len(tokenizer)

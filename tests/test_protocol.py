@@ -18,7 +18,7 @@ from reftkit.reranker import new_reranker, pos_weight, reranker_text, score_text
 from reftkit.sampling import correct_examples, example_from_sample, read_samples
 from reftkit.trainers import offline_st
 from reftkit.trainers.online_st import mixed_nll, train_online_st
-from reftkit.training import make_accelerator
+from reftkit.runtime import make_accelerator
 
 
 def write_rows(path, rows):
@@ -72,7 +72,7 @@ def test_offline_st_trains_on_the_data_plus_distinct_correct_samples(tmp_path, s
 
     real = offline_st.train_sft
     monkeypatch.setattr(offline_st, "train_sft", spy)
-    cfg = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path, samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
+    cfg = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run", samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
                           epochs=1, batch_size=16, lr=1e-3, eval_every_epoch=False, progress=False, **LENGTHS)
     final = offline_st.train_offline_st(cfg, train)
     assert len(seen["data"]) == len(train) + 2
@@ -129,7 +129,7 @@ def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_
     rows = []
     for ex in train[:24]:  # an easy signal: the reference solution vs. a wrong answer with no reasoning
         rows += [sample_row(ex, response_text(ex), True), sample_row(ex, "Therefore, the answer is: 0", False)]
-    cfg = RerankerConfig(model=str(warm_checkpoint), output_dir=tmp_path, samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
+    cfg = RerankerConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run", samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
                          epochs=4, batch_size=8, lr=3e-3, progress=False, **LENGTHS)
     final = train_reranker(cfg, train)
     model = AutoModelForSequenceClassification.from_pretrained(final)  # a plain HF classifier

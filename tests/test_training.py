@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import LENGTHS
-from reftkit import training as training_module
+from reftkit import checkpoints as checkpoints_module
+from reftkit import runtime as training_module
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
-from reftkit.training import latest_checkpoint
+from reftkit.checkpoints import latest_checkpoint
 
 
 def weights(path):
@@ -115,16 +116,14 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, splits, tiny_checkpoint):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(checkpoints_module.RunError, match="no complete checkpoint"):
         train_sft(sft_config(tmp_path / "empty", tiny_checkpoint, resume=True), splits[0])
 
 
 def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, tiny_checkpoint, monkeypatch):
     """A crash while writing a checkpoint must not leave a half-written checkpoint-* behind."""
-    from reftkit import training
-
     train, _ = splits
-    real_save_state = training.Accelerator.save_state
+    real_save_state = checkpoints_module.Accelerator.save_state
     calls = {"n": 0}
 
     def failing_save_state(self, *args, **kwargs):
@@ -133,7 +132,7 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, ti
             raise Interrupt
         return real_save_state(self, *args, **kwargs)
 
-    monkeypatch.setattr(training.Accelerator, "save_state", failing_save_state)
+    monkeypatch.setattr(checkpoints_module.Accelerator, "save_state", failing_save_state)
     with pytest.raises(Interrupt):
         train_sft(sft_config(tmp_path / "run", tiny_checkpoint), train)
     done = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
@@ -165,19 +164,56 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, cot):
         assert all(p["output"].startswith("def solution():") and p["detail"] for p in preds)
 
 
-def test_value_head_gets_its_own_learning_rate():
-    from reftkit.model import PolicyWithValueHead
-    from reftkit.training import make_optimizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+def perturbed_copy(source, destination, seed=0, std=0.02):
+    """The model at `source` with noise added to every weight: a reference that differs from the policy."""
+    lm = AutoModelForCausalLM.from_pretrained(source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    lm.save_pretrained(destination)
+    return destination
 
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2))
-    policy = PolicyWithValueHead(lm)
-    cfg = ReFTConfig(model="x", lr=1e-5, value_head_lr=1e-3)
-    groups = [{"params": policy.lm.parameters()}, {"params": policy.value_head.parameters(), "lr": cfg.value_head_lr}]
-    optimizer, scheduler = make_optimizer(groups, cfg, total_steps=10)
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-5, 1e-3]
-    assert len(optimizer.param_groups[1]["params"]) == 2  # weight and bias of the head
-    optimizer.step()
-    scheduler.step()
-    assert scheduler.get_last_lr() == [1e-5, 1e-3]  # constant schedule keeps each group's rate
+
+def test_value_head_trains_at_value_head_lr_and_the_lm_at_lr(tmp_path, splits, tiny_checkpoint):
+    """Through the real trainer. Adam's first step moves each weight by lr * sign(grad) (no weight
+    decay), so the largest first-step change in each parameter group is that group's rate."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    lr, head_lr = 1e-4, 1e-2
+    steps = []
+
+    def before(optimizer, args, kwargs):
+        steps.append({"lr": [g["lr"] for g in optimizer.param_groups],
+                      "shapes": [[tuple(p.shape) for p in g["params"]] for g in optimizer.param_groups],
+                      "old": [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]})
+
+    def after(optimizer, args, kwargs):
+        step = steps[-1]
+        step["moved"] = [max((p.detach() - q).abs().max().item() for p, q in zip(g["params"], old, strict=True))
+                         for g, old in zip(optimizer.param_groups, step.pop("old"), strict=True)]
+
+    # A reference that differs from the policy puts a KL penalty on every token, so even an untrained
+    # model (reward 0 on every sample) gives the policy and the value head non-zero gradients.
+    ref = perturbed_copy(tiny_checkpoint, tmp_path / "ref")
+    cfg = reft_config(tmp_path / "run", tiny_checkpoint, ref_model=str(ref), lr=lr, value_head_lr=head_lr,
+                      batch_size=4, num_samples=2, mini_batch_size=8, kl_coef=0.5)
+    handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+    try:
+        train_reft(cfg, splits[0][:4])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    assert len(steps) == 2  # 4 questions x 2 samples = one minibatch of 8, times ppo_epochs=2
+    hidden = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).config.hidden_size
+    n_lm = len(list(AutoModelForCausalLM.from_pretrained(tiny_checkpoint).parameters()))
+    (head,) = [i for i, shapes in enumerate(steps[0]["shapes"]) if shapes == [(1, hidden), (1,)]]
+    (lm,) = [i for i, shapes in enumerate(steps[0]["shapes"]) if len(shapes) == n_lm]
+    assert all(step["lr"][head] == head_lr and step["lr"][lm] == lr for step in steps)  # constant schedule
+    assert steps[0]["moved"][head] == pytest.approx(head_lr, rel=1e-3)
+    assert steps[0]["moved"][lm] == pytest.approx(lr, rel=1e-2)  # float32 weights near 1: rounding ~1e-7
+
+    # The saved head is the trained one: it started at 0 and moved by at most ~head_lr per step.
+    saved = load_file(str(tmp_path / "run" / "final" / "value_head.safetensors"))["weight"]
+    assert 0.1 * head_lr < saved.abs().max().item() < 2 * 3.2 * head_lr  # at lr it would stay below 7e-4

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from reftkit.training import loader_generator
+from reftkit.runtime import loader_generator
 
 # Examples are sorted by length inside windows of this many batches. Larger windows pad less but
 # make batch composition more predictable; 50 is the Hugging Face Trainer's value.

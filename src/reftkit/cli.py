@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from reftkit import __version__
 from reftkit.config import (
@@ -156,33 +156,53 @@ _EXPECTED = {
 }
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, where: dict[str, str] | None = None,
+                            typed: dict[str, Any] | None = None) -> str:
+    """One line per problem; `where` names the source of each key (the config file, the command
+    line), `typed` the command-line strings that were converted (the message shows what was typed)."""
     lines = []
     for e in err.errors():
         keys = [str(part) for part in e["loc"] if isinstance(part, str)]
         if not keys:  # a model-level check, e.g. max_prompt_tokens < max_length
             lines.append(f"invalid configuration: {e['msg'].removeprefix('Value error, ')}")
             continue
+        source = f" {where[keys[0]]}" if where and keys[0] in where else ""
         if e["type"] in _EXPECTED:
             why = f"expected {_EXPECTED[e['type']]}"
         elif e["type"] == "literal_error":
             why = f"expected one of {e['ctx']['expected']}"
         else:
             why = e["msg"].replace("Input should be", "must be")
-        lines.append(f"invalid value for '{keys[0]}': {e['input']!r} ({why})")
+        shown = typed[keys[0]] if typed and keys[0] in typed and len(e["loc"]) == 1 else e["input"]
+        lines.append(f"invalid value for '{keys[0]}'{source}: {shown!r} ({why})")
     return "\n".join(lines)
 
 
 def make_config(cmd: Command, ns: argparse.Namespace) -> BaseModel:
+    """Config file values must have their option's type already (strict: `batch_size: "8"` is an
+    error); command-line strings are converted to the option's type first."""
     values = load_yaml(ns.config_file, cmd.config) if ns.config_file else {}
+    where, typed = {key: f"in {ns.config_file}" for key in values}, {}
     for key, value in ((k[len(_DEST):], v) for k, v in vars(ns).items() if k.startswith(_DEST)):
+        where[key], typed[key] = "on the command line", value
+        try:
+            value = TypeAdapter(cmd.config.model_fields[key].annotation).validate_python(value)
+        except ValidationError as e:
+            raise UsageError(format_validation_error(_at(e, key), where)) from None
         # a stage section given on the command line adds to the config file's, key by key
         merge = isinstance(value, dict) and isinstance(values.get(key), dict)
         values[key] = {**values[key], **value} if merge else value
     try:
         return cmd.config.model_validate(values)
     except ValidationError as e:
-        raise UsageError(format_validation_error(e)) from None
+        raise UsageError(format_validation_error(e, where, typed)) from None
+
+
+def _at(err: ValidationError, key: str) -> ValidationError:
+    """The errors of one option's value, located at that option."""
+    return ValidationError.from_exception_data(
+        err.title, [{"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"], "ctx": e.get("ctx", {})}
+                    for e in err.errors()])
 
 
 def _setup_logging(quiet: bool) -> None:

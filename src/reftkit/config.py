@@ -7,15 +7,20 @@ error that names it (pydantic, extra="forbid").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from reftkit.cot import CotStyle
 
 
+# Strict types: a YAML `batch_size: "8"` or `save_every: true` is an error, not silently converted
+# (the command line's strings are converted by the CLI first); NaN and infinity are never a setting.
+LaxPath = Annotated[Path, Strict(False)]
+
+
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class CommonConfig(_Config):
@@ -35,7 +40,7 @@ class CommonConfig(_Config):
         1, gt=0, description="program CoT: programs run in turn by one forked child (1: a fresh process each; "
                             "more is faster but programs of a child share module state, docs/executor.md)")
     skip_invalid: bool = Field(False, description="skip malformed rows (reported with reasons) instead of stopping")
-    output_dir: Path = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
+    output_dir: LaxPath = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
     seed: int = Field(42, description="seed for data order, sampling and initialisation")
     max_prompt_tokens: int = Field(300, gt=0, description="prompt tokens kept (the paper: 300)")
     max_length: int = Field(700, gt=0, description="prompt + response tokens (the paper: 700)")
@@ -59,7 +64,6 @@ class OptimConfig(_Config):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps for linear warm-up")
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
 
 
 class TrainConfig(CommonConfig, OptimConfig):
@@ -75,9 +79,15 @@ class TrainConfig(CommonConfig, OptimConfig):
     gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass: less activation memory for about one more forward pass of compute")
     group_by_length: bool = Field(False, description="batches of similar length (SFT: examples, ReFT: prompts), still shuffled per epoch; less padding, but batches are no longer uniformly random (off: the paper's setup)")
     max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
+    overwrite_output_dir: bool = Field(False, description="start afresh in an output_dir that holds another run: its checkpoints, final model, metrics and predictions are removed first (other files stay)")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a non-finite loss or gradient: stop the run (nothing non-finite is saved; the last checkpoint stays), or skip that optimiser step and count it")
 
 
-class SFTConfig(TrainConfig):
+class AccumulationOptions(_Config):
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (gradient accumulation); the effective batch is batch_size x grad_accum x processes")
+
+
+class SFTConfig(TrainConfig, AccumulationOptions):
     """Supervised fine-tuning on (question, reference CoT); loss on response tokens only."""
 
     eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
@@ -141,7 +151,7 @@ class EvalConfig(CommonConfig):
 class DemoConfig(_Config):
     """The built-in demo: synthetic problems, tiny model, SFT warm-up then ReFT vs continued SFT."""
 
-    output_dir: Path = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
+    output_dir: LaxPath = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
     seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
     cot: CotStyle = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
     n_train: int = Field(6000, gt=0, description="synthetic training questions (one reference CoT each)")
@@ -160,6 +170,7 @@ class DemoConfig(_Config):
     num_samples: int = Field(4, gt=0, description="samples per question in ReFT")
     kl_coef: float | None = Field(None, ge=0, description="ReFT KL coefficient; default: the paper's for the CoT style")
     progress: bool = Field(True, description="show progress bars")
+    overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
 
 
 class SampleConfig(CommonConfig, SamplingOptions):
@@ -181,7 +192,7 @@ class OfflineSTConfig(SFTConfig, SamplesInput):
     """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated) samples of `model`."""
 
 
-class OnlineSTConfig(TrainConfig, SamplingOptions):
+class OnlineSTConfig(TrainConfig, AccumulationOptions, SamplingOptions):
     """Online self-training: each batch, sample from the current policy and train on its correct samples mixed with the reference CoTs."""
 
     epochs: int = Field(1, gt=0, description="passes over the training questions")
@@ -189,7 +200,7 @@ class OnlineSTConfig(TrainConfig, SamplingOptions):
     self_weight: float = Field(0.5, ge=0, le=1, description="share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs")
 
 
-class RerankerConfig(TrainConfig, SamplesInput):
+class RerankerConfig(TrainConfig, AccumulationOptions, SamplesInput):
     """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on graded samples of the training questions."""
 
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")

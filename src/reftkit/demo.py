@@ -12,16 +12,19 @@ import json
 import time
 from pathlib import Path
 
+from reftkit.checkpoints import RunError, check_writable
 from reftkit.config import DEMO_LENGTHS, DemoConfig, ReFTConfig, SFTConfig, demo_stage_options
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
-from reftkit.training import process_state
+from reftkit.runtime import process_state
 
 
 def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
     """The three stages' configs; every demo hyperparameter lives in DemoConfig."""
-    out, common = Path(cfg.output_dir), {**DEMO_LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot}
+    out = Path(cfg.output_dir)
+    common = {**DEMO_LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot,
+              "overwrite_output_dir": cfg.overwrite_output_dir}
     options = demo_stage_options(cfg)
     warmup = SFTConfig(model="tiny", output_dir=out / "warmup", **options["warmup"], **common)
     start = str(out / "warmup" / "final")
@@ -36,6 +39,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from reftkit.evaluate_cli import run_eval
     from reftkit.config import EvalConfig
 
+    out = Path(cfg.output_dir)
+    if process_state().is_main_process:
+        check_writable(out)
+        if any(out.iterdir()) and not cfg.overwrite_output_dir:
+            raise RunError(f"output_dir {out} is not empty: rerun the demo with --overwrite_output_dir to replace "
+                           "its runs, or choose another --output_dir")
     train, test = make_splits(cfg.n_train, cfg.n_test, cfg.seed, cfg.one_line_fraction, cfg.cot)
     warmup, sft, reft = demo_configs(cfg)
     test_file = Path(cfg.output_dir) / "test.jsonl"

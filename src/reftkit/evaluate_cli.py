@@ -8,7 +8,7 @@ from reftkit.config import EvalConfig
 from reftkit.cot import open_grader
 from reftkit.evaluate import evaluate_run
 from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.training import Metrics, load_examples_for, make_accelerator
+from reftkit.runtime import Metrics, load_examples_for, make_accelerator
 
 log = logging.getLogger("reftkit")
 

@@ -25,7 +25,8 @@ from reftkit.config import CommonConfig, DemoConfig, EvalConfig, ReproduceConfig
 from reftkit.report import plot_accuracy, plot_curves, results_table
 from reftkit.evaluate import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
-from reftkit.training import STATE_FILE, latest_checkpoint, process_state
+from reftkit.checkpoints import STATE_FILE, latest_checkpoint
+from reftkit.runtime import process_state
 
 log = logging.getLogger("reftkit")
 METHOD_NAMES = {"warmup": "warm-up SFT", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST",
@@ -58,6 +59,9 @@ def resumable_training(name: str, stage_cfg, train_fn: Callable) -> Path:
         log.info("stage %s: done, skipped (%s)", name, final)
         return final
     stage_cfg.resume = latest_checkpoint(stage_cfg.output_dir) is not None
+    # The stage directory is this reproduce run's own: what an attempt left before its first
+    # checkpoint (metrics, the run file) is replaced rather than refused.
+    stage_cfg.overwrite_output_dir = not stage_cfg.resume
     log.info("stage %s: %s", name, "resuming" if stage_cfg.resume else "starting")
     _timed(stage_cfg.output_dir, lambda: train_fn(stage_cfg))
     return final

@@ -13,7 +13,6 @@ otherwise be read one token early.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,9 @@ from reftkit.data.records import Example
 from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from reftkit.prompts import pad_right, prompt_text
 from reftkit.sampling import draw_samples, read_samples
-from reftkit.trainers.fit import fit
-from reftkit.training import make_accelerator, make_optimizer, training_examples
+from reftkit.checkpoints import claim_output_dir
+from reftkit.runtime import make_accelerator, make_optimizer, training_examples
+from reftkit.trainers.fit import fit, steps_per_epoch
 
 
 def reranker_text(example: Example, output: str) -> str:
@@ -73,7 +73,8 @@ def new_reranker(sft_dir: str, pad_token_id: int):
 def train_reranker(cfg: RerankerConfig, train: list[Example] | None = None) -> Path:
     """Trains the reward model and returns its directory (a plain HF sequence classifier)."""
     accelerator = make_accelerator(cfg)
-    train = training_examples(train, cfg)
+    run = claim_output_dir(accelerator, cfg, "train-reranker")
+    train = training_examples(train, cfg, require_cot=False)  # graded samples, not the reference CoT
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.padding_side = "right"
     if cfg.samples_file:
@@ -92,11 +93,11 @@ def train_reranker(cfg: RerankerConfig, train: list[Example] | None = None) -> P
         enable_gradient_checkpointing(model)
     loader = shuffled_loader(features, lambda: [len(f[0]) for f in features], cfg.batch_size, cfg.seed,
                              cfg.group_by_length, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
-    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
+    steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, partial(classifier_loss, weight=weight),
-               name="reranker", steps_per_epoch=steps_per_epoch)
+    return fit(accelerator, cfg, run, model, tokenizer, loader, optimizer, scheduler,
+               partial(classifier_loss, weight=weight), name="reranker", steps_per_epoch=steps)
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary."""
     from reftkit.model import load_causal_lm, load_tokenizer
-    from reftkit.training import load_examples_for, make_accelerator
+    from reftkit.runtime import load_examples_for, make_accelerator
 
     accelerator = make_accelerator(cfg)
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from tqdm.auto import tqdm
 from reftkit.config import TrainConfig
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
-from reftkit.training import (
-    Metrics, Progress, epoch_batches, load_examples_for, load_model_and_tokenizer, make_accelerator,
-    prepare_lm_for_training, resume_from, save_checkpoint, save_step_checkpoint, training_examples,
+from reftkit.checkpoints import Progress, Run, claim_output_dir, resume_from, save_final, save_step_checkpoint
+from reftkit.runtime import (
+    Metrics, epoch_batches, guarded_step, load_examples_for, load_model_and_tokenizer, make_accelerator,
+    prepare_lm_for_training, training_examples,
 )
 
 log = logging.getLogger("reftkit")
@@ -28,15 +30,24 @@ def _identity(model):
     return model
 
 
+def steps_per_epoch(accelerator: Accelerator, loader, grad_accum: int) -> int:
+    """Optimiser steps in one epoch of `loader` (batches before sharding across processes)."""
+    return math.ceil(len(loader) / accelerator.num_processes / grad_accum)
+
+
 def fit(
-    accelerator: Accelerator, cfg: TrainConfig, model, tokenizer, loader, optimizer, scheduler, loss_fn: LossFn, *,
-    name: str, steps_per_epoch: int, after_epoch: Callable[[int, Progress, Metrics], None] | None = None,
-    lm_of=_identity,
+    accelerator: Accelerator, cfg: TrainConfig, run: Run, model, tokenizer, loader, optimizer, scheduler,
+    loss_fn: LossFn, *, name: str, steps_per_epoch: int,
+    after_epoch: Callable[[int, Progress, Metrics], None] | None = None, lm_of=_identity,
 ) -> Path:
-    """Runs cfg.epochs over `loader` (all already `accelerator.prepare`d); returns the final model dir."""
+    """Runs cfg.epochs over `loader` (all already `accelerator.prepare`d); returns the final model dir.
+
+    `cfg.grad_accum` micro-batches make one optimiser step (the accelerator accumulates); a step
+    with a non-finite loss or gradient stops the run or is skipped (`cfg.nonfinite`)."""
     accelerator.register_for_checkpointing(scheduler)
-    progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
-    metrics = Metrics(accelerator, cfg, name)
+    run = resume_from(accelerator, cfg, run) if cfg.resume else run
+    progress = run.progress
+    metrics = Metrics(accelerator, cfg, name, run.resumed_at)
     bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc=name,
                disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
@@ -45,41 +56,40 @@ def fit(
             with accelerator.accumulate(model):
                 loss, extra = loss_fn(model, batch)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
+                if not accelerator.sync_gradients:
+                    continue  # the next micro-batch adds to these gradients
+                stepped, grad_norm = guarded_step(accelerator, model, optimizer, cfg, loss,
+                                         f"step {progress.step + 1} (epoch {epoch + 1}, batch {i + 1})")
             scheduler.step()
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(), **extra,
-                         "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+                         "grad_norm": grad_norm, "skipped": not stepped,
+                         "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
             if cfg.save_every and progress.step % cfg.save_every == 0:
-                save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, progress)
+                save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, run, progress)
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         if after_epoch is not None:
             after_epoch(epoch, progress, metrics)
-        save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, progress)
+        save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, run, progress)
     bar.close()
-    final = save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
-                            cfg.model_dump(mode="json"))
+    final = save_final(accelerator, model, lm_of, tokenizer, cfg, run)
     metrics.close()
     return final
 
 
-def start_lm_run(cfg: TrainConfig, train: list[Example] | None, eval_set: list[Example] | None):
-    """(accelerator, train, eval_set, model, tokenizer) of a run that fine-tunes a causal LM, with
-    the configured LoRA / gradient checkpointing applied."""
+def start_lm_run(cfg: TrainConfig, command: str, train: list[Example] | None, eval_set: list[Example] | None):
+    """(accelerator, run, train, eval_set, model, tokenizer) of a run that fine-tunes a causal LM,
+    with the configured LoRA / gradient checkpointing applied; the output_dir is claimed first."""
     accelerator = make_accelerator(cfg)
+    run = claim_output_dir(accelerator, cfg, command)
     train = training_examples(train, cfg)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
-    return accelerator, train, eval_set, prepare_lm_for_training(model, cfg), tokenizer
+    return accelerator, run, train, eval_set, prepare_lm_for_training(model, cfg), tokenizer
 
 
 def greedy_eval_hook(accelerator, model, tokenizer, eval_set: list[Example] | None, grader, cfg):

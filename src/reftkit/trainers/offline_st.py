@@ -7,19 +7,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from reftkit.checkpoints import check_output_dir
 from reftkit.config import OfflineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.model import load_causal_lm, load_tokenizer
 from reftkit.sampling import correct_examples, draw_samples, read_samples
 from reftkit.trainers.sft import train_sft
-from reftkit.training import make_accelerator, training_examples
+from reftkit.runtime import make_accelerator, training_examples
 
 log = logging.getLogger("reftkit")
 
 
 def train_offline_st(cfg: OfflineSTConfig, train: list[Example] | None = None,
                      eval_set: list[Example] | None = None) -> Path:
+    check_output_dir(cfg)  # before sampling: a run that cannot start must not cost a sampling pass first
     train = training_examples(train, cfg)
     if cfg.samples_file:
         rows = read_samples(Path(cfg.samples_file), train)

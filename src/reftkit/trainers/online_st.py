@@ -20,10 +20,8 @@ from reftkit.data.records import Example
 from reftkit.evaluate import decode_and_grade
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft
 from reftkit.sampling import correct_examples
-from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run
-from reftkit.training import (
-    make_optimizer,
-)
+from reftkit.runtime import make_optimizer
+from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 log = logging.getLogger("reftkit")
 
@@ -49,12 +47,12 @@ def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
 
 def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set: list[Example] | None,
                      grader) -> Path:
-    accelerator, train, eval_set, model, tokenizer = start_lm_run(cfg, train, eval_set)
+    accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "online-st", train, eval_set)
     references = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     loader = shuffled_loader(list(range(len(train))), lambda: [len(f.input_ids) for f in references], cfg.batch_size,
                              cfg.seed, cfg.group_by_length)
-    steps_per_epoch = -(-len(loader) // accelerator.num_processes)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
+    steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     sampling = cfg.sampling(cfg.max_length - cfg.max_prompt_tokens)
 
@@ -75,6 +73,6 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
         return mixed_nll(logits, batch["labels"], is_own, cfg.self_weight), {
             "train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())}
 
-    return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, loss_fn, name="online_st",
-               steps_per_epoch=steps_per_epoch,
+    return fit(accelerator, cfg, run, model, tokenizer, loader, optimizer, scheduler, loss_fn, name="online_st",
+               steps_per_epoch=steps,
                after_epoch=greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg))

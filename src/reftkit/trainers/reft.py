@@ -26,9 +26,12 @@ from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, lm_re
 from reftkit.model import load_tokenizer, response_slice, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
-from reftkit.training import (
-    Metrics, Progress, epoch_batches, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
-    resume_from, save_checkpoint, save_step_checkpoint, training_examples,
+from reftkit.checkpoints import (
+    NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, weights_finite,
+)
+from reftkit.runtime import (
+    Metrics, epoch_batches, guarded_step, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
+    training_examples,
 )
 
 log = logging.getLogger("reftkit")
@@ -96,12 +99,14 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
     return batch, record
 
 
-def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, cfg: ReFTConfig, generator):
-    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimiser step each."""
+def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, cfg: ReFTConfig, generator,
+               step: int):
+    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimiser step each
+    (skipped, or the run stopped, when its loss or gradient is non-finite: `cfg.nonfinite`)."""
     n = batch.sequences.shape[0]
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0}
-    updates = 0
-    for _ in range(cfg.ppo_epochs):
+    updates = skipped = 0
+    for ppo_epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(batch.sequences.device)
         for start in range(0, n, cfg.mini_batch_size):
             idx = order[start : start + cfg.mini_batch_size]
@@ -112,15 +117,19 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
             pg_loss, clip_frac = ppo.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask,
                                                  cfg.clip_range)
             vf_loss = ppo.value_loss(values, batch.old_values[idx], batch.returns[idx], mask, cfg.value_clip_range)
-            accelerator.backward(pg_loss + cfg.vf_coef * vf_loss)
-            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            accelerator.backward(loss)
+            stepped, _ = guarded_step(accelerator, policy, optimizer, cfg, loss,
+                                      f"rollout batch {step}, PPO epoch {ppo_epoch + 1}, minibatch {start // cfg.mini_batch_size + 1}")
+            skipped += not stepped
             scheduler.step()
-            optimizer.zero_grad()
             for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_frac", clip_frac)):
                 sums[key] += value.item()
             updates += 1
-    return {k: v / max(updates, 1) for k, v in sums.items()}
+    if not weights_finite(policy):
+        raise NonFiniteError(f"non-finite weights after rollout batch {step}: run stopped, nothing of this batch "
+                             "saved; the last checkpoint is intact (lower lr)")
+    return {**{k: v / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
@@ -131,7 +140,8 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
 
 def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
-    train = training_examples(train, cfg)
+    run = claim_output_dir(accelerator, cfg, "reft")
+    train = training_examples(train, cfg, require_cot=False)  # PPO needs questions and gold answers only
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     tokenizer = load_tokenizer(cfg.model)
@@ -152,9 +162,10 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     optimizer, scheduler = make_optimizer(groups, cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
-    progress = resume_from(accelerator, cfg.output_dir) if cfg.resume else Progress()
+    run = resume_from(accelerator, cfg, run) if cfg.resume else run
+    progress = run.progress
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
-    metrics = Metrics(accelerator, cfg, "reft")
+    metrics = Metrics(accelerator, cfg, "reft", run.resumed_at)
 
     def run_eval(tag: str) -> None:
         if not eval_set:
@@ -165,7 +176,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
         log.info("%s: eval accuracy %.4f", tag, acc)
 
     def checkpoint() -> None:
-        save_step_checkpoint(accelerator, policy, _lm, tokenizer, cfg, progress)
+        save_step_checkpoint(accelerator, policy, _lm, tokenizer, cfg, run, progress)
 
     bar = tqdm(total=batches_per_epoch * cfg.epochs, initial=progress.step, desc="reft",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -175,7 +186,8 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                                            [train[j] for j in indices.tolist()], cfg, grader)
             # Minibatch order: a function of (seed, step), identical on every process and after --resume.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
-            record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator))
+            record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator,
+                                     progress.step + 1))
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
@@ -191,8 +203,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
             run_eval(f"epoch{epoch + 1}")
         checkpoint()
     bar.close()
-    final = save_checkpoint(accelerator, policy, _lm, tokenizer, cfg.output_dir, "final", None,
-                            cfg.model_dump(mode="json"))
+    final = save_final(accelerator, policy, _lm, tokenizer, cfg, run)
     metrics.close()
     return final
 

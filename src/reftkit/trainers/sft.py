@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from functools import partial
 from pathlib import Path
 
@@ -12,10 +11,8 @@ from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.prompts import collate_sft, encode_sft
-from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run
-from reftkit.training import (
-    make_optimizer,
-)
+from reftkit.runtime import make_optimizer
+from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 log = logging.getLogger("reftkit")
 
@@ -27,7 +24,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
 
 
 def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
-    accelerator, train, eval_set, model, tokenizer = start_lm_run(cfg, train, eval_set)
+    accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "sft", train, eval_set)
     features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
     truncated = sum(f.truncated for f in features)
     if truncated:
@@ -35,14 +32,14 @@ def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Examp
                     len(features), cfg.max_length)
     loader = shuffled_loader(features, lambda: [len(f.input_ids) for f in features], cfg.batch_size, cfg.seed,
                              cfg.group_by_length, collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
-    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.grad_accum)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps_per_epoch * cfg.epochs)
+    steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set if cfg.eval_every_epoch else None, grader,
                                    cfg)
-    return fit(accelerator, cfg, model, tokenizer, loader, optimizer, scheduler, lm_loss, name="sft",
-               steps_per_epoch=steps_per_epoch, after_epoch=after_epoch)
+    return fit(accelerator, cfg, run, model, tokenizer, loader, optimizer, scheduler, lm_loss, name="sft",
+               steps_per_epoch=steps, after_epoch=after_epoch)
 
 
 def lm_loss(model, batch: dict) -> tuple:

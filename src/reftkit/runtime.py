@@ -1,4 +1,5 @@
-"""Pieces both trainers share, as plain functions: accelerator, data, optimiser, checkpoints, metrics."""
+"""What every command runs on, as plain functions: the accelerator, data and model loading, the
+optimiser, the epoch loop's batches and the metrics file."""
 
 from __future__ import annotations
 
@@ -6,21 +7,20 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from reftkit.checkpoints import NonFiniteError
 from reftkit.config import CommonConfig, OptimConfig, TrainConfig
-from reftkit.data.records import Example
-from reftkit.lora import add_lora, plain_model_and_state
-from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from reftkit.cot import CotStyle
+from reftkit.data.records import Example
+from reftkit.lora import add_lora
+from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from reftkit.prompts import prompt_text, response_text
 from reftkit.tiny import build_model, build_tokenizer
 
@@ -28,9 +28,6 @@ log = logging.getLogger("reftkit")
 # accelerate warns on every save that tied embeddings are stored once; that is expected for
 # tied models (from_pretrained re-ties them), so the warning only buries real ones.
 logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
-
-STATE_FILE = "trainer_state.json"
-ACCELERATE_DIR = "accelerate_state"  # optimizer, scheduler, per-process RNG, model (for --resume)
 
 
 def cpu_multiprocess() -> bool:
@@ -45,6 +42,7 @@ def process_state() -> PartialState:
 
 
 def make_accelerator(cfg: CommonConfig) -> Accelerator:
+    """The run's accelerator; `grad_accum` micro-batches make one optimiser step where the command has it."""
     use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=cpu_multiprocess(),
@@ -52,25 +50,31 @@ def make_accelerator(cfg: CommonConfig) -> Accelerator:
         log_with=list(cfg.log_with) or None,
         project_dir=str(cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=getattr(cfg, "grad_accum", 1)),
     )
     set_seed(cfg.seed, device_specific=False)
     return accelerator
 
 
-def load_examples_for(path: str | None, cfg: CommonConfig, role: str) -> list[Example]:
+def load_examples_for(path: str | None, cfg: CommonConfig, role: str, *,
+                      require_cot: bool | None = None) -> list[Example]:
+    """The examples of `path`. require_cot: every row must have a reference CoT; None means the
+    train role needs one and the eval role does not (eval data needs a question and a gold answer)."""
     from reftkit.data.readers import load_examples
 
     if path is None:
         raise ValueError(f"no {role} data: set {role}_file in the config or on the command line")
-    result = load_examples(path, cfg.data_format, skip_invalid=cfg.skip_invalid)
+    require_cot = role == "train" if require_cot is None else require_cot
+    result = load_examples(path, cfg.data_format, skip_invalid=cfg.skip_invalid, require_cot=require_cot)
     if result.skipped:
         log.warning(result.summary())
     return result.examples
 
 
-def training_examples(train: list[Example] | None, cfg) -> list[Example]:
-    """The examples a trainer was given, or its train_file; the first max_train_examples of them."""
-    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train")
+def training_examples(train: list[Example] | None, cfg, *, require_cot: bool = True) -> list[Example]:
+    """The examples a trainer was given, or its train_file; the first max_train_examples of them.
+    require_cot=False for trainers that use only the questions and gold answers (ReFT, the reranker)."""
+    train = train if train is not None else load_examples_for(cfg.train_file, cfg, "train", require_cot=require_cot)
     return train[: cfg.max_train_examples]
 
 
@@ -118,90 +122,7 @@ def make_optimizer(params, cfg: OptimConfig, total_steps: int):
     return optimizer, scheduler
 
 
-@dataclass
-class Progress:
-    """Where a run is: enough to continue it exactly (with the accelerate state beside it)."""
-
-    step: int = 0  # optimiser steps (SFT) or rollout batches (ReFT) done
-    epoch: int = 0  # current epoch
-    batch_in_epoch: int = 0  # batches of the current epoch already consumed
-
-
-def save_hf_model(accelerator: Accelerator, model, lm_of, tokenizer, directory: Path) -> None:
-    """Writes a plain HF directory: `from_pretrained(directory)` loads the policy without reftkit."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model)  # gathers shards under FSDP / ZeRO-3
-    lm = lm_of(unwrapped)
-    prefix = "lm." if lm is not unwrapped else ""
-    lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if state else None
-    lm, lm_state = plain_model_and_state(lm, lm_state)  # LoRA: merged weights, no peft needed to load
-    lm.save_pretrained(directory, state_dict=lm_state, is_main_process=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(directory)
-        if hasattr(unwrapped, "save_value_head"):
-            unwrapped.save_value_head(directory)
-
-
-def save_checkpoint(
-    accelerator: Accelerator, model, lm_of, tokenizer, output_dir: Path, name: str, progress: Progress | None,
-    config: dict,
-) -> Path:
-    """Writes output_dir/name atomically: into a temporary directory, renamed when complete.
-
-    With `progress`, the accelerate state (optimizer, scheduler, RNG of every process) is kept
-    for --resume; without it (the final model) only the HF directory is written.
-    """
-    final = output_dir / name
-    tmp = output_dir / f".{name}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    save_hf_model(accelerator, model, lm_of, tokenizer, tmp)
-    if progress is not None:
-        accelerator.save_state(str(tmp / ACCELERATE_DIR))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"progress": progress.__dict__ if progress else None, "config": config, "time": time.time()}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def resume_from(accelerator: Accelerator, output_dir: Path) -> Progress:
-    ckpt = latest_checkpoint(output_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint-* directory in {output_dir}")
-    accelerator.load_state(str(ckpt / ACCELERATE_DIR))
-    progress = Progress(**json.loads((ckpt / STATE_FILE).read_text())["progress"])
-    log.info("resumed from %s at step %d", ckpt, progress.step)
-    return progress
-
-
-def prune_checkpoints(accelerator: Accelerator, output_dir: Path, keep: int = 2) -> None:
-    if accelerator.is_main_process:
-        done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg: CommonConfig,
-                         progress: Progress) -> None:
-    """checkpoint-{step} with everything --resume needs; older ones beyond the last two are removed."""
-    save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}", progress,
-                    cfg.model_dump(mode="json"))
-    prune_checkpoints(accelerator, cfg.output_dir)
-
-
-def epoch_batches(accelerator: Accelerator, loader, progress: Progress, epoch: int):
+def epoch_batches(accelerator: Accelerator, loader, progress, epoch: int):
     """(index, batch) pairs of one epoch; on the epoch a resumed run stopped in, the batches it
     already consumed are skipped (the seedable sampler gives the same order again)."""
     loader.set_epoch(epoch)
@@ -210,22 +131,28 @@ def epoch_batches(accelerator: Accelerator, loader, progress: Progress, epoch: i
 
 
 class Metrics:
-    """Appends one JSON line per record to metrics.jsonl; forwards to TensorBoard/W&B if configured."""
+    """Appends one strict-JSON line per record to metrics.jsonl (a non-finite number is written as
+    null); forwards to TensorBoard/W&B if configured. A resumed run first drops the rows logged
+    after its checkpoint, so no step appears twice."""
 
-    def __init__(self, accelerator: Accelerator, cfg: CommonConfig, run_name: str):
+    def __init__(self, accelerator: Accelerator, cfg: CommonConfig, run_name: str, resumed_at: int | None = None):
         self.accelerator = accelerator
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if _row_step(line) <= resumed_at]
+                self.path.write_text("".join(line + "\n" for line in kept))
         if cfg.log_with:
             accelerator.init_trackers(run_name, config=json.loads(cfg.model_dump_json()))
 
     def log(self, record: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
+        record = {k: _finite_or_none(v) for k, v in record.items()}
         row = {"step": step, "time": round(time.time(), 3), **record}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
@@ -234,3 +161,36 @@ class Metrics:
         # (the demo: SFT then ReFT in one process) still needs it.
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped with the rows after it
+        return math.inf
+
+
+def guarded_step(accelerator: Accelerator, model, optimizer, cfg: TrainConfig, loss: torch.Tensor,
+                 where: str) -> tuple[bool, float | None]:
+    """Clips the gradients and takes the optimiser step unless the loss (on any process) or the
+    gradient norm is non-finite: then the run stops (cfg.nonfinite "stop", nothing is saved) or the
+    step is skipped ("skip"). Returns (stepped, gradient norm). `where` names the step in messages."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=accelerator.device)
+    bad = accelerator.reduce(bad, "sum").item() > 0
+    norm = float(grad_norm) if grad_norm is not None else None  # DeepSpeed clips inside its own step
+    if bad or (norm is not None and not math.isfinite(norm)):
+        what = f"non-finite {'loss' if bad else 'gradient norm'} at {where}"
+        if cfg.nonfinite == "stop":
+            raise NonFiniteError(f"{what}: run stopped, nothing of this step saved; the last checkpoint is intact "
+                                 "(lower lr, or rerun with --nonfinite skip to skip such steps)")
+        log.warning("%s: step skipped (nonfinite: skip)", what)
+        optimizer.zero_grad()
+        return False, norm
+    optimizer.step()
+    optimizer.zero_grad()
+    return True, norm
