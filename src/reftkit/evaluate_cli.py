@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from reftkit.checkpoints import check_writable
 from reftkit.config import EvalConfig
 from reftkit.cot import open_grader
 from reftkit.evaluate import evaluate_run
@@ -15,6 +16,8 @@ log = logging.getLogger("reftkit")
 
 def run_eval(cfg: EvalConfig) -> float:
     accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        check_writable(cfg.output_dir)  # before decoding, not after it
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
     shots = load_examples_for(cfg.train_file, cfg, "train")[: cfg.few_shot] if cfg.few_shot else []

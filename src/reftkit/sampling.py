@@ -57,10 +57,13 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary."""
+    from reftkit.checkpoints import check_writable
     from reftkit.model import load_causal_lm, load_tokenizer
     from reftkit.runtime import load_examples_for, make_accelerator
 
     accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        check_writable(cfg.output_dir)  # before sampling, not after it
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     with open_grader(cfg) as grader:
         rows = draw_samples(accelerator, load_causal_lm(cfg.model), load_tokenizer(cfg.model), examples, grader, cfg)

@@ -60,6 +60,7 @@ def fit(
                     continue  # the next micro-batch adds to these gradients
                 stepped, grad_norm = guarded_step(accelerator, model, optimizer, cfg, loss,
                                          f"step {progress.step + 1} (epoch {epoch + 1}, batch {i + 1})")
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
@@ -67,7 +68,7 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
             metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(), **extra,
                          "grad_norm": grad_norm, "skipped": not stepped,
-                         "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
+                         "lr": lr, "epoch": epoch}, progress.step)
             if cfg.save_every and progress.step % cfg.save_every == 0:
                 save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, run, progress)
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
