@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and tiny checkpoints, built in code (no download)."""
 
 import pytest
+import torch
 
 from reftkit.config import SFTConfig
 from reftkit.data.synthetic import make_splits
@@ -8,6 +9,10 @@ from reftkit.prompts import prompt_text, response_text
 from reftkit.tiny import build_model, build_tokenizer
 
 LENGTHS = {"max_prompt_tokens": 64, "max_length": 112}
+
+# The test models are tiny: one intra-op thread is as fast as two on an idle machine and several
+# times faster on a busy one, where OpenMP threads spin waiting for each other.
+torch.set_num_threads(1)
 
 
 def tiny_model_dir(path, train):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_two_process_reft(tmp_path):
     script = Path(__file__).parent / "distributed_reft.py"
     # --multi_gpu is accelerate's torchrun launcher; with no CUDA, reftkit runs it on gloo (CPU).

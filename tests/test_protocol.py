@@ -15,7 +15,7 @@ from reftkit.data.readers import DataError
 from reftkit.data.records import Example
 from reftkit.prompts import IGNORE_INDEX
 from reftkit.reranker import new_reranker, pos_weight, reranker_text, score_texts
-from reftkit.sampling import correct_examples, example_from_sample, read_samples
+from reftkit.sampling import correct_examples, example_from_sample, read_samples, summarize
 from reftkit.trainers import offline_st
 from reftkit.trainers.online_st import mixed_nll, train_online_st
 from reftkit.runtime import make_accelerator
@@ -59,6 +59,7 @@ def test_samples_file_errors_name_the_file_line_and_field(tmp_path, splits):
     assert read_samples(write_rows(path, [good]), train)[0]["index"] == 0
 
 
+@pytest.mark.slow
 def test_offline_st_trains_on_the_data_plus_distinct_correct_samples(tmp_path, splits, warm_checkpoint, monkeypatch):
     train = splits[0]
     correct = "Therefore, the answer is: " + train[0].answer
@@ -70,8 +71,13 @@ def test_offline_st_trains_on_the_data_plus_distinct_correct_samples(tmp_path, s
         seen["data"] = data
         return real(cfg, data, eval_set)
 
-    real = offline_st.train_sft
+    def spy_draw(*args, **kwargs):
+        seen["drawn"] = real_draw(*args, **kwargs)
+        return seen["drawn"]
+
+    real, real_draw = offline_st.train_sft, offline_st.draw_samples
     monkeypatch.setattr(offline_st, "train_sft", spy)
+    monkeypatch.setattr(offline_st, "draw_samples", spy_draw)
     cfg = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run", samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
                           epochs=1, batch_size=16, lr=1e-3, eval_every_epoch=False, progress=False, **LENGTHS)
     final = offline_st.train_offline_st(cfg, train)
@@ -83,7 +89,14 @@ def test_offline_st_trains_on_the_data_plus_distinct_correct_samples(tmp_path, s
     drawn = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "drawn", num_samples=2, epochs=1,
                             batch_size=16, max_train_examples=8, eval_every_epoch=False, progress=False, **LENGTHS)
     offline_st.train_offline_st(drawn, train)
-    assert 8 <= len(seen["data"]) <= 8 + 16
+    drawn_rows = seen["drawn"]
+    assert len(drawn_rows) == 16  # 8 questions x 2 samples
+    assert seen["data"][:8] == train[:8]
+    # Each question with a correct sample adds at least one example, each correct sample at most one.
+    correct = [r for r in drawn_rows if r["correct"]]
+    extra = seen["data"][8:]
+    assert len({r["index"] for r in correct}) <= len(extra) <= len(correct)
+    assert {e.id for e in extra} == {train[r["index"]].id for r in correct}
 
 
 def test_mixed_nll_weighs_reference_and_own_tokens_as_configured():
@@ -101,6 +114,7 @@ def test_mixed_nll_weighs_reference_and_own_tokens_as_configured():
         (nll.sum() / 8).item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_online_st_trains_on_its_own_correct_samples(tmp_path, splits, warm_checkpoint):
     train, test = splits
     cfg = OnlineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path, batch_size=8, num_samples=2, lr=1e-3,
@@ -109,7 +123,10 @@ def test_online_st_trains_on_its_own_correct_samples(tmp_path, splits, warm_chec
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "own_samples" in r]
     assert len(steps) == 2  # 16 questions / 8 per batch
-    assert all(0 <= r["train_accuracy"] <= 1 and 0 <= r["own_samples"] <= 16 for r in steps)
+    for r in steps:  # 8 questions x 2 samples; duplicates of one question's correct reasoning count once
+        correct = round(r["train_accuracy"] * 16)
+        assert r["train_accuracy"] * 16 == pytest.approx(correct, abs=1e-6)
+        assert correct / 2 <= r["own_samples"] <= correct
     assert any(r["own_samples"] > 0 for r in steps)  # the warm-up model gets some right
     assert [r["epoch"] for r in rows if "eval_accuracy" in r] == [1]
     before, after = load_file(str(warm_checkpoint / "model.safetensors")), load_file(str(final / "model.safetensors"))
@@ -122,6 +139,7 @@ def test_pos_weight_balances_the_classes():
     assert pos_weight([1, 1]) == 1.0 and pos_weight([]) == 1.0
 
 
+@pytest.mark.slow
 def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_checkpoint):
     from reftkit.reranker import train_reranker
 
@@ -133,10 +151,10 @@ def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_
                          epochs=4, batch_size=8, lr=3e-3, progress=False, **LENGTHS)
     final = train_reranker(cfg, train)
     model = AutoModelForSequenceClassification.from_pretrained(final)  # a plain HF classifier
-    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     from reftkit.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(final))
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
     texts = [reranker_text(train[i // 2], r["output"]) for i, r in enumerate(rows)]
     scores = score_texts(make_accelerator(cfg), model, tokenizer, texts, batch_size=5, max_length=112)
     good, bad = scores[0::2], scores[1::2]
@@ -146,9 +164,9 @@ def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_
     assert scores[0] == pytest.approx(one[0, 0].item(), abs=1e-4)
 
 
-def test_new_reranker_starts_from_the_sft_weights(warm_checkpoint):
-    model = new_reranker(str(warm_checkpoint), pad_token_id=0)
-    sft = load_file(str(warm_checkpoint / "model.safetensors"))
+def test_new_reranker_starts_from_the_sft_weights(tiny_checkpoint):
+    model = new_reranker(str(tiny_checkpoint), pad_token_id=0)
+    sft = load_file(str(tiny_checkpoint / "model.safetensors"))
     key = next(k for k in sft if k.endswith("layers.0.mlp.up_proj.weight"))
     assert torch.equal(model.state_dict()[key], sft[key])
 
@@ -164,6 +182,7 @@ def reproduce_config(tmp_path, model, train_file, test_file, **kw):
         reranker={"epochs": 1, "lr": 1e-3, "batch_size": 16}, eval={"num_samples": 2, "max_eval_examples": 8}, **kw)
 
 
+@pytest.mark.slow
 def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, tiny_checkpoint, monkeypatch):
     from reftkit import reproduce
 
@@ -176,14 +195,20 @@ def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, 
     results = reproduce.run_reproduce(cfg)
     out = cfg.output_dir
     assert list(results) == ["warm-up SFT", "SFT", "Offline-ST", "Online-ST", "ReFT"]
-    for r in results.values():
-        assert all(0 <= r[key] <= 1 for key in ("top1", "vote", "rerank", "pass")) and r["k"] == 2
+    for r in results.values():  # shares of the 8 test questions; a voted or reranked right answer is a pass
+        assert r["k"] == 2 and all(r[key] * 8 == pytest.approx(round(r[key] * 8)) for key in ("top1", "vote", "rerank", "pass"))
+        assert r["vote"] <= r["pass"] and r["rerank"] <= r["pass"]
     assert all(results[m]["train_seconds"] > 0 for m in results)
     table = (out / "results.md").read_text()
     assert "| ReFT |" in table and "vote@2" in table and "rerank@2" in table
     assert (out / "curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
     samples = [json.loads(line) for line in (out / "eval" / "reft" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 * 2 and all("score" in s for s in samples)
+    summary = summarize(samples, splits[1][:8])
+    assert [results["ReFT"][k] for k in ("vote", "rerank", "pass")] == [
+        summary["vote_accuracy"], summary["rerank_accuracy"], summary["pass_accuracy"]]
+    greedy = [json.loads(line) for line in (out / "eval" / "reft" / "greedy" / "predictions.jsonl").read_text().splitlines()]
+    assert len(greedy) == 8 and results["ReFT"]["top1"] == sum(g["correct"] for g in greedy) / 8
 
     # A rerun trains and samples nothing; with one method's model gone, only that method runs again.
     ran = []
@@ -207,6 +232,7 @@ def test_reproduce_config_errors_name_the_stage_and_key():
     assert demo.stage("warmup").model == "tiny" and demo.stage("warmup").max_length == 176
 
 
+@pytest.mark.slow
 def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_question(warm_checkpoint, splits, tmp_path):
     from reftkit.evaluate import write_examples
     from reftkit.evaluate_cli import run_eval

@@ -56,6 +56,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_checkpoint, splits):
     assert batched == [generate(lm, tok, [p], greedy).texts[0] for p in prompts]
 
 
+@pytest.mark.slow  # needs the warm-up model (a 40-epoch SFT fixture) to write an answer line
 def test_generation_ends_before_a_stop_string(warm_checkpoint, splits):
     lm, tok = load_causal_lm(str(warm_checkpoint)), load_tokenizer(str(warm_checkpoint))
     prompt = encode_prompt(tok, splits[1][0], 64)

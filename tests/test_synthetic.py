@@ -2,7 +2,7 @@
 
 import re
 
-from reftkit.data.synthetic import make_splits
+from reftkit.data.synthetic import MAX_TOTAL, make_splits
 
 
 def cot_result(cot: str) -> int:
@@ -57,7 +57,7 @@ def test_reference_cots_are_correct_and_both_styles_occur():
     train, test = make_splits(500, 100, seed=0)
     for ex in train + test:
         assert cot_result(ex.cot) == int(ex.answer), ex
-        assert int(ex.answer) >= 0
+        assert 1 <= int(ex.answer) <= MAX_TOTAL  # every count stays in 1..MAX_TOTAL
     one_line = sum("\n" not in e.cot for e in train)
     assert 0.4 < one_line / len(train) < 0.6  # includes 1-event-per-line CoTs only in stepwise
     only_stepwise, _ = make_splits(200, 10, seed=0, one_line_fraction=0.0)
