@@ -115,6 +115,11 @@ BEHAVIOUR = {
             d = datetime.date(2024, 2, 27) + datetime.timedelta(days=3)
             return d.day + len(list(itertools.combinations(range(5), 2)))
         """), OK, "11"),
+    "strptime_lazy_import": (prog("""
+        import datetime
+        def solution():
+            return datetime.datetime.strptime('2024-03-05', '%Y-%m-%d').day
+        """), OK, "5"),  # C code importing _strptime through the program's __import__
     "returns_none": ("def solution():\n    x = 1\n", WRONG, None),
     "returns_bool": ("def solution():\n    return True\n", WRONG, None),
     "returns_list": ("import sympy\ndef solution():\n    x = sympy.Symbol('x')\n    return sympy.solve(x**2 - 4, x)\n",
@@ -222,6 +227,13 @@ ATTACKS = {
     "format_string_walk": ("def solution():\n    return '{0.__class__.__base__}'.format(())\n", {FORBIDDEN}),
     "match_class_attr": ("def solution():\n    match 1:\n        case int(__class__=c):\n            return c\n",
                          {FORBIDDEN}),
+    "match_args_class": (prog("""
+        def solution():
+            C = type('C', (), {'__match_args__': ('__class__',)})
+            match C():
+                case C(k):
+                    return k
+        """), {FORBIDDEN}),  # issue 15: positional patterns read attributes named by strings
     "generator_frame": ("def solution():\n    g = (i for i in [1])\n    return g.gi_frame.f_back\n", {FORBIDDEN}),
     "traceback_frame": (prog("""
         def solution():
@@ -498,9 +510,10 @@ def test_config_validation():
 
 
 # ------------------------------------------------------------------------------------ layer by layer
-# A worker is built in a subprocess (it moves itself into a new network namespace) and given code that
-# skips the static check; "audit" keeps the audit hook (with full builtins), "kernel" removes it too, and so
-# does "shared", which runs lists of programs 4 to a child.
+# A worker is built in a subprocess (it moves itself into new namespaces) and given code that skips the
+# static check. "audit" keeps the audit hook, with the full builtins (as if the program had escaped the
+# restricted ones); "shared" switches every in-Python layer off (python_layers=False) and runs lists of
+# programs 4 to a child. The kernel layers alone, through the public API: tests/test_executor_kernel.py.
 
 LAYER_SCRIPT = r"""
 import builtins, json, os, sys, tempfile
@@ -509,15 +522,10 @@ from reftkit.executor.worker import Zygote
 mode, attacks = sys.argv[1], json.loads(sys.argv[2])
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 shared = mode == "shared"
-config = ExecutorConfig(timeout_s=5.0 if shared else 2.0, cpu_s=1.0 if shared else None, programs_per_child=4 if shared else 1)
+config = ExecutorConfig(timeout_s=5.0 if shared else 2.0, cpu_s=1.0 if shared else None,
+                        programs_per_child=4 if shared else 1, python_layers=not shared)
 zygote = Zygote(config, ["math"], scratch)
 zygote.ctx.builtins = dict(vars(builtins))  # as if the program had escaped the restricted builtins
-if mode != "audit":
-    class NoAudit:
-        violation = None
-        def __call__(self, event, args):
-            pass
-    zygote.ctx.policy = NoAudit()
 out = {"layers": zygote.layers}
 for name, source in attacks.items():
     sources = [source] if isinstance(source, str) else source
@@ -527,6 +535,8 @@ print(json.dumps(out))
 """
 
 ESCAPE = "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0].__init__.__globals__"
+# The sandbox's own frame, one level up from solution(): what a program that reached sys would walk to.
+SANDBOX_FRAME = "__import__('sys')._getframe(1)"
 AUDIT_ATTACKS = {
     "os_system_via_subclasses": (f"def solution():\n    return {ESCAPE}['system']('touch CREATED')\n", "blocked"),
     "open_passwd": ("def solution():\n    return open('/etc/passwd').read()\n", "open"),
@@ -554,18 +564,29 @@ AUDIT_ATTACKS = {
                 pass
             return 1
         """), "open"),
-}
-KERNEL_ATTACKS = {
-    "fork": ("def solution():\n    return __import__('os').fork()\n", "seccomp"),
-    "thread": ("def solution():\n    import threading\n    threading.Thread(target=print).start()\n", "seccomp"),
-    "socket": ("def solution():\n    import socket\n    return socket.socket()\n", "seccomp"),
-    "exec_shell": ("import os\ndef solution():\n    os.execv('/bin/sh', ['sh', '-c', 'touch CREATED'])\n", "seccomp"),
-    "kill_parent": ("def solution():\n    import os\n    os.kill(os.getppid(), 9)\n", "seccomp"),
-    "write_canary": ("def solution():\n    open('CANARY', 'w').write('x')\n", "seccomp"),
-    "unlink_canary": ("def solution():\n    __import__('os').unlink('CANARY')\n", "seccomp"),
-    "read_passwd": ("def solution():\n    return open('/etc/passwd').read()\n", "landlock"),
-    "list_root_home": ("def solution():\n    return str(__import__('os').listdir('/root'))\n", "landlock"),
-    "raw_fork_syscall": ("def solution():\n    import ctypes\n    return ctypes.CDLL(None).syscall(57)\n", "seccomp"),
+    # Issue 15: the sticky record cleared through the sandbox's frame after catching the exception; the
+    # hook switched off by replacing __call__ on its class, or the code of its method.
+    "caught_and_record_cleared": (prog(f"""
+        def solution():
+            try:
+                open('/etc/passwd')
+            except BaseException:
+                pass
+            {SANDBOX_FRAME}.f_locals['ctx'].policy.violation = None
+            return 1
+        """), "open"),
+    "hook_class_call_replaced": (prog(f"""
+        def solution():
+            policy = {SANDBOX_FRAME}.f_locals['ctx'].policy
+            type(policy).__call__ = lambda self, event, args: None
+            return open('/etc/passwd').read()
+        """), "open"),  # no effect: the hook was registered as a bound method
+    "hook_code_replaced": (prog(f"""
+        def solution():
+            policy = {SANDBOX_FRAME}.f_locals['ctx'].policy
+            policy.__call__.__func__.__code__ = (lambda self, event, args: None).__code__
+            return open('/etc/passwd').read()
+        """), "__code__"),
 }
 
 
@@ -598,7 +619,7 @@ def layer_runs(tmp_path_factory) -> dict:
     canary, created = workdir / "canary.txt", workdir / "created"
     canary.write_text("precious")
     runs = {mode: _run_layers(mode, attacks, canary, created)
-            for mode, attacks in (("audit", AUDIT_ATTACKS), ("kernel", KERNEL_ATTACKS), ("shared", SHARED_ATTACKS))}
+            for mode, attacks in (("audit", AUDIT_ATTACKS), ("shared", SHARED_ATTACKS))}
     return {"runs": runs, "canary": canary, "created": created}
 
 
@@ -607,20 +628,6 @@ def test_audit_hook_alone_blocks(layer_runs, name):
     result, word = layer_runs["runs"]["audit"][name], AUDIT_ATTACKS[name][1]
     assert result["s"] == "forbidden", result
     assert word in result["d"], result
-
-
-@pytest.mark.parametrize("name", list(KERNEL_ATTACKS))
-def test_kernel_layers_alone_block(layer_runs, name):
-    run = layer_runs["runs"]["kernel"]
-    layer = KERNEL_ATTACKS[name][1]
-    if not run["layers"].get(layer, "off").startswith("on"):
-        pytest.skip(f"{layer} is not available here: {run['layers'].get(layer)}")
-    result = run[name]
-    if name == "raw_fork_syscall":
-        assert (result["s"], result["v"]) == ("ok", "-1"), result  # fork(2) returned -1 (EPERM)
-    else:
-        assert result["s"] == "error", result
-        assert any(e in result["d"] for e in ("PermissionError", "can't start new thread")), result
 
 
 @pytest.mark.parametrize("name", list(SHARED_ATTACKS))

@@ -106,6 +106,10 @@ class ExecutorConfig:
         one forked process run up to N programs in turn, each in a fresh namespace under the same checks and
         its own wall-clock and CPU limits; they share one interpreter, so one program can change module
         state the later ones see (docs/executor.md, "Several programs per child").
+    python_layers: True (default) keeps the in-Python layers: the static check, the restricted builtins with
+        the import allow-list and module proxies, the audit hook. False is for tests only: it switches them
+        off so that the tests can show what the kernel layers contain on their own (any import, open, eval
+        works up to the kernel); the executor reports those layers as off and warns.
     """
 
     workers: int = field(default_factory=_default_workers)
@@ -117,6 +121,7 @@ class ExecutorConfig:
     entry: str = "solution"
     startup_timeout_s: float = 60.0
     programs_per_child: int = 1
+    python_layers: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_imports", tuple(self.allowed_imports))
@@ -127,6 +132,7 @@ class ExecutorConfig:
         _require(self.max_output_bytes >= 64, "max_output_bytes must be >= 64")
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         _require(self.programs_per_child >= 1, "programs_per_child must be >= 1")
+        _require(type(self.python_layers) is bool, "python_layers must be a bool")
         _require(self.entry.isidentifier() and not keyword.iskeyword(self.entry), "entry must be an identifier")
         _require(not self.entry.startswith("_"), "entry must not start with an underscore")
         for name in self.allowed_imports:

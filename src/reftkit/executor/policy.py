@@ -42,6 +42,12 @@ ESCAPE_DUNDERS = frozenset(
     }
 )
 SAFE_DUNDER_NAMES = frozenset({"__name__"})  # `if __name__ == "__main__":` (set to "__sandbox__")
+# `case int(x)` matches the subject itself for these builtins; any other class's positional patterns read
+# attributes named by the class's __match_args__, which a class built with type(...) sets from strings.
+SELF_MATCHING_CLASSES = frozenset(
+    {"bool", "bytearray", "bytes", "dict", "float", "frozenset", "int", "list", "set", "str", "tuple"}
+)
+_DUNDER_TEXT = re.compile(r"\s*__\w+__\s*")  # a string naming a dunder: type(..., {'__match_args__': ...})
 _FORMAT_FIELD_PRIVATE = re.compile(r"\{[^{}]*\.\s*_")  # "{0.__class__}".format(x) walks attributes
 
 # Builtins a program keeps. Missing on purpose: open, eval, exec, compile, input, breakpoint, globals,
@@ -105,6 +111,18 @@ def _node_violations(node: ast.AST, strict: bool, allowed: frozenset[str], top: 
     yield from (f"forbidden name {n} (line {line})" for n in _names(node, top) if _bad_name(n, strict))
     if isinstance(node, ast.Constant) and isinstance(node.value, str) and _format_reaches_private(node.value):
         yield f"format string reaching a private attribute (line {line})"
+    if strict and isinstance(node, ast.Constant) and isinstance(node.value, str) and _names_dunder(node.value):
+        yield f"string naming a dunder attribute (line {line})"
+    if strict and isinstance(node, ast.MatchClass) and node.patterns and not _self_matching(node):
+        yield f"positional class pattern on a class other than a builtin type (line {line})"
+
+
+def _names_dunder(text: str) -> bool:
+    return _DUNDER_TEXT.fullmatch(text) is not None and text.strip() != "__main__"
+
+
+def _self_matching(node: ast.MatchClass) -> bool:
+    return isinstance(node.cls, ast.Name) and node.cls.id in SELF_MATCHING_CLASSES and len(node.patterns) == 1
 
 
 def _format_reaches_private(text: str) -> bool:
@@ -233,11 +251,14 @@ class Importer:
         self._proxies = {}
 
     def __call__(self, name: str, globals=None, locals=None, fromlist=(), level: int = 0) -> object:
-        if isinstance(fromlist, list):
+        if isinstance(fromlist, list) and level == 0 and type(name) is str:
             # PyImport_Import: C code (datetime.strptime needing _strptime, ...) importing for itself via the
-            # calling frame's builtins. Import statements pass None or a tuple; the program cannot call us
-            # directly (`__import__` is a forbidden name). Fresh imports still meet the audit hook.
-            return builtins.__import__(name, globals, locals, fromlist, level)
+            # calling frame's builtins, with fromlist ['__doc__']. It calls us only for the side effect and
+            # then takes the module from sys.modules itself, so the real module is never handed back here:
+            # a program that reaches this function (through a __globals__ it should not have) gets a proxy
+            # of an allowed module, or nothing. Fresh imports still meet the audit hook.
+            module = builtins.__import__(name, None, None, None, 0)
+            return self.proxy(module) if self.allows(name) else None
         if level != 0 or not self.allows(name):
             self._on_violation(f"ImportError: {name if level == 0 else 'relative import'} not allowed")
         module = builtins.__import__(name, None, None, fromlist, 0)
@@ -302,7 +323,7 @@ _DANGEROUS_MODULES = frozenset(
 _ALLOWED_EVENTS = frozenset(
     {
         "exec",  # code objects only come from compile (checked), imports, or blocked constructors
-        "builtins.id", "object.__setattr__", "object.__delattr__", "array.__new__", "sys._getframe",
+        "builtins.id", "array.__new__", "sys._getframe",
         "sys._getframemodulename", "sys.excepthook", "sys.unraisablehook", "time.sleep",
         "os.putenv", "os.unsetenv",  # the child's own, already scrubbed, environment (numpy sets some)
     }
@@ -328,11 +349,14 @@ class AuditPolicy:
     def __init__(self, read_roots: tuple[str, ...]) -> None:
         self.read_roots = read_roots
         self.violation: str | None = None
+        self.final: Callable[[str], None] | None = None  # the child's way out at the first violation
         self._checking = False
 
     def deny(self, reason: str) -> None:
         if self.violation is None:
             self.violation = reason
+            if self.final is not None:
+                self.final(reason)  # does not return: the program's result is written, the child leaves
         raise Forbidden(reason)
 
     def __call__(self, event: str, args: tuple) -> None:
@@ -364,6 +388,8 @@ class AuditPolicy:
         if event == "object.__getattr__":
             name = _plain(args[1]) or ""
             return f"blocked: access to .{name}" if name in _FRAME_ATTRS else None
+        if event in ("object.__setattr__", "object.__delattr__"):
+            return _judge_setattr(args)
         if event in ("marshal.loads", "marshal.load"):
             return None if _called_from_import_system() else f"blocked audit event: {event}"
         return f"blocked audit event: {event}"
@@ -399,6 +425,19 @@ class AuditPolicy:
             return "blocked: compile of a non-text source"
         reason = check_library_code(text)
         return None if reason is None else f"eval/exec of code with {reason}"
+
+
+def _judge_setattr(args: tuple) -> str | None:
+    """Setting attributes on classes and functions is allowed (dataclasses, sympy), except what would
+    switch the sandbox off from inside: any attribute of the executor's own classes, and a function's code
+    or defaults (the audit hook's own code would be one of them)."""
+    target, name = args[0], _plain(args[1]) or ""
+    if name in ("__code__", "__defaults__", "__kwdefaults__"):
+        return f"blocked: replacing a function's .{name}"
+    module = type.__getattribute__(target, "__module__") if issubclass(type(target), type) else ""
+    if isinstance(module, str) and module.startswith("reftkit."):
+        return f"blocked: changing the executor's class {type.__getattribute__(target, '__name__')}"
+    return None
 
 
 def _plain(value: object) -> str | None:

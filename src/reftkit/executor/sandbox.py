@@ -14,10 +14,12 @@ from __future__ import annotations
 import _signal
 import ast
 import decimal
+import errno
 import gc
 import numbers
 import os
 import resource
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from types import CodeType
 from json import dumps
 from typing import NoReturn
 
-from reftkit.executor import kernel
+from reftkit.executor import kernel, seccomp
 from reftkit.executor.config import ExecutorConfig, Status
 from reftkit.executor.policy import (
     AuditPolicy,
@@ -42,6 +44,11 @@ from reftkit.executor.policy import (
 EXIT_MEMORY = 117  # the child ran out of memory where no result could be written
 EXIT_INTERNAL = 118  # the child failed outside the program (e.g. its result pipe was closed)
 EXIT_ORPHAN = 119  # the worker died before the child was set up
+# The CPU limit's signal and a shared child's timers end the child with their signal's number as exit code
+# (kernel.exit_on_signal): as PID 1 of its namespace it would ignore them with their default action.
+EXIT_CPU_LIMIT = int(getattr(signal, "SIGXCPU", 24))
+EXIT_WALL_TIMER = int(signal.SIGALRM)
+EXIT_CPU_TIMER = int(signal.SIGPROF)
 RESULT_FD = 3
 LANDLOCK_FD = 4
 RETIRE_PAYLOAD = b""  # a shared child stops early on purpose: the programs it did not run go to a new child
@@ -72,6 +79,7 @@ class ChildContext:
     seccomp: kernel.SeccompProgram | None = None
     steps: list[tuple[str, Callable[[], None]]] | None = None  # the enabled steps, built once in the worker
     shared: bool = False  # programs_per_child > 1: several programs per child, each under in-child timers
+    python_layers: bool = True  # static check, restricted builtins and import proxies, audit hook (tests: off)
     decimal_context: decimal.Context = field(default_factory=decimal.Context)  # pristine, for each shared program
 
 
@@ -102,9 +110,24 @@ def _drop_privileges(ctx: ChildContext) -> None:
 
 def _set_parent_death_signal(ctx: ChildContext) -> None:
     # After the uid change, which clears it. If the worker is already gone, nobody will kill us: leave.
+    # In a PID namespace of its own the child's getppid() is 0: the result pipe tells instead (POLLERR on
+    # the write end once the worker, its only reader, is gone).
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != ctx.worker_pid:
+    if "pid_namespace" in ctx.enabled:
+        poller = select.poll()
+        poller.register(RESULT_FD, select.POLLOUT)
+        orphan = any(events & select.POLLERR for _, events in poller.poll(0))
+    else:
+        orphan = os.getppid() != ctx.worker_pid
+    if orphan:
         os._exit(EXIT_ORPHAN)
+
+
+def _limit_signals_exit(ctx: ChildContext) -> None:
+    kernel.exit_on_signal(EXIT_CPU_LIMIT)
+    if ctx.shared:
+        kernel.exit_on_signal(EXIT_WALL_TIMER)
+        kernel.exit_on_signal(EXIT_CPU_TIMER)
 
 
 def _apply_landlock(_ctx: ChildContext) -> None:
@@ -121,6 +144,7 @@ def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
     steps += [
         ("privileges", lambda: _drop_privileges(ctx)),
         ("parent_death_signal", lambda: _set_parent_death_signal(ctx)),
+        ("limit_signals", lambda: _limit_signals_exit(ctx)),
         ("landlock", lambda: _apply_landlock(ctx)),
         ("seccomp", lambda: ctx.seccomp.install()),
     ]
@@ -177,7 +201,7 @@ def prepare(ctx: ChildContext, source: str) -> CodeType | dict:
         return _result(Status.ERROR, detail=f"SyntaxError: {exc.msg} (line {exc.lineno})")
     except (ValueError, RecursionError, OverflowError, UnicodeError, MemoryError) as exc:
         return _result(Status.ERROR, detail=f"cannot parse: {_describe(exc)}")
-    reason = check_program(tree, ctx.allowed)
+    reason = check_program(tree, ctx.allowed) if ctx.python_layers else None
     if reason is not None:
         return _result(Status.FORBIDDEN, detail=reason)
     try:
@@ -238,8 +262,25 @@ def _run(ctx: ChildContext, code: CodeType) -> tuple[Status, str | None, str]:
         return Status.ERROR, None, "output limit exceeded"
     except MemoryError:
         return Status.MEMORY, None, "MemoryError"
+    except OSError as exc:
+        refusal = kernel_refusal(exc)
+        return (Status.ERROR, None, _describe(exc)) if refusal is None else (Status.FORBIDDEN, None, refusal)
     except BaseException as exc:  # noqa: BLE001 -- every exception of the program is a result
         return Status.ERROR, None, _describe(exc)
+
+
+def kernel_refusal(exc: OSError) -> str | None:
+    """What the kernel refused, when an OSError is a refusal: a seccomp named errno gives the syscall,
+    EACCES/EPERM (Landlock, permissions, capabilities) the path when there is one."""
+    err = exc.errno
+    syscall = seccomp.syscall_of_errno(err, kernel.ARCH)
+    if syscall is not None:
+        return f"blocked system call {syscall} (seccomp)"
+    if err not in (errno.EACCES, errno.EPERM):
+        return None
+    code = errno.errorcode[err]
+    filename = exc.filename if type(exc.filename) in (str, bytes) else None
+    return f"refused by the kernel ({code}): {filename!r}" if filename is not None else f"refused by the kernel ({code})"
 
 
 def answer(value: object, limit: int) -> tuple[Status, str | None, str]:
@@ -364,8 +405,20 @@ def child_main(ctx: ChildContext, codes: list[CodeType], result_fd: int) -> NoRe
     os._exit(exit_code)
 
 
+def _end_forbidden(ctx: ChildContext, reason: str) -> NoReturn:
+    """The first policy violation ends the program there and then: its `forbidden` frame is written and the
+    child leaves, so there is no record left for the program to clear and no exception to catch. A shared
+    child's remaining programs go to a fresh child (the retire frame)."""
+    payload = frame(encode_result(_result(Status.FORBIDDEN, detail=reason)))
+    _write_all(RESULT_FD, payload + (frame(RETIRE_PAYLOAD) if ctx.shared else b""))
+    os._exit(0)
+
+
 def _run_all(ctx: ChildContext, codes: list[CodeType]) -> None:
-    sys.addaudithook(ctx.policy)  # cannot be removed from Python code
+    if ctx.python_layers:
+        ctx.policy.final = lambda reason: _end_forbidden(ctx, reason)
+        # A bound method: replacing AuditPolicy.__call__ on the class afterwards changes nothing here.
+        sys.addaudithook(ctx.policy.__call__)  # cannot be removed from Python code
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if ctx.shared else 0
     for n, code in enumerate(codes):
         result = execute(ctx, code)
@@ -392,7 +445,8 @@ def probe_main(ctx: ChildContext, result_fd: int) -> NoReturn:
         _setup_fds(ctx, result_fd)
         failures = harden(ctx, probe=True)
         ctx.enabled -= set(failures)
-        sys.addaudithook(ctx.policy)
+        if ctx.python_layers:
+            sys.addaudithook(ctx.policy.__call__)
         result = execute(ctx, compile(f"def {ctx.config.entry}():\n    return 1\n", "<probe>", "exec"))
         _write_all(RESULT_FD, dumps({"failures": failures, "result": result}).encode())
         code = 0

@@ -9,6 +9,7 @@ the forked children.
 
 from __future__ import annotations
 
+import builtins
 import decimal
 import gc
 import importlib
@@ -29,9 +30,12 @@ from reftkit.executor import kernel
 from reftkit.executor.config import ExecutorConfig, Status
 from reftkit.executor.policy import AuditPolicy, Importer, safe_builtins
 from reftkit.executor.sandbox import (
+    EXIT_CPU_LIMIT,
+    EXIT_CPU_TIMER,
     EXIT_INTERNAL,
     EXIT_MEMORY,
     EXIT_ORPHAN,
+    EXIT_WALL_TIMER,
     RETIRE_PAYLOAD,
     ChildContext,
     child_main,
@@ -46,7 +50,10 @@ from reftkit.executor.sandbox import (
 _ALWAYS_PRELOAD = ("fractions", "decimal", "numbers", "json")
 _LAZY_COMPANIONS = {"datetime": ("_strptime",)}
 # Optional kernel layers in the order a child applies them (the probe suspects the latest first).
-_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "landlock", "seccomp")
+_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "limit_signals", "landlock", "seccomp")
+# Details of results the worker or the sandbox produced, not the program: after one, the worker checks
+# itself with a known-good program and leaves if that fails too (the pool replaces it).
+_INTERNAL_DETAILS = ("executor internal error", "no result (the sandbox failed)", "sandbox setup failed")
 _SHARED_SLACK_S = 0.1  # per program, on top of timeout_s, before the worker kills a shared child itself
 
 
@@ -79,24 +86,48 @@ class Zygote:
         self.layers: dict[str, str] = {"process": f"on: clean interpreter (pid {os.getpid()})"}
         self._raw_fork = False  # until start-up is done and the worker is known to be single-threaded
         self._children_fd = _children_list()
-        self._unshare_network()
+        self._unshare_namespaces()
         roots = self._preload(preload)
         self.ctx = self._context(scratch, roots)
         self._prepare_kernel_layers()
+        self._raw_fork = len(sys._current_frames()) == 1  # no other Python thread to leave half-copied
+        self._prepare_pid_namespace()
         self._probe()
         self._finalise_layers()
         prepare_steps(self.ctx)
-        self._raw_fork = len(sys._current_frames()) == 1  # no other Python thread to leave half-copied
+        self._known_good = compile(f"def {config.entry}():\n    return 6 * 7\n", "<health check>", "exec")
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
 
     # ------------------------------------------------------------------------------------------- setup
 
-    def _unshare_network(self) -> None:
+    def _unshare_namespaces(self) -> None:
         try:
-            self.layers["network"] = kernel.unshare_network()
+            self.layers["network"], self.layers["ipc_namespace"] = kernel.unshare_namespaces()
         except OSError as exc:
-            self.layers["network"] = f"off: {exc.strerror or exc}; sockets are refused by seccomp and the audit hook"
+            why = exc.strerror or exc
+            self.layers["network"] = f"off: {why}; sockets are refused by seccomp and the audit hook"
+            self.layers["ipc_namespace"] = f"off: {why}; SysV and POSIX message-queue calls are refused by seccomp"
+
+    def _prepare_pid_namespace(self) -> None:
+        """A PID namespace per child (clone(CLONE_NEWPID)), where a first child shows that it works."""
+        if not self._raw_fork:
+            self.layers["pid_namespace"] = "off: the worker is not single-threaded"
+            return
+        try:
+            pid = kernel.fork(new_pid_namespace=True)
+        except OSError as exc:
+            self.layers["pid_namespace"] = (f"off: {exc.strerror or exc}; other processes are out of reach through "
+                                            "seccomp (kill, ptrace, prlimit64 on a pid) and the uid")
+            return
+        if pid == 0:  # pragma: no cover -- child
+            os._exit(0 if os.getpid() == 1 else 1)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            self.ctx.enabled.add("pid_namespace")
+            self.layers["pid_namespace"] = "on: every child is PID 1 of a namespace of its own"
+        else:
+            self.layers["pid_namespace"] = f"off: the test child ended with status {status}"
 
     def _preload(self, preload: list[str]) -> tuple[str, ...]:
         """Imports modules; returns the directories children may read: the standard library and where the
@@ -130,12 +161,14 @@ class Zygote:
                 importer.proxy(sys.modules[name])
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        layers_on = self.config.python_layers
         return ChildContext(
             shared=self.config.programs_per_child > 1, decimal_context=decimal.getcontext().copy(),
+            python_layers=layers_on,
             max_fd=max_fd if 0 < max_fd < 2**20 else 2**20,
             config=self.config, scratch=scratch, worker_pid=os.getpid(), devnull_fd=devnull,
             read_roots=policy.read_roots, allowed=allowed, importer=importer, policy=policy,
-            builtins=safe_builtins(importer),
+            builtins=safe_builtins(importer) if layers_on else dict(vars(builtins)),
         )
 
     def _prepare_kernel_layers(self) -> None:
@@ -146,6 +179,7 @@ class Zygote:
         self._prepare_privileges()
         if kernel.IS_LINUX:
             ctx.enabled.add("parent_death_signal")
+            ctx.enabled.add("limit_signals")
             try:
                 kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
                 self.layers["stray_reaper"] = "on: worker is a child subreaper"
@@ -174,7 +208,7 @@ class Zygote:
             "rlimit_fsize": ("RLIMIT_FSIZE", 0, 0),  # no file writes even if everything else failed
             "rlimit_nofile": ("RLIMIT_NOFILE", 16, 16),
             "rlimit_nproc": ("RLIMIT_NPROC", 0, 0),  # no fork/threads once uid or capabilities are dropped
-            "rlimit_cpu": ("RLIMIT_CPU", cpu, cpu + 1),
+            "rlimit_cpu": ("RLIMIT_CPU", cpu, cpu + 1),  # SIGXCPU (limit_signals), then SIGKILL
         }
         base = _address_space_bytes()
         if base is not None:
@@ -232,7 +266,8 @@ class Zygote:
             self.layers["seccomp"] = f"off: {exc.strerror or exc}"
             return
         self.ctx.enabled.add("seccomp")
-        self.layers["seccomp"] = "on: fork/exec/kill/ptrace/sockets/namespaces/file writes denied"
+        self.layers["seccomp"] = ("on: processes, signals, ptrace, other processes' limits, SysV IPC, F_SETOWN, "
+                                  "sockets, namespaces kill the program; file writes fail (named errno)")
 
     def _probe(self) -> None:
         """Forks one child that tries every layer; layers that fail there are disabled (and reported), so
@@ -268,6 +303,10 @@ class Zygote:
         for layer, (_, soft, _hard) in self.ctx.rlimits.items():
             if layer in self.ctx.enabled:
                 self.layers[layer] = f"on: {soft}"
+        if not self.config.python_layers:
+            for name in ("audit_hook", "static_check", "restricted_builtins"):
+                self.layers[name] = "off: python_layers=False (tests of the kernel layers alone)"
+            return
         self.layers["audit_hook"] = "on: default-deny audit events"
         self.layers["static_check"] = "on: AST check of names, attributes and imports"
         self.layers["restricted_builtins"] = "on: no open/eval/exec/compile/getattr/...; allow-listed imports"
@@ -278,8 +317,20 @@ class Zygote:
         """One result per source. Every program is parsed, checked and compiled before the first fork: the
         worker then writes few pages between forks, each of which would cost a copy-on-write fault."""
         prepared = [prepare(self.ctx, source) for source in sources]
-        ran = iter(self.run_codes([p for p in prepared if not isinstance(p, dict)]))
-        return [p if isinstance(p, dict) else next(ran) for p in prepared]
+        ran = self.run_codes([p for p in prepared if not isinstance(p, dict)])
+        if any(r["s"] == Status.ERROR.value and r["d"].startswith(_INTERNAL_DETAILS) for r in ran):
+            self.check_health()
+        ran_iter = iter(ran)
+        return [p if isinstance(p, dict) else next(ran_iter) for p in prepared]
+
+    def check_health(self) -> None:
+        """Runs a known-good program; raises WorkerBroken unless it gets its right answer."""
+        try:
+            result = self.run_codes([self._known_good])[0]
+        except Exception as exc:  # noqa: BLE001 -- any failure here means the worker is broken
+            result = _res(Status.ERROR, f"{type(exc).__name__}: {exc}")
+        if (result["s"], result["v"]) != (Status.OK.value, "42"):
+            raise WorkerBroken(f"known-good program failed: {result['s']}: {result['d']}")
 
     def run_codes(self, codes: list) -> list[dict]:
         """Runs compiled programs, programs_per_child to a child."""
@@ -328,7 +379,7 @@ class Zygote:
         if random is not None:
             random.seed()  # here, not in the child: children must not share a random stream (os.fork would reseed)
         try:
-            pid = kernel.fork(self._raw_fork)
+            pid = kernel.fork(self._raw_fork, "pid_namespace" in self.ctx.enabled)
         except OSError:
             os.close(read_fd)
             os.close(write_fd)
@@ -354,8 +405,16 @@ class Zygote:
             if not line:
                 return  # the trainer closed the pipe (or died): leave
             tasks = json.loads(line)["c"]
-            results = self.run_chunk([source for _, source in tasks])
+            try:
+                results = self.run_chunk([source for _, source in tasks])
+            except WorkerBroken as exc:
+                _send({"broken": str(exc)})  # the pool replaces this worker and runs the chunk again
+                return
             _send({"r": [dict(result, i=i) for (i, _), result in zip(tasks, results, strict=True)]})
+
+
+class WorkerBroken(RuntimeError):
+    """The worker failed a known-good program: it must be replaced, not trusted with more programs."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -510,6 +569,8 @@ def _ending(reply: dict, config: ExecutorConfig, ctx: ChildContext) -> dict | No
     code = os.WEXITSTATUS(status)
     if code == EXIT_MEMORY:
         return _res(Status.MEMORY, "MemoryError")
+    if code == EXIT_CPU_LIMIT or (ctx.shared and code in (EXIT_WALL_TIMER, EXIT_CPU_TIMER)):  # limit_signals
+        return _signalled(code, False, config)
     if code != 0:
         why = {EXIT_INTERNAL: "the sandbox failed", EXIT_ORPHAN: "the worker died"}.get(code, f"exit code {code}")
         return _res(Status.ERROR, f"no result ({why})")
@@ -525,7 +586,8 @@ def _signalled(sig: int, cpu_spent: bool, config: ExecutorConfig) -> dict:
     if sig == signal.SIGKILL:
         return _res(Status.MEMORY, "killed by SIGKILL (out of memory)")
     if sig == getattr(signal, "SIGSYS", None):
-        return _res(Status.FORBIDDEN, "blocked system call")
+        return _res(Status.FORBIDDEN, "blocked system call: the seccomp filter killed the program (a process, "
+                    "signal, ptrace, IPC, socket, namespace or resource-limit call on another process)")
     return _res(Status.ERROR, f"crashed with {name}")
 
 
