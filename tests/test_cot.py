@@ -1,11 +1,20 @@
 """The two CoT styles: prompt and target text, and program grading through the real sandbox."""
 
 import ast
+import json
 
 import pytest
 
 from reftkit.config import EvalConfig
-from reftkit.cot import open_grader, program_body, program_header
+from reftkit.cot import (
+    ProgramGrader,
+    open_grader,
+    program_body,
+    program_header,
+    response_prefix,
+    warn_if_not_programs,
+)
+from reftkit.data import load_examples
 from reftkit.data.records import Example
 from reftkit.data.synthetic import make_splits
 from reftkit.prompts import encode_prompt, encode_sft, prompt_text, response_text
@@ -39,8 +48,52 @@ def test_program_header_is_valid_python_for_any_question(question):
 
 def test_natural_language_cot_given_as_a_program_is_a_clear_error():
     ex = Example(id="svamp-7", question="How many?", cot="2 + 3 = 5", answer="5")
-    with pytest.raises(ValueError, match=r"item 'svamp-7': field cot \(answer_cot\) is not a Python program"):
+    with pytest.raises(ValueError, match=r"item 'svamp-7': the reference CoT is not a Python program body"):
         response_text(ex, "program")
+
+
+def test_natural_cot_as_a_program_error_names_the_file_and_the_field_as_the_format_spells_it(tmp_path):
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text(json.dumps({"question": "How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}) + "\n")
+    (ex,) = load_examples(path).examples
+    with pytest.raises(ValueError) as info:
+        response_text(ex, "program")
+    assert str(info.value).startswith(f"{path} line 1, field 'answer' (item 'gsm8k_train-1'): the reference CoT is "
+                                      "not a Python program body, as --cot program needs")
+    assert "answer_cot" not in str(info.value)
+
+
+class RecordingExecutor:
+    """Stands in for the sandbox: every program 'fails', as unparsable ones do there."""
+
+    def run(self, programs):
+        from reftkit.executor import ExecResult, Status
+
+        return [ExecResult(Status.ERROR, detail="SyntaxError") for _ in programs]
+
+
+def test_program_grader_warns_once_when_nearly_no_program_is_python(caplog):
+    """`reft`/`eval --cot program` on a natural-CoT model: rewards 0 without a word, before."""
+    train, _ = make_splits(10, 1, seed=2)
+    natural = [f"{response_text(e)}" for e in train]  # what an N-CoT model writes after the P-CoT prefix
+    grader = ProgramGrader(RecordingExecutor())
+    with caplog.at_level("WARNING", logger="reftkit"):
+        grades = grader.grade(natural, train)
+        grader.grade(natural, train)
+    assert not any(g.correct or g.extracted for g in grades)
+    (warning,) = [r.getMessage() for r in caplog.records if "--cot program" in r.getMessage()]
+    assert warning.startswith("--cot program: 10 of 10 programs in the first graded batch are not valid Python")
+    assert "trained on program CoT" in warning
+
+
+def test_program_grader_is_quiet_when_most_programs_parse(caplog):
+    train, _ = make_splits(10, 1, seed=2, cot="program")
+    programs = [response_text(e, "program") for e in train]
+    programs[:5] = ["    return (\n"] * 5  # half broken: a weak model, not the wrong kind of model
+    with caplog.at_level("WARNING", logger="reftkit"):
+        prompts = [response_prefix(e, "program") + p for e, p in zip(train, programs, strict=True)]
+        assert warn_if_not_programs(prompts, train) is False
+    assert "--cot program" not in caplog.text
 
 
 def test_synthetic_reference_programs_are_bodies_after_the_header():

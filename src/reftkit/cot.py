@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from typing import Literal
 
 from reftkit.answers import TRIGGER, Grade, Grader, NaturalLanguageGrader, is_correct, read_answer
 from reftkit.data.records import Example
+
+log = logging.getLogger("reftkit")
 
 CotStyle = Literal["natural", "program"]
 
@@ -61,8 +64,10 @@ def response_text(example: Example, cot: CotStyle = "natural") -> str:
         try:  # parsed, never run: catches natural-language CoT given to --cot program
             ast.parse(response_prefix(example, cot) + body)
         except SyntaxError as err:
-            raise ValueError(f"item {example.id!r}: field cot (answer_cot) is not a Python program body, as "
-                             f"--cot program needs: {err.msg} (line {err.lineno} of the function)") from None
+            where = f"{example.cot_source} (item {example.id!r})" if example.cot_source else f"item {example.id!r}"
+            raise ValueError(f"{where}: the reference CoT is not a Python program body, as --cot program needs: "
+                             f"{err.msg} (line {err.lineno} of the function); --cot program trains on P-CoT data "
+                             "such as the ReFT repository's *_python_sdp.json") from None
         return body
     return f"{example.cot}\n{TRIGGER} {example.answer}"
 
@@ -76,17 +81,53 @@ class ProgramGrader:
 
     def __init__(self, executor, tol: float = 1e-2) -> None:
         self.executor, self.tol = executor, tol
+        self.checked_first_batch = False
 
     def grade(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Grade]:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         programs = [response_prefix(ex, "program") + c for c, ex in zip(completions, examples, strict=True)]
+        if not self.checked_first_batch and programs:
+            self.checked_first_batch = True
+            warn_if_not_programs(programs, examples)
         grades = []
         for result, ex in zip(self.executor.run(programs), examples, strict=True):
             extracted = read_answer(result.value, ex.is_multiple_choice) if result.status == "ok" else None
             detail = result.status if result.status == "ok" else f"{result.status}: {result.detail}"
             grades.append(Grade(extracted, is_correct(extracted, ex, self.tol), detail))
         return grades
+
+
+# "Nearly every" program of the first batch failing to parse means a model that does not write
+# programs (trained on natural-language CoT), not a few broken samples.
+NOT_PROGRAMS_SHARE = 0.9
+
+
+def _syntax_error(program: str) -> str | None:
+    """Why `program` is not valid Python, or None. Parsed, never run."""
+    try:
+        ast.parse(program)
+    except SyntaxError as err:
+        return f"{err.msg} (line {err.lineno})"
+    except (ValueError, RecursionError, MemoryError) as err:  # null bytes, absurd nesting
+        return type(err).__name__
+    return None
+
+
+def warn_if_not_programs(programs: Sequence[str], examples: Sequence[Example]) -> bool:
+    """Warns (once per grader: it is called on the first batch) when nearly every program is not even
+    valid Python, as when a natural-CoT model is run with --cot program: every reward and every
+    accuracy would be 0 without a word. Returns whether it warned."""
+    errors = [(ex, why) for ex, why in ((ex, _syntax_error(p)) for p, ex in zip(programs, examples, strict=True))
+              if why is not None]
+    if len(errors) < NOT_PROGRAMS_SHARE * len(programs):
+        return False
+    example, why = errors[0]
+    log.warning("--cot program: %d of %d programs in the first graded batch are not valid Python (item %r: %s), "
+                "so they earn no reward and count as wrong. Check that the model was trained on program CoT "
+                "(SFT with --cot program on P-CoT data), not natural-language CoT, and that max_length leaves "
+                "room for a whole program", len(errors), len(programs), example.id, why)
+    return True
 
 
 @contextmanager

@@ -11,14 +11,45 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from reftkit.hub import could_be_hub_id, missing_path_message
 from reftkit.pretrained import resolve
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+_MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a peft adapter on one
+
+
+def model_source(name_or_path: str) -> tuple[str, dict]:
+    """(what `from_pretrained` loads, its options) for an HF name, a directory, or a reftkit name
+    such as `smollm2-135m` (see reftkit.pretrained). A local directory is read from disk only, never
+    the network. A missing path that cannot be a Hub id (see reftkit.hub) and a directory without a
+    model are one-line errors before anything loads."""
+    source = resolve(name_or_path)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in _MODEL_FILES):
+            final = path / "final"
+            hint = f"; the run's final model is {final}" if (final / "config.json").is_file() else ""
+            raise FileNotFoundError(f"model {name_or_path!r}: {path} has no config.json, not a model directory{hint}")
+        return str(path), {"local_files_only": True}
+    if path.exists():
+        raise ValueError(f"model {name_or_path!r}: a file, not a model directory")
+    if not could_be_hub_id(name_or_path):
+        raise FileNotFoundError(missing_path_message("model", name_or_path))
+    return source, {}
+
+
+def _from_pretrained(auto_class, name_or_path: str, **kwargs):
+    source, options = model_source(name_or_path)
+    try:
+        return auto_class.from_pretrained(source, **options, **kwargs)
+    except OSError as error:  # transformers' "not a valid model identifier", "couldn't connect", ...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load model {name_or_path!r}: {first}") from None
 
 
 def load_tokenizer(name_or_path: str):
-    """An HF name, a directory, or a reftkit name such as `smollm2-135m` (see reftkit.pretrained)."""
-    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    """The tokenizer of `name_or_path` (see model_source)."""
+    tok = _from_pretrained(AutoTokenizer, name_or_path)
     if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -26,7 +57,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""The paper's prompt format and its tokenization (the SFT loss covers response tokens only)."""
+"""The paper's prompt format and its tokenization (the SFT loss covers response tokens only).
+
+Cutting is never silent: prompts cut to max_prompt_tokens and SFT targets cut at max_length are
+counted per process (`truncation_counts`, for a run's summary) and warned about once per kind.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,6 +14,8 @@ import torch
 
 from reftkit.cot import CotStyle, question_text, response_prefix, response_text
 from reftkit.data.records import Example
+
+log = logging.getLogger("reftkit")
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 # A model prompted with worked examples goes on to write the next one: its answer ends here.
@@ -26,7 +33,44 @@ def prompt_text(example: Example, cot: CotStyle = "natural", shots: Sequence[Exa
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
-    truncated: bool
+    truncated: bool  # prompt + response + EOS were longer than max_length and were cut at its end
+    prompt_truncated: bool = False  # the prompt was cut to its last max_prompt_tokens
+
+
+# Prompts are tokenized from a window of their last characters, never whole: one 50 MB question
+# would otherwise take gigabytes in the tokenizer before being cut to a few hundred tokens. The
+# window starts at this many characters per kept token (far more than any tokenizer's tokens hold)
+# and doubles until it yields enough tokens; the first tokens of a window, which may split
+# differently from the whole text, are never among those kept.
+_CHARS_PER_TOKEN = 16
+_WINDOW_SLACK_TOKENS = 16
+
+
+def _tail_ids(tokenizer, text: str, keep: int, add_special_tokens: bool) -> tuple[list[int], bool]:
+    """(the last `keep` or more token ids of `text`, whether text was longer than what is returned)."""
+    window = (keep + _WINDOW_SLACK_TOKENS) * _CHARS_PER_TOKEN
+    while window < len(text):
+        ids = tokenizer(text[-window:], add_special_tokens=False)["input_ids"]
+        if len(ids) >= keep + _WINDOW_SLACK_TOKENS:
+            return ids[-keep:], True
+        window *= 2
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], False
+
+
+def _encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle,
+                   shots: Sequence[Example]) -> tuple[list[int], bool]:
+    """(prompt ids, whether the prompt was cut to its last max_prompt_tokens); see encode_prompt."""
+    texts = [t for s in shots for t in (prompt_text(s, cot), response_text(s, cot))] + [prompt_text(example, cot)]
+    texts = [("\n\n" if n and n % 2 == 0 else "") + t for n, t in enumerate(texts)]  # blank line between shots
+    ids: list[int] = []
+    for n in reversed(range(len(texts))):  # from the end: what is cut off is never tokenized
+        if len(ids) >= max_prompt_tokens:
+            return ids[-max_prompt_tokens:], True
+        part, cut = _tail_ids(tokenizer, texts[n], max_prompt_tokens - len(ids), add_special_tokens=n == 0)
+        ids = part + ids
+        if cut:
+            return ids[-max_prompt_tokens:], True
+    return ids[-max_prompt_tokens:], len(ids) > max_prompt_tokens
 
 
 def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural",
@@ -35,22 +79,74 @@ def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotS
     Each shot's prompt and response are tokenized apart, as SFT does, so the token boundary where
     the answer starts is the same in the shots as after the question (a prompt ending in a lone
     "\n" token followed by "    x = ..." in the shots: otherwise BPE merges "\n    " inside the
-    shots and the model, never shown a lone "\n" before code, starts a new question instead)."""
-    texts = [t for s in shots for t in (prompt_text(s, cot), response_text(s, cot))] + [prompt_text(example, cot)]
-    texts = [("\n\n" if n and n % 2 == 0 else "") + t for n, t in enumerate(texts)]  # blank line between shots
-    ids = [i for n, t in enumerate(texts) for i in tokenizer(t, add_special_tokens=n == 0)["input_ids"]]
-    return ids[-max_prompt_tokens:]
+    shots and the model, never shown a lone "\n" before code, starts a new question instead).
+    Not counted as truncation; `encode_prompts` is."""
+    return _encode_prompt(tokenizer, example, max_prompt_tokens, cot, shots)[0]
+
+
+def encode_prompts(tokenizer, examples: Sequence[Example], max_prompt_tokens: int, cot: CotStyle = "natural",
+                   shots: Sequence[Example] = ()) -> list[list[int]]:
+    """`encode_prompt` of each example, the prompts cut to max_prompt_tokens counted (and warned about)."""
+    encoded = [_encode_prompt(tokenizer, ex, max_prompt_tokens, cot, shots) for ex in examples]
+    note_truncation("prompts", sum(cut for _, cut in encoded), len(encoded), max_prompt_tokens)
+    return [ids for ids, _ in encoded]
 
 
 def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: int,
                cot: CotStyle = "natural") -> Encoded:
-    """Prompt + response + EOS, truncated to max_length (truncation is reported, never silent)."""
-    prompt = encode_prompt(tokenizer, example, max_prompt_tokens, cot)
+    """Prompt + response + EOS, truncated to max_length (`encode_sft_examples` counts the cuts)."""
+    prompt, prompt_cut = _encode_prompt(tokenizer, example, max_prompt_tokens, cot, ())
     response = tokenizer(response_text(example, cot), add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
     ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-    return Encoded(ids, labels, truncated=len(prompt) + len(response) > max_length)
+    return Encoded(ids, labels, truncated=len(prompt) + len(response) > max_length, prompt_truncated=prompt_cut)
+
+
+def encode_sft_examples(tokenizer, examples: Sequence[Example], max_prompt_tokens: int, max_length: int,
+                        cot: CotStyle = "natural") -> list[Encoded]:
+    """`encode_sft` of each example, cut prompts and cut targets counted (and warned about)."""
+    encoded = [encode_sft(tokenizer, ex, max_prompt_tokens, max_length, cot) for ex in examples]
+    note_truncation("prompts", sum(e.prompt_truncated for e in encoded), len(encoded), max_prompt_tokens)
+    note_truncation("sft_targets", sum(e.truncated for e in encoded), len(encoded), max_length)
+    return encoded
+
+
+# ----------------------------------------------------------------------------- truncation counts
+
+_CUT_MESSAGES = {
+    "prompts": "%d of %d prompts exceed max_prompt_tokens=%d and keep only their last %d tokens (the start of "
+               "the question is lost): raise max_prompt_tokens",
+    "sft_targets": "%d of %d SFT targets (prompt, reference CoT, EOS) exceed max_length=%d and were cut to "
+                   "their first %d tokens (the answer and EOS are lost): raise max_length",
+}
+_cut_counts: dict[str, list[int]] = {}  # kind -> [cut, seen] in this process
+_warned: set[str] = set()
+
+
+def note_truncation(kind: str, cut: int, seen: int, limit: int) -> None:
+    """Counts `cut` of `seen` rows of `kind` ("prompts", "sft_targets") cut at `limit` tokens; the
+    first cut of a kind is warned about with its counts, later ones only counted."""
+    counts = _cut_counts.setdefault(kind, [0, 0])
+    counts[0] += cut
+    counts[1] += seen
+    if cut and kind not in _warned:
+        _warned.add(kind)
+        log.warning(_CUT_MESSAGES[kind] + "; later cuts are counted in the run summary, not warned about",
+                    cut, seen, limit, limit)
+
+
+def truncation_counts() -> dict[str, int]:
+    """Rows cut and rows seen per kind in this process since `reset_truncation_counts`, for a run
+    summary: {"prompts_cut": 16, "prompts": 16, "sft_targets_cut": 0, "sft_targets": 48}."""
+    return {key: value for kind, (cut, seen) in _cut_counts.items() for key, value in ((f"{kind}_cut", cut),
+                                                                                        (kind, seen))}
+
+
+def reset_truncation_counts() -> None:
+    """Zero the counts and warn again (a run's start, when one process runs several)."""
+    _cut_counts.clear()
+    _warned.clear()
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -1,0 +1,265 @@
+"""Inputs and the messages about them (issue 14): huge rows, silent truncation, model paths that
+cannot be on the Hub, and the import graph of the data layer."""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reftkit import cli
+from reftkit.data import load_examples
+from reftkit.data.records import Example
+from reftkit.data.synthetic import make_splits
+from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.prompts import (
+    encode_prompt,
+    encode_prompts,
+    encode_sft_examples,
+    prompt_text,
+    reset_truncation_counts,
+    response_text,
+    truncation_counts,
+)
+from reftkit.tiny import build_tokenizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, test = make_splits(16, 4, seed=5)
+    return train, test, build_tokenizer(prompt_text(e) + response_text(e) for e in train)
+
+
+class Spy:
+    """A tokenizer that records the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def whole_then_cut(tokenizer, example, max_prompt_tokens, cot="natural", shots=()):
+    """The plain definition: tokenize everything, keep the last max_prompt_tokens."""
+    texts = [t for s in shots for t in (prompt_text(s, cot), response_text(s, cot))] + [prompt_text(example, cot)]
+    texts = [("\n\n" if n and n % 2 == 0 else "") + t for n, t in enumerate(texts)]
+    ids = [i for n, t in enumerate(texts) for i in tokenizer(t, add_special_tokens=n == 0)["input_ids"]]
+    return ids[-max_prompt_tokens:]
+
+
+# ----------------------------------------------------------------------------- huge rows
+
+
+@pytest.mark.parametrize("cot", ["natural", "program"])
+def test_a_huge_question_is_tokenized_from_a_bounded_window_with_the_same_ids(data, cot):
+    train, test, tokenizer = data
+    sentence = "Tom has 3 apples and buys 4 more bags of 12 apples each. "
+    huge = Example("huge", sentence * 100_000 + "How many apples?", "", "51")  # 5.8 MB
+    spy = Spy(tokenizer)
+    ids = encode_prompt(spy, huge, 64, cot)
+    assert max(spy.lengths) <= 4 * (64 + 16) * 16  # before: the whole 5.8 MB (17 GB of RAM at 50 MB)
+    small = Example("small", sentence * 400 + "How many apples?", "", "51")
+    assert ids == whole_then_cut(tokenizer, small, 64, cot)  # the same last tokens as the plain definition
+
+
+@pytest.mark.parametrize("cot", ["natural", "program"])
+@pytest.mark.parametrize("max_prompt_tokens", [1, 5, 40, 90, 300, 10_000])
+def test_windowed_prompts_equal_tokenizing_everything(cot, max_prompt_tokens):
+    train, test = make_splits(8, 2, seed=5, cot=cot)
+    tokenizer = build_tokenizer(prompt_text(e, cot) + response_text(e, cot) for e in train)
+    long = Example("l", " ".join(e.question for e in train) * 3, "", "1")
+    for example, shots in [(test[0], ()), (test[1], train[:3]), (long, ()), (long, train[:2])]:
+        assert encode_prompt(tokenizer, example, max_prompt_tokens, cot, shots) == whole_then_cut(
+            tokenizer, example, max_prompt_tokens, cot, shots)
+
+
+def test_reading_a_huge_row_takes_memory_proportional_to_it(tmp_path):
+    row = {"question": "word " * 1_000_000 + "How many?", "answer": "2 + 3 = 5\n#### 5"}  # 5 MB
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    tracemalloc.start()
+    try:
+        (example,) = load_examples(path).examples
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert example.question.endswith("How many?") and example.answer == "5"
+    assert peak < 8 * path.stat().st_size
+
+
+# ----------------------------------------------------------------------------- truncation is never silent
+
+
+def test_cut_prompts_are_warned_about_once_with_counts_and_counted(data, caplog):
+    train, test, tokenizer = data
+    reset_truncation_counts()
+    with caplog.at_level("WARNING", logger="reftkit"):
+        assert all(len(p) == 8 for p in encode_prompts(tokenizer, train, 8))
+        encode_prompts(tokenizer, train, 8)
+        encode_prompts(tokenizer, test, 10_000)
+    warnings = [r.getMessage() for r in caplog.records if "prompts exceed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("16 of 16 prompts exceed max_prompt_tokens=8 and keep only their last 8 tokens")
+    assert truncation_counts() == {"prompts_cut": 32, "prompts": 36}
+    reset_truncation_counts()
+    assert truncation_counts() == {}
+
+
+def test_cut_sft_targets_are_warned_about_once_with_counts_and_counted(data, caplog):
+    train, test, tokenizer = data
+    reset_truncation_counts()
+    longest = max(len(tokenizer(prompt_text(e) + response_text(e))["input_ids"]) for e in train)
+    with caplog.at_level("WARNING", logger="reftkit"):
+        features = encode_sft_examples(tokenizer, train, 10_000, 20)
+        encode_sft_examples(tokenizer, train, 10_000, longest + 1)
+    assert all(len(f.input_ids) == 20 and f.truncated for f in features)
+    (warning,) = [r.getMessage() for r in caplog.records if "exceed" in r.getMessage()]
+    assert warning.startswith("16 of 16 SFT targets (prompt, reference CoT, EOS) exceed max_length=20")
+    assert truncation_counts() == {"prompts_cut": 0, "prompts": 32, "sft_targets_cut": 16, "sft_targets": 32}
+    reset_truncation_counts()
+
+
+def test_evaluation_with_a_tiny_prompt_budget_says_so(data, caplog):
+    """The issue's run: `eval --max_prompt_tokens 8` cut 16 of 16 prompts without a word."""
+    from accelerate import Accelerator
+
+    from reftkit.answers import NaturalLanguageGrader
+    from reftkit.evaluate import evaluate
+    from reftkit.tiny import build_model
+
+    train, test, tokenizer = data
+    reset_truncation_counts()
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0).eval()
+    with caplog.at_level("WARNING", logger="reftkit"):
+        evaluate(Accelerator(cpu=True), model, tokenizer, train, NaturalLanguageGrader(), batch_size=16,
+                 max_prompt_tokens=8, max_new_tokens=2, progress=False)
+    assert "16 of 16 prompts exceed max_prompt_tokens=8" in caplog.text
+    assert truncation_counts()["prompts_cut"] == 16
+    reset_truncation_counts()
+
+
+# ----------------------------------------------------------------------------- model paths
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fails a test that asks transformers to load anything."""
+    def refuse(*args, **kwargs):
+        pytest.fail(f"from_pretrained{args} was called")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("name", ["./runs/sft", "../nope", "runs/sft/final", "/nonexistent/model", "~/nope-model",
+                                  "outputs/sft"])
+def test_a_missing_local_looking_model_path_is_an_error_at_once(tmp_path, monkeypatch, no_hub, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # "outputs/sft" names a child of an existing directory: local
+    start = time.perf_counter()
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=rf"model '{name}': no such file or directory"):
+            load(name)
+    assert time.perf_counter() - start < 1
+
+
+def test_a_directory_without_a_model_is_an_error_that_points_at_final(tmp_path, no_hub):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json, not a model directory; the run's final model is"):
+        load_causal_lm(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="a file, not a model directory"):
+        load_tokenizer(str(tmp_path / "run" / "final" / "config.json"))
+
+
+def test_a_local_model_directory_is_read_without_the_network(tmp_path, monkeypatch):
+    from reftkit.tiny import build_model
+
+    tokenizer = build_tokenizer(["a b c 1 2 3"] * 4, vocab_size=300)
+    build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    seen = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, source, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        return real(cls, source, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer("m").pad_token is not None
+    assert seen == [True]
+
+
+def test_missing_model_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys, no_hub):
+    monkeypatch.chdir(tmp_path)
+    eval_file = tmp_path / "test.json"  # the paper's test-set layout: no answer_cot
+    eval_file.write_text(json.dumps([{"item_id": "t0", "question": "2 + 3?", "answer_value": "5"}]))
+    argv = ["eval", "--model", "./runs/sft/final", "--eval_file", str(eval_file), "--output_dir", "out", "--quiet"]
+    assert cli.main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"reftkit eval: error: model './runs/sft/final': no such file or directory (looked in {tmp_path})"
+
+
+# ----------------------------------------------------------------------------- import graph
+
+
+def module_imports(module: str) -> set[str]:
+    """reftkit modules `module` imports when it is loaded (top-level statements, TYPE_CHECKING aside);
+    importing a.b.c also runs a/__init__ and a/b/__init__, except the packages `module` is inside."""
+    tree = ast.parse(module_path(module).read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+            if isinstance(sub, ast.Import):
+                names |= {alias.name for alias in sub.names}
+            elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                names |= {sub.module} | {f"{sub.module}.{alias.name}" for alias in sub.names}
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for n in range(2, len(parts) + 1):
+            candidate = ".".join(parts[:n])
+            if module_path(candidate) is not None:
+                found.add(candidate)
+    return {name for name in found if name.startswith("reftkit.") and not (module + ".").startswith(name + ".")}
+
+
+def module_path(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def cycle_through(start: str) -> list[str] | None:
+    """An import cycle through `start`, as the list of modules, or None."""
+    stack = [(start, [start])]
+    seen = set()
+    while stack:
+        name, trail = stack.pop()
+        for nxt in sorted(module_imports(name)):
+            if nxt == start:
+                return trail + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, trail + [nxt]))
+    return None
+
+
+@pytest.mark.parametrize("module", ["reftkit.answers", "reftkit.data", "reftkit.data.readers", "reftkit.prompts",
+                                    "reftkit.cot"])
+def test_the_data_layer_has_no_import_cycle(module):
+    assert cycle_through(module) is None
