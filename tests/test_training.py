@@ -153,8 +153,9 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, cot):
     from reftkit.config import DemoConfig
     from reftkit.demo import run_demo
 
-    cfg = DemoConfig(output_dir=tmp_path, cot=cot, n_train=64, n_test=16, warmup_epochs=1, sft_extra_epochs=1,
-                     reft_questions=16, reft_epochs=1, reft_batch_size=8, num_samples=2, progress=False)
+    cfg = DemoConfig(output_dir=tmp_path, cot=cot, n_train=64, n_test=16, warmup={"epochs": 1}, sft={"epochs": 1},
+                     reft={"max_train_examples": 16, "epochs": 1, "batch_size": 8, "num_samples": 2,
+                           "mini_batch_size": 8}, progress=False)
     results = run_demo(cfg)
     assert list(results) == ["warm-up SFT", "SFT (continued)", "ReFT"]
     for r in results.values():  # each stage's accuracy is the share of its 16 graded test predictions

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from reftkit.config import CommonConfig
+from reftkit.config import TrainerOptions
 from reftkit.lora import plain_model_and_state
 
 log = logging.getLogger("reftkit")
@@ -111,7 +111,7 @@ def _previous_outputs(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".reftkit-write-test"))
 
 
-def check_output_dir(cfg: CommonConfig) -> None:
+def check_output_dir(cfg: TrainerOptions) -> None:
     """Raises at once, before any work, when cfg.output_dir cannot take this run: not writable,
     another run's files without resume or overwrite_output_dir, or resume with nothing to resume."""
     out = Path(cfg.output_dir)
@@ -127,7 +127,7 @@ def check_output_dir(cfg: CommonConfig) -> None:
                        f"replace it with --overwrite_output_dir, or choose another --output_dir")
 
 
-def claim_output_dir(accelerator: Accelerator, cfg: CommonConfig, command: str) -> Run:
+def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str) -> Run:
     """Checks cfg.output_dir (`check_output_dir`) and claims it for a fresh run of `command`, or
     names the run to resume (`resume_from` then loads its checkpoint). Only the main process writes."""
     out = Path(cfg.output_dir)
@@ -174,7 +174,7 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     return refused, accepted
 
 
-def resume_from(accelerator: Accelerator, cfg: CommonConfig, run: Run) -> Run:
+def resume_from(accelerator: Accelerator, cfg: TrainerOptions, run: Run) -> Run:
     """Loads the newest intact checkpoint of `run` (falling back past damaged ones, each named);
     refuses when the settings differ from the checkpoint's in a way that changes the run."""
     candidates = step_checkpoints(Path(cfg.output_dir), run.id or None)
@@ -287,7 +287,7 @@ def prune_checkpoints(accelerator: Accelerator, output_dir: Path, run_id: str, k
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg: CommonConfig, run: Run,
+def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run,
                          progress: Progress) -> None:
     """checkpoint-{step} with everything --resume needs; this run's older ones beyond the last two go."""
     save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}", progress,
@@ -295,7 +295,7 @@ def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg:
     prune_checkpoints(accelerator, cfg.output_dir, run.id)
 
 
-def save_final(accelerator: Accelerator, model, lm_of, tokenizer, cfg: CommonConfig, run: Run) -> Path:
+def save_final(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run) -> Path:
     return save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
                            cfg.model_dump(mode="json"), run.id)
 

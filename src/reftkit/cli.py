@@ -116,9 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
                            usage=f"reftkit {name} [CONFIG] [--option VALUE ...]", allow_abbrev=False, formatter_class=_HelpFormatter)
         p.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG", help="YAML config file")
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings and errors only")
-        for field_name, field in cmd.config.model_fields.items():
-            _add_field(p, field_name, field)
+        by_section: dict[type, list[str]] = {}
+        for field_name in cmd.config.model_fields:
+            by_section.setdefault(_declaring_section(cmd.config, field_name), []).append(field_name)
+        order = list(_SECTION_TITLES)  # after the command's own options and those of a command it extends
+        for section in sorted(by_section, key=lambda c: order.index(c.__name__) if c.__name__ in order else -1):
+            title = _SECTION_TITLES.get(section.__name__, f"{name} options")
+            group = p.add_argument_group(title)
+            for field_name in by_section[section]:
+                _add_field(group, field_name, cmd.config.model_fields[field_name])
     return parser
+
+
+# --help shows a command's options by section (reftkit.config), its own options first.
+_SECTION_TITLES = {
+    "RunOptions": "run", "DataOptions": "data and prompts", "SandboxOptions": "program-CoT sandbox",
+    "TrainData": "training data", "EvalData": "evaluation data", "Tracking": "tracking",
+    "RunDirOptions": "checkpoints and run directory", "OptimOptions": "optimiser", "MemoryOptions": "memory and batching",
+    "LoraOptions": "LoRA", "AccumulationOptions": "gradient accumulation", "SamplingOptions": "sampling",
+    "SamplesInput": "samples of the training questions",
+}
+
+
+def _declaring_section(config: type[BaseModel], field_name: str) -> type:
+    """The class in `config`'s hierarchy that declares `field_name` (the first in method order)."""
+    return next(c for c in config.__mro__ if field_name in getattr(c, "__annotations__", {}))
 
 
 def load_yaml(path: Path, config: type[BaseModel]) -> dict[str, Any]:

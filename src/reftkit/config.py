@@ -1,7 +1,11 @@
-"""Typed, validated configs. Every hyperparameter is named here once, with its default and meaning.
+"""Typed, validated configs: one explicit config per command, built from small sections.
 
-Defaults follow the paper (GUIDE.md) where it gives a value. An unknown or ill-typed key is an
-error that names it (pydantic, extra="forbid").
+A section holds the options of one concern (the run, the data, the sandbox, the optimiser, ...)
+and is declared once; a command's config lists the sections it honours and declares its own
+budget (epochs, batch size, learning rate, samples) with the defaults that command needs. An
+option a command cannot honour is not one of its fields, so it is rejected, as is an unknown or
+ill-typed key (pydantic, extra="forbid", strict types). Defaults follow the paper (GUIDE.md)
+where it gives a value.
 """
 
 from __future__ import annotations
@@ -23,33 +27,28 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
-class CommonConfig(_Config):
-    """Options every command shares: model, data, run directory, lengths."""
+# ----------------------------------------------------------------------------- sections
+
+class RunOptions(_Config):
+    """Every command: the model, where results go, seed, precision, progress bars."""
 
     model: str = Field("tiny", description="HF model name or directory; 'tiny' builds a small Llama and tokenizer in code from the training data")
-    train_file: str | None = Field(None, description="training data (file, directory or HF dataset name)")
-    eval_file: str | None = Field(None, description="evaluation data, read each epoch and by `eval`")
+    output_dir: LaxPath = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
+    seed: int = Field(42, description="seed for data order, sampling and initialisation")
+    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast: auto = on for CUDA, off on CPU")
+    progress: bool = Field(True, description="show progress bars")
+
+
+class DataOptions(_Config):
+    """How math data is read and laid out as prompts."""
+
     data_format: Literal["auto", "reft", "gsm8k", "svamp", "mathqa", "mathqa-numeric", "hf"] = Field(
         "auto", description="input format of the data files")
     cot: CotStyle = Field(
         "natural", description="chain of thought: natural-language reasoning, or a Python program run in the sandbox")
-    exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
-    exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
-    exec_memory_mb: int = Field(512, gt=0, description="program CoT: memory limit per program (MiB)")
-    exec_programs_per_child: int = Field(
-        1, gt=0, description="program CoT: programs run in turn by one forked child (1: a fresh process each; "
-                            "more is faster but programs of a child share module state, docs/executor.md)")
     skip_invalid: bool = Field(False, description="skip malformed rows (reported with reasons) instead of stopping")
-    output_dir: LaxPath = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
-    seed: int = Field(42, description="seed for data order, sampling and initialisation")
     max_prompt_tokens: int = Field(300, gt=0, description="prompt tokens kept (the paper: 300)")
     max_length: int = Field(700, gt=0, description="prompt + response tokens (the paper: 700)")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per greedy-decoding batch")
-    max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N examples only")
-    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast: auto = on for CUDA, off on CPU")
-    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="extra trackers (metrics.jsonl is always written)")
-    progress: bool = Field(True, description="show progress bars")
-    resume: bool = Field(False, description="continue from the newest checkpoint in output_dir")
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -58,45 +57,68 @@ class CommonConfig(_Config):
         return self
 
 
-class OptimConfig(_Config):
-    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+class SandboxOptions(_Config):
+    """Program CoT: the sandbox that runs model-written programs (docs/executor.md)."""
+
+    exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
+    exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
+    exec_memory_mb: int = Field(512, gt=0, description="program CoT: memory limit per program (MiB)")
+    exec_programs_per_child: int = Field(
+        1, gt=0, description="program CoT: programs run in turn by one forked child (1: a fresh process each; "
+                            "more is faster but programs of a child share module state, docs/executor.md)")
+
+
+class TrainData(_Config):
+    train_file: str | None = Field(None, description="training data (file, directory of JSON/JSONL files, or HF dataset name)")
+    max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
+
+
+class EvalData(_Config):
+    eval_file: str | None = Field(None, description="evaluation data (a question and a gold answer per row)")
+    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N examples only")
+
+
+class Tracking(_Config):
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="extra trackers (metrics.jsonl is always written)")
+
+
+class RunDirOptions(Tracking):
+    """A training run's directory: checkpoints, resuming, reuse (README, "Run directories")."""
+
+    save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at the end of each epoch only)")
+    resume: bool = Field(False, description="continue the run in output_dir from its newest intact checkpoint (settings must match, README)")
+    overwrite_output_dir: bool = Field(False, description="start afresh in an output_dir that holds another run: its checkpoints, final model, metrics and predictions are removed first (other files stay)")
+
+
+class OptimOptions(_Config):
+    """AdamW and its schedule, without the rate (each command declares its own)."""
+
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps for linear warm-up")
-    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a non-finite loss or gradient: stop the run (nothing non-finite is saved; the last checkpoint stays), or skip that optimiser step and count it")
 
 
-class TrainConfig(CommonConfig, OptimConfig):
-    """What both training recipes share: passes over the data, batch size, checkpoint cadence."""
+class MemoryOptions(_Config):
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass: less activation memory for about one more forward pass of compute")
+    group_by_length: bool = Field(False, description="batches of similar length, still shuffled per epoch; less padding, but batches are no longer uniformly random (off: the paper's setup)")
 
-    epochs: int = Field(3, gt=0, description="passes over the training data")
-    batch_size: int = Field(16, gt=0, description="examples (SFT) or questions (ReFT) per process per batch")
-    save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at the end of each epoch only)")
+
+class LoraOptions(_Config):
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = off (full fine-tuning). With LoRA only the adapters (and ReFT's value head) train, and ReFT's KL reference is the same model with its adapters disabled")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is scaled by lora_alpha / lora_r")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input (SFT; ReFT runs its policy without dropout)")
     lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description="module names to adapt; all-linear = every linear layer of attention and MLP (not the output head)")
-    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass: less activation memory for about one more forward pass of compute")
-    group_by_length: bool = Field(False, description="batches of similar length (SFT: examples, ReFT: prompts), still shuffled per epoch; less padding, but batches are no longer uniformly random (off: the paper's setup)")
-    max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
-    overwrite_output_dir: bool = Field(False, description="start afresh in an output_dir that holds another run: its checkpoints, final model, metrics and predictions are removed first (other files stay)")
-    nonfinite: Literal["stop", "skip"] = Field("stop", description="a non-finite loss or gradient: stop the run (nothing non-finite is saved; the last checkpoint stays), or skip that optimiser step and count it")
 
 
 class AccumulationOptions(_Config):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (gradient accumulation); the effective batch is batch_size x grad_accum x processes")
 
 
-class SFTConfig(TrainConfig, AccumulationOptions):
-    """Supervised fine-tuning on (question, reference CoT); loss on response tokens only."""
-
-    eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
-
-
 class SamplingOptions(_Config):
     """How responses are sampled (the paper: temperature 1.0 from the full distribution)."""
 
-    num_samples: int = Field(1, gt=0, description="sampled responses per question")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (the paper: 1.0)")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
@@ -107,14 +129,39 @@ class SamplingOptions(_Config):
         return Sampling(True, self.temperature, self.top_k, self.top_p, max_new_tokens)
 
 
-class ReFTConfig(TrainConfig, SamplingOptions):
-    """ReFT: PPO from a warm-up SFT checkpoint (`model`), rewarded by answer correctness."""
+class SamplesInput(SamplingOptions):
+    """Samples on the training questions, from a file or drawn from `model` first."""
 
+    samples_file: str | None = Field(None, description="samples.jsonl from `reftkit sample` on the training questions; default: draw num_samples per training question from `model`")
+    num_samples: int = Field(100, gt=0, description="samples per training question when drawing them (the paper: 100)")
+
+
+class TrainerOptions(RunOptions, DataOptions, SandboxOptions, TrainData, RunDirOptions, OptimOptions, MemoryOptions):
+    """What every training command honours; each command adds its budget and its own options."""
+
+
+# ----------------------------------------------------------------------------- commands
+
+class SFTConfig(TrainerOptions, EvalData, LoraOptions, AccumulationOptions):
+    """Supervised fine-tuning on (question, reference CoT); loss on response tokens only."""
+
+    epochs: int = Field(3, gt=0, description="passes over the training data")
+    batch_size: int = Field(16, gt=0, description="examples per process per micro-batch")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
+    eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
+
+
+class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions):
+    """ReFT: PPO from a warm-up SFT checkpoint (`model`), rewarded by answer correctness.
+    No grad_accum: a PPO update's unit is mini_batch_size responses."""
+
+    epochs: int = Field(1, gt=0, description="passes over the training questions")
+    batch_size: int = Field(8, gt=0, description="questions per process per rollout batch")
+    num_samples: int = Field(1, gt=0, description="sampled responses per question")
     lr: float = Field(3e-6, gt=0, description="the paper: 3e-7 (7B), 3e-6 (small models)")
     lr_schedule: Literal["linear", "constant"] = Field("constant", description="the paper keeps the rate constant")
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
-    epochs: int = Field(1, gt=0, description="passes over the training questions")
-    batch_size: int = Field(8, gt=0, description="questions per process per rollout batch")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
     kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
@@ -136,9 +183,36 @@ class ReFTConfig(TrainConfig, SamplingOptions):
         return 0.01 if self.cot == "program" else 0.05
 
 
-class EvalConfig(CommonConfig):
+class OnlineSTConfig(TrainerOptions, EvalData, LoraOptions, AccumulationOptions, SamplingOptions):
+    """Online self-training: each batch, sample from the current policy and train on its correct samples mixed with the reference CoTs."""
+
+    epochs: int = Field(1, gt=0, description="passes over the training questions")
+    batch_size: int = Field(8, gt=0, description="questions per process per batch; a step trains on their reference CoTs plus up to num_samples correct samples each")
+    num_samples: int = Field(1, gt=0, description="sampled responses per question")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
+    self_weight: float = Field(0.5, ge=0, le=1, description="share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs")
+
+
+class OfflineSTConfig(SFTConfig, SamplesInput):
+    """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated) samples of `model`."""
+
+
+class RerankerConfig(TrainerOptions, AccumulationOptions, SamplesInput):
+    """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on graded samples of the training questions.
+    No LoRA: its fresh score head must train fully."""
+
+    epochs: int = Field(2, gt=0, description="passes over the samples")
+    batch_size: int = Field(16, gt=0, description="samples per process per micro-batch")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
+    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch when drawing samples")
+
+
+class EvalConfig(RunOptions, DataOptions, SandboxOptions, EvalData, Tracking):
     """Greedy decoding and top-1 accuracy of a checkpoint (`model`) on eval_file."""
 
+    train_file: str | None = Field(None, description="worked examples for few_shot (its first N rows)")
     few_shot: int = Field(0, ge=0, description="put the first N examples of train_file before each question as worked examples (a base model that never saw the format); the answer ends where the model starts a new question. Raise max_prompt_tokens to fit them")
 
     @model_validator(mode="after")
@@ -148,70 +222,11 @@ class EvalConfig(CommonConfig):
         return self
 
 
-class DemoConfig(_Config):
-    """The built-in demo: synthetic problems, tiny model, SFT warm-up then ReFT vs continued SFT."""
-
-    output_dir: LaxPath = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
-    seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
-    cot: CotStyle = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
-    n_train: int = Field(6000, gt=0, description="synthetic training questions (one reference CoT each)")
-    n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
-    one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
-    warmup_epochs: int = Field(6, gt=0, description="warm-up SFT epochs")
-    sft_lr: float = Field(3e-3, gt=0, description="warm-up SFT learning rate")
-    sft_batch_size: int = Field(32, gt=0, description="examples per SFT batch")
-    sft_extra_epochs: int = Field(1, gt=0, description="epochs of the continued-SFT baseline after warm-up")
-    sft_continue_lr: float = Field(3e-4, gt=0, description="learning rate of the continued-SFT baseline")
-    reft_questions: int = Field(800, gt=0, description="ReFT trains on this many of the training questions")
-    reft_epochs: int = Field(2, gt=0, description="ReFT passes over those questions")
-    reft_lr: float = Field(5e-5, gt=0, description="ReFT learning rate (constant)")
-    reft_value_head_lr: float = Field(1e-3, gt=0, description="learning rate of ReFT's freshly initialised value head")
-    reft_batch_size: int = Field(32, gt=0, description="questions per rollout batch")
-    num_samples: int = Field(4, gt=0, description="samples per question in ReFT")
-    kl_coef: float | None = Field(None, ge=0, description="ReFT KL coefficient; default: the paper's for the CoT style")
-    progress: bool = Field(True, description="show progress bars")
-    overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
-
-
-class SampleConfig(CommonConfig, SamplingOptions):
+class SampleConfig(RunOptions, DataOptions, SandboxOptions, EvalData, SamplingOptions):
     """k sampled responses per question, graded; accuracy by majority vote, pass@k and (with a reranker) rerank@k."""
 
-    eval_file: str | None = Field(None, description="the questions to sample responses for")
     num_samples: int = Field(100, gt=0, description="k: sampled responses per question (the paper: 100)")
     reranker: str | None = Field(None, description="reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k")
-
-
-class SamplesInput(SamplingOptions):
-    """Samples on the training questions, from a file or drawn from `model` first."""
-
-    samples_file: str | None = Field(None, description="samples.jsonl from `reftkit sample` on the training questions; default: draw num_samples per training question from `model`")
-    num_samples: int = Field(100, gt=0, description="samples per training question when drawing them (the paper: 100)")
-
-
-class OfflineSTConfig(SFTConfig, SamplesInput):
-    """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated) samples of `model`."""
-
-
-class OnlineSTConfig(TrainConfig, AccumulationOptions, SamplingOptions):
-    """Online self-training: each batch, sample from the current policy and train on its correct samples mixed with the reference CoTs."""
-
-    epochs: int = Field(1, gt=0, description="passes over the training questions")
-    batch_size: int = Field(8, gt=0, description="questions per process per batch; a step trains on their reference CoTs plus up to num_samples correct samples each")
-    self_weight: float = Field(0.5, ge=0, le=1, description="share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs")
-
-
-class RerankerConfig(TrainConfig, AccumulationOptions, SamplesInput):
-    """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on graded samples of the training questions."""
-
-    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    epochs: int = Field(2, gt=0, description="passes over the samples")
-    batch_size: int = Field(16, gt=0, description="samples per process per batch")
-
-    @model_validator(mode="after")
-    def _no_lora(self):
-        if self.lora_r:
-            raise ValueError("lora_r: LoRA is not supported for the reranker (its fresh score head must train fully)")
-        return self
 
 
 MethodName = Literal["sft", "offline_st", "online_st", "reft"]
@@ -221,29 +236,72 @@ STAGES: dict[str, type[_Config]] = {
     "online_st": OnlineSTConfig, "reft": ReFTConfig, "reranker": RerankerConfig, "eval": SampleConfig,
 }
 DEMO_LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}  # synthetic prompts < 60 tokens, responses < 50
+# The demo's settings per stage, shared by `reftkit demo` and `reftkit reproduce --demo`; a demo
+# config's stage sections (`reft: {lr: 1e-4}`) go on top. ReFT trains on the first 800 questions;
+# Online-ST gets the same questions, samples and budget, at continued SFT's rate.
+_DEMO_SFT = {"lr": 3e-4, "batch_size": 32, "eval_every_epoch": False}
+_DEMO_ONLINE = {"lr": 5e-5, "batch_size": 32, "num_samples": 4, "epochs": 2, "max_train_examples": 800}
+DEMO_STAGES: dict[str, dict[str, Any]] = {
+    "warmup": {"epochs": 6, "lr": 3e-3, "batch_size": 32, "warmup_ratio": 0.05, "eval_every_epoch": False},
+    "sft": {"epochs": 1, **_DEMO_SFT},
+    "reft": {**_DEMO_ONLINE, "value_head_lr": 1e-3, "mini_batch_size": 64},
+    "online_st": {**_DEMO_ONLINE, "lr": _DEMO_SFT["lr"]},
+    "train_samples": {"num_samples": 8, "max_eval_examples": 800},
+    "offline_st": {"epochs": 1, **_DEMO_SFT},
+    "reranker": {"epochs": 4, "lr": 3e-4, "batch_size": 32, "warmup_ratio": 0.05},  # experiments/reranker_dev.py
+    "eval": {"num_samples": 8},
+}
 
 
-def demo_stage_options(d: DemoConfig) -> dict[str, dict]:
-    """The demo's options per stage: `reftkit demo` and `reftkit reproduce --demo` share them."""
-    sft = {"lr": d.sft_continue_lr, "batch_size": d.sft_batch_size, "eval_every_epoch": False}
-    online = {"lr": d.reft_lr, "batch_size": d.reft_batch_size, "num_samples": d.num_samples,
-              "epochs": d.reft_epochs, "max_train_examples": d.reft_questions}
-    return {
-        "warmup": {"epochs": d.warmup_epochs, "lr": d.sft_lr, "batch_size": d.sft_batch_size, "warmup_ratio": 0.05,
-                   "eval_every_epoch": False},
-        "sft": {"epochs": d.sft_extra_epochs, **sft},
-        "reft": {**online, "value_head_lr": d.reft_value_head_lr, "kl_coef": d.kl_coef,
-                 "mini_batch_size": d.reft_batch_size * d.num_samples // 2},
-        # Same questions, samples and budget as ReFT; the SFT-style baselines use continued SFT's rate.
-        "online_st": {**online, "lr": d.sft_continue_lr},
-        "train_samples": {"num_samples": 8, "max_eval_examples": d.reft_questions},
-        "offline_st": {"epochs": d.sft_extra_epochs, **sft},
-        "reranker": {"epochs": 4, "lr": 3e-4, "batch_size": 32, "warmup_ratio": 0.05},  # experiments/reranker_dev.py
-        "eval": {"num_samples": 8},
-    }
+def stage_config(name: str, values: dict[str, Any], config: type[_Config] | None = None) -> _Config:
+    """Validates one stage's options into its command's config; errors name the section."""
+    try:
+        return (config or STAGES[name]).model_validate(values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"section '{name}': {problems}") from None
 
 
-class ReproduceConfig(CommonConfig):
+def only_fields(values: dict[str, Any], config: type[_Config]) -> dict[str, Any]:
+    """The options of `values` that `config`'s command has (shared options go only where honoured)."""
+    return {k: v for k, v in values.items() if k in config.model_fields}
+
+
+class DemoConfig(_Config):
+    """The built-in demo: synthetic problems, tiny model, SFT warm-up then ReFT vs continued SFT.
+
+    Each stage takes that command's options in its section (`reft: {lr: 1e-4, epochs: 3}`), on
+    top of the demo's settings (`reftkit.config.DEMO_STAGES`)."""
+
+    output_dir: LaxPath = Field(Path("runs/demo"), description="where the demo writes its three runs and results.json")
+    seed: int = Field(0, description="seeds the synthetic data, the model initialisation and sampling")
+    cot: CotStyle = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
+    n_train: int = Field(6000, gt=0, description="synthetic training questions (one reference CoT each)")
+    n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
+    one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
+    progress: bool = Field(True, description="show progress bars")
+    overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
+    warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up (from the tiny model)")
+    sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the continued-SFT baseline")
+    reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options (e.g. lr, epochs, num_samples, max_train_examples, kl_coef)")
+
+    @model_validator(mode="after")
+    def _stages_valid(self):
+        self.stage_configs()  # an unknown or ill-typed stage option fails here, before any training
+        return self
+
+    def stage_configs(self) -> dict[str, _Config]:
+        out = Path(self.output_dir)
+        common = {**DEMO_LENGTHS, "seed": self.seed, "progress": self.progress, "cot": self.cot,
+                  "overwrite_output_dir": self.overwrite_output_dir}
+        start = str(out / "warmup" / "final")
+        models = {"warmup": "tiny", "sft": start, "reft": start}
+        return {name: stage_config(name, {**common, **DEMO_STAGES[name], **getattr(self, name), "model": models[name],
+                                          "output_dir": out / name})
+                for name in ("warmup", "sft", "reft")}
+
+
+class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
     """The paper's protocol in one run: warm-up SFT, then SFT, Offline-ST, Online-ST and ReFT from the
     same warm-up; each evaluated top-1, by vote@k and by rerank@k on eval_file (the test set).
 
@@ -252,6 +310,10 @@ class ReproduceConfig(CommonConfig):
     the stages that finished and resumes an interrupted one from its last checkpoint.
     """
 
+    train_file: str | None = Field(None, description="training data of every training stage")
+    eval_file: str | None = Field(None, description="the test set, read by the evaluation stages only")
+    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N test examples only")
     demo: bool = Field(False, description="synthetic data and the tiny model, with the demo's settings as stage defaults")
     methods: list[MethodName] = Field(default_factory=lambda: ["sft", "offline_st", "online_st", "reft"],
                                       description="methods trained from the warm-up and compared")
@@ -275,15 +337,15 @@ class ReproduceConfig(CommonConfig):
         return self
 
     def stage(self, name: str, **fixed: Any) -> _Config:
-        """The typed config of one stage: shared options < demo defaults < its section < `fixed`."""
-        shared = {k: getattr(self, k) for k in CommonConfig.model_fields if k not in ("output_dir", "resume")}
+        """The typed config of one stage: shared options (those its command has) < demo defaults <
+        its section < `fixed`. The test set (eval_file) reaches a stage only through `fixed`."""
+        config = STAGES[name]
+        shared_keys = set(ReproduceConfig.model_fields) - set(STAGES) - {"demo", "methods", "output_dir", "eval_file"}
+        shared = {k: getattr(self, k) for k in shared_keys}
         if self.demo:
             shared |= {"model": "tiny", "data_format": "reft"}
             shared |= {k: v for k, v in DEMO_LENGTHS.items() if k not in self.model_fields_set}
-        defaults = demo_stage_options(DemoConfig()).get(name, {}) if self.demo else {}
-        values = {**shared, "output_dir": self.output_dir / name, **defaults, **getattr(self, name), **fixed}
-        try:
-            return STAGES[name].model_validate(values)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
-            raise ValueError(f"section '{name}': {problems}") from None
+        defaults = DEMO_STAGES.get(name, {}) if self.demo else {}
+        values = {**only_fields(shared, config), "output_dir": self.output_dir / name, **defaults, **getattr(self, name),
+                  **fixed}
+        return stage_config(name, values)

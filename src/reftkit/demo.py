@@ -1,9 +1,9 @@
 """`reftkit demo`: the whole pipeline offline on CPU, on synthetic problems with a tiny model.
 
-warm-up SFT -> (a) SFT continued on all training data for `sft_extra_epochs` more epochs,
-(b) ReFT from the same warm-up for `reft_epochs` epochs over the first `reft_questions` training
-questions (a subset of the same questions: ReFT's rollouts are the expensive part); then greedy
-top-1 accuracy of each on a disjoint test set.
+warm-up SFT -> (a) SFT continued on all training data for more epochs, (b) ReFT from the same
+warm-up over the first training questions (a subset of the same questions: ReFT's rollouts are
+the expensive part); then greedy top-1 accuracy of each on a disjoint test set. The settings of
+each stage are `reftkit.config.DEMO_STAGES`, changed by the demo config's stage sections.
 """
 
 from __future__ import annotations
@@ -13,24 +13,11 @@ import time
 from pathlib import Path
 
 from reftkit.checkpoints import RunError, check_writable
-from reftkit.config import DEMO_LENGTHS, DemoConfig, ReFTConfig, SFTConfig, demo_stage_options
+from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
 from reftkit.runtime import process_state
-
-
-def demo_configs(cfg: DemoConfig) -> tuple[SFTConfig, SFTConfig, ReFTConfig]:
-    """The three stages' configs; every demo hyperparameter lives in DemoConfig."""
-    out = Path(cfg.output_dir)
-    common = {**DEMO_LENGTHS, "seed": cfg.seed, "progress": cfg.progress, "cot": cfg.cot,
-              "overwrite_output_dir": cfg.overwrite_output_dir}
-    options = demo_stage_options(cfg)
-    warmup = SFTConfig(model="tiny", output_dir=out / "warmup", **options["warmup"], **common)
-    start = str(out / "warmup" / "final")
-    sft = SFTConfig(model=start, output_dir=out / "sft", **options["sft"], **common)
-    reft = ReFTConfig(model=start, output_dir=out / "reft", **options["reft"], **common)
-    return warmup, sft, reft
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -46,18 +33,18 @@ def run_demo(cfg: DemoConfig) -> dict:
             raise RunError(f"output_dir {out} is not empty: rerun the demo with --overwrite_output_dir to replace "
                            "its runs, or choose another --output_dir")
     train, test = make_splits(cfg.n_train, cfg.n_test, cfg.seed, cfg.one_line_fraction, cfg.cot)
-    warmup, sft, reft = demo_configs(cfg)
+    stages = cfg.stage_configs()
     test_file = Path(cfg.output_dir) / "test.jsonl"
     if process_state().is_main_process:
         write_examples(test_file, test)
     process_state().wait_for_everyone()
 
     results: dict[str, dict] = {}
-    stages = [("warm-up SFT", warmup, train_sft, train), ("SFT (continued)", sft, train_sft, train),
-              ("ReFT", reft, train_reft, train)]
-    for name, stage_cfg, train_fn, data in stages:
+    runs = [("warm-up SFT", stages["warmup"], train_sft), ("SFT (continued)", stages["sft"], train_sft),
+            ("ReFT", stages["reft"], train_reft)]
+    for name, stage_cfg, train_fn in runs:
         start = time.time()
-        final = train_fn(stage_cfg, data)
+        final = train_fn(stage_cfg, train)
         seconds = time.time() - start
         acc = run_eval(EvalConfig(model=str(final), eval_file=str(test_file), data_format="reft", cot=cfg.cot,
                                   output_dir=stage_cfg.output_dir / "test", progress=False, **DEMO_LENGTHS))

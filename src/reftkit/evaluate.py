@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from reftkit.answers import Grader
-from reftkit.config import CommonConfig
+from reftkit.config import DataOptions
 from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
-from reftkit.prompts import FEW_SHOT_STOP, encode_prompt
+from reftkit.prompts import FEW_SHOT_STOP, encode_prompts
 from reftkit.rollout import Sampling, generate
 
 
@@ -46,7 +46,8 @@ def decode_and_grade(
     """
     rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
     shard = list(range(rank, len(examples), world))
-    prompts = {i: encode_prompt(tokenizer, examples[i], max_prompt_tokens, cot, shots) for i in shard}
+    prompts = dict(zip(shard, encode_prompts(tokenizer, [examples[i] for i in shard], max_prompt_tokens, cot, shots),
+                       strict=True))
     order = sorted(shard, key=lambda i: len(prompts[i]))
     per_batch = max(1, batch_size // num_samples)
     rows = []
@@ -117,7 +118,7 @@ def evaluate(
 
 
 def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
-                 cfg: CommonConfig, predictions_path: Path, shots: Sequence[Example] = ()) -> float:
+                 cfg: DataOptions, predictions_path: Path, shots: Sequence[Example] = ()) -> float:
     """`evaluate` with a run config's batch size, lengths and progress setting."""
     return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,

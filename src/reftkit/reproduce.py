@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reftkit.config import CommonConfig, DemoConfig, EvalConfig, ReproduceConfig
+from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
 from reftkit.report import plot_accuracy, plot_curves, results_table
 from reftkit.evaluate import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
@@ -48,7 +48,7 @@ def _timed(directory: Path, run: Callable[[], object]) -> None:
 
 def train_stage(cfg: ReproduceConfig, name: str, train_fn: Callable, **fixed) -> Path:
     """Runs one training stage unless its final model exists; resumes it from a checkpoint."""
-    return resumable_training(name, cfg.stage(name, eval_file=None, **fixed), train_fn)  # no test-set peeking
+    return resumable_training(name, cfg.stage(name, **fixed), train_fn)  # stages get no eval_file: no test-set peeking
 
 
 def resumable_training(name: str, stage_cfg, train_fn: Callable) -> Path:
@@ -94,7 +94,7 @@ def eval_stage(cfg: ReproduceConfig, method: str, model: Path, reranker: Path, t
         process_state().wait_for_everyone()
     fixed = {"model": str(model), "eval_file": test_file, "reranker": str(reranker)}
     common = cfg.stage("eval", output_dir=directory / "greedy", **fixed)
-    top1 = run_eval(EvalConfig(**{k: getattr(common, k) for k in CommonConfig.model_fields}))
+    top1 = run_eval(EvalConfig(**only_fields(dict(common), EvalConfig)))
     sampled = json.loads((sample_stage(cfg, "eval", directory, **fixed) / RESULTS_FILE).read_text())
     summary = {"top1": top1, "vote": sampled["vote_accuracy"], "rerank": sampled["rerank_accuracy"],
                "pass": sampled["pass_accuracy"], "sample_accuracy": sampled["sample_accuracy"], "k": sampled["k"],

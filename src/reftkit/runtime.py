@@ -16,7 +16,7 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from reftkit.checkpoints import NonFiniteError
-from reftkit.config import CommonConfig, OptimConfig, TrainConfig
+from reftkit.config import DataOptions, RunOptions, TrainerOptions
 from reftkit.cot import CotStyle
 from reftkit.data.records import Example
 from reftkit.lora import add_lora
@@ -41,13 +41,13 @@ def process_state() -> PartialState:
     return PartialState(cpu=cpu_multiprocess())
 
 
-def make_accelerator(cfg: CommonConfig) -> Accelerator:
+def make_accelerator(cfg: RunOptions) -> Accelerator:
     """The run's accelerator; `grad_accum` micro-batches make one optimiser step where the command has it."""
     use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=cpu_multiprocess(),
         mixed_precision="bf16" if use_bf16 else "no",
-        log_with=list(cfg.log_with) or None,
+        log_with=list(getattr(cfg, "log_with", [])) or None,  # commands with a Tracking section
         project_dir=str(cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=getattr(cfg, "grad_accum", 1)),
@@ -56,7 +56,7 @@ def make_accelerator(cfg: CommonConfig) -> Accelerator:
     return accelerator
 
 
-def load_examples_for(path: str | None, cfg: CommonConfig, role: str, *,
+def load_examples_for(path: str | None, cfg: DataOptions, role: str, *,
                       require_cot: bool | None = None) -> list[Example]:
     """The examples of `path`. require_cot: every row must have a reference CoT; None means the
     train role needs one and the eval role does not (eval data needs a question and a gold answer)."""
@@ -87,7 +87,7 @@ def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int,
     return load_causal_lm(name_or_path), load_tokenizer(name_or_path)
 
 
-def prepare_lm_for_training(lm: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
+def prepare_lm_for_training(lm: PreTrainedModel, cfg: TrainerOptions) -> PreTrainedModel:
     """Gradient checkpointing and/or LoRA adapters, as configured. Checkpointing is switched on
     first, on the plain model, so peft sees it and keeps the (frozen) embedding output differentiable."""
     if cfg.gradient_checkpointing:
@@ -104,7 +104,7 @@ def loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(params, cfg: OptimConfig, total_steps: int):
+def make_optimizer(params, cfg: TrainerOptions, total_steps: int):
     """AdamW with linear warm-up, then linear decay to 0 or a constant rate.
 
     `params` is an iterable of tensors or of param-group dicts (a group may set its own "lr")."""
@@ -135,7 +135,7 @@ class Metrics:
     null); forwards to TensorBoard/W&B if configured. A resumed run first drops the rows logged
     after its checkpoint, so no step appears twice."""
 
-    def __init__(self, accelerator: Accelerator, cfg: CommonConfig, run_name: str, resumed_at: int | None = None):
+    def __init__(self, accelerator: Accelerator, cfg: RunOptions, run_name: str, resumed_at: int | None = None):
         self.accelerator = accelerator
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
@@ -174,7 +174,7 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
-def guarded_step(accelerator: Accelerator, model, optimizer, cfg: TrainConfig, loss: torch.Tensor,
+def guarded_step(accelerator: Accelerator, model, optimizer, cfg: TrainerOptions, loss: torch.Tensor,
                  where: str) -> tuple[bool, float | None]:
     """Clips the gradients and takes the optimiser step unless the loss (on any process) or the
     gradient norm is non-finite: then the run stops (cfg.nonfinite "stop", nothing is saved) or the

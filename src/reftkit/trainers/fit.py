@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from reftkit.config import TrainConfig
+from reftkit.config import TrainerOptions
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
 from reftkit.checkpoints import Progress, Run, claim_output_dir, resume_from, save_final, save_step_checkpoint
@@ -36,7 +36,7 @@ def steps_per_epoch(accelerator: Accelerator, loader, grad_accum: int) -> int:
 
 
 def fit(
-    accelerator: Accelerator, cfg: TrainConfig, run: Run, model, tokenizer, loader, optimizer, scheduler,
+    accelerator: Accelerator, cfg: TrainerOptions, run: Run, model, tokenizer, loader, optimizer, scheduler,
     loss_fn: LossFn, *, name: str, steps_per_epoch: int,
     after_epoch: Callable[[int, Progress, Metrics], None] | None = None, lm_of=_identity,
 ) -> Path:
@@ -81,7 +81,7 @@ def fit(
     return final
 
 
-def start_lm_run(cfg: TrainConfig, command: str, train: list[Example] | None, eval_set: list[Example] | None):
+def start_lm_run(cfg: TrainerOptions, command: str, train: list[Example] | None, eval_set: list[Example] | None):
     """(accelerator, run, train, eval_set, model, tokenizer) of a run that fine-tunes a causal LM,
     with the configured LoRA / gradient checkpointing applied; the output_dir is claimed first."""
     accelerator = make_accelerator(cfg)

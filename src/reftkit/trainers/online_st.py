@@ -18,7 +18,7 @@ from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import decode_and_grade
-from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft
+from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
@@ -48,7 +48,7 @@ def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
 def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set: list[Example] | None,
                      grader) -> Path:
     accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "online-st", train, eval_set)
-    references = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
+    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
     loader = shuffled_loader(list(range(len(train))), lambda: [len(f.input_ids) for f in references], cfg.batch_size,
                              cfg.seed, cfg.group_by_length)
     steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
@@ -63,7 +63,7 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
                                 max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
         own = correct_examples(rows, questions, cfg.cot)
         features = [references[j] for j in indices.tolist()]
-        features += [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in own]
+        features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
         batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
         is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
         with accelerator.autocast():

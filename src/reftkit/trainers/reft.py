@@ -24,7 +24,7 @@ from reftkit.evaluate import evaluate_run
 from reftkit.lora import reference_lm
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, lm_response_logprobs, load_causal_lm
 from reftkit.model import load_tokenizer, response_slice, token_logprobs
-from reftkit.prompts import encode_prompt
+from reftkit.prompts import encode_prompt, encode_prompts
 from reftkit.rollout import Sampling, generate
 from reftkit.checkpoints import (
     NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, weights_finite,
@@ -71,7 +71,7 @@ def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example]
 
 def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader):
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
-    prompts = [encode_prompt(tokenizer, ex, cfg.max_prompt_tokens, cfg.cot) for ex in examples]
+    prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot)  # cuts counted and warned
     out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, cfg.num_samples)
     repeated = [ex for ex in examples for _ in range(cfg.num_samples)]  # generate keeps prompt order
     grades = grader.grade(out.texts, repeated)

@@ -10,7 +10,7 @@ from reftkit.batching import shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.prompts import collate_sft, encode_sft
+from reftkit.prompts import collate_sft, encode_sft_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
 
@@ -25,11 +25,7 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
 
 def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "sft", train, eval_set)
-    features = [encode_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) for ex in train]
-    truncated = sum(f.truncated for f in features)
-    if truncated:
-        log.warning("%d of %d training examples exceed max_length=%d and were truncated", truncated,
-                    len(features), cfg.max_length)
+    features = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)  # cuts warned
     loader = shuffled_loader(features, lambda: [len(f.input_ids) for f in features], cfg.batch_size, cfg.seed,
                              cfg.group_by_length, collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
     steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
