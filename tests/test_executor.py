@@ -645,6 +645,12 @@ def test_layer_attacks_left_the_host_unharmed(layer_runs):
     assert not layer_runs["created"].exists()
 
 
+# Run as uid 65534 with the in-Python layers off, once against the worker and once against the runner.
+UNPRIVILEGED_ESCAPES = [
+    "import resource\ndef solution():\n    resource.prlimit(PID, resource.RLIMIT_NOFILE, (4, 4))\n    return 1\n",
+    "import ctypes\ndef solution():\n    return ctypes.CDLL(None).shmget(0x5EFA, 1 << 20, 0o1666)\n",
+    "import fcntl, os\ndef solution():\n    r, w = os.pipe()\n    fcntl.fcntl(r, fcntl.F_SETOWN, PID)\n    return 1\n",
+]
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 
 
@@ -663,11 +669,9 @@ def _unprivileged_python() -> str | None:
     return None
 
 
-@pytest.mark.skipif(not LINUX or os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root + setpriv")
-def test_unprivileged_user():
-    python = _unprivileged_python()
-    if python is None:
-        pytest.skip("no Python interpreter readable by uid 65534")
+def _run_executor_as(prefix: list[str], python: str) -> dict:
+    """Runs the executor under `python` (started as `prefix`): three ordinary programs with every layer on,
+    then UNPRIVILEGED_ESCAPES with the in-Python layers off, aimed at the worker and at the runner."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     script = (
         f"import sys, json; sys.path.insert(0, {src!r})\n"
@@ -676,11 +680,44 @@ def test_unprivileged_user():
         "with ProgramExecutor(cfg) as ex:\n"
         "    rs = ex.run(['def solution():\\n    return 6 * 7\\n', 'import os\\ndef solution():\\n    return 1\\n',\n"
         "                 'def solution():\\n    while True:\\n        pass\\n'])\n"
-        "    print(json.dumps({'r': [[r.status.value, r.value] for r in rs], 'layers': ex.layers}))\n"
+        "    layers = ex.layers\n"
+        "import dataclasses, os\n"
+        "with ProgramExecutor(dataclasses.replace(cfg, python_layers=False)) as ex:\n"
+        "    ex.run(['def solution():\\n    return 1\\n'])\n"
+        "    pids = (ex._workers[0].proc.pid, os.getpid())\n"
+        f"    escaped = [s.replace('PID', str(p)) for s in {UNPRIVILEGED_ESCAPES!r} for p in pids]\n"
+        "    rs += ex.run(escaped)\n"
+        "    kernel_layers = ex.layers\n"
+        "print(json.dumps({'r': [[r.status.value, r.value] for r in rs], 'layers': layers, 'kernel': kernel_layers}))\n"
     )
-    proc = subprocess.run([*AS_NOBODY, python, "-c", script],
+    proc = subprocess.run([*prefix, python, "-c", script],
                           capture_output=True, text=True, timeout=60, cwd="/", check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["r"] == [["ok", "42"], ["forbidden", None], ["timeout", None]]
+    assert out["r"] == [["ok", "42"], ["forbidden", None], ["timeout", None]] + [["forbidden", None]] * 6
+    assert out["kernel"]["pid_namespace"].startswith("on"), out["kernel"]
+    return out
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root + setpriv")
+def test_unprivileged_user():
+    """An ordinary user (uid 65534, no capabilities): the namespaces come from a user namespace."""
+    python = _unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter readable by uid 65534")
+    out = _run_executor_as(AS_NOBODY, python)
     assert out["layers"]["privileges"].startswith("on: not root")
+    for name in ("network", "ipc_namespace"):
+        assert out["kernel"][name].startswith("on: new user +"), out["kernel"]
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="needs root")
+def test_root_with_a_world_readable_python_drops_to_nobody():
+    """Root, with an interpreter that uid 65534 can read (a system Python): children run as nobody."""
+    python = _unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter readable by uid 65534")
+    out = _run_executor_as([], python)
+    assert out["layers"]["privileges"].startswith("on: runs as uid 65534"), out["layers"]
+    expected = {"network": "on: new network namespace", "ipc_namespace": "on: new IPC namespace"}
+    assert {name: out["kernel"][name] for name in expected} == expected

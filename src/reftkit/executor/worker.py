@@ -240,8 +240,8 @@ class Zygote:
                 ctx.privilege = "capdrop"
                 self.layers["privileges"] = (
                     f"partial: stays uid 0 with every capability dropped, because {unreadable[0]} is not "
-                    "readable by nobody (root-owned files stay readable by owner rights; Landlock and the "
-                    "audit hook confine reads)"
+                    "readable by nobody (root-owned files stay readable by owner rights: Landlock and seccomp "
+                    "confine files, the PID namespace and seccomp other root processes)"
                 )
             else:
                 self.layers["privileges"] = f"off: {unreadable[0]} not readable by nobody"
