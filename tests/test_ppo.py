@@ -132,3 +132,18 @@ def test_full_chain_one_sequence():
     adv, ret = ppo.gae_advantages(rewards, torch.zeros(1, 2), mask, gamma=1.0, lam=0.95)
     assert torch.allclose(adv, T([[-0.005 + 0.95 * 1.0, 1.0]]))
     assert math.isclose(ret[0, 0].item(), 0.945, rel_tol=1e-6)
+
+
+def test_ppo_objective_is_policy_loss_plus_weighted_value_loss():
+    """The two hand-computed cases above in one minibatch: L = L_pi + c_V * L_V."""
+    logp, old = torch.log(T([[1.5, 0.5, 1.1]])), torch.zeros(1, 3)
+    adv, mask = T([[1.0, -1.0, 2.0]]), torch.ones(1, 3)
+    v, old_v, returns = T([[1.0, 0.1, 0.0]]), T([[0.0, 0.0, 0.0]]), T([[1.0, 1.0, 0.0]])
+    loss, terms = ppo.ppo_objective(logp, v, old, old_v, adv, returns, mask, clip_range=0.2, value_clip_range=0.2,
+                                    vf_coef=5.0)
+    policy = (-1.2 + 0.8 - 2.2) / 3
+    value = 0.5 * (0.64 + 0.81 + 0.0) / 3
+    assert terms["policy_loss"].item() == pytest.approx(policy, abs=1e-6)
+    assert terms["value_loss"].item() == pytest.approx(value, abs=1e-6)
+    assert terms["clip_frac"].item() == pytest.approx(2 / 3)
+    assert loss.item() == pytest.approx(policy + 5.0 * value, abs=1e-6)

@@ -120,3 +120,22 @@ def value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     error = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
     return 0.5 * sequence_mean(error, mask)
+
+
+def ppo_objective(
+    logprobs: torch.Tensor,  # [B, T] log pi_theta (with grad)
+    values: torch.Tensor,  # [B, T] V_theta (with grad)
+    old_logprobs: torch.Tensor,  # [B, T] from the rollout
+    old_values: torch.Tensor,  # [B, T] from the rollout
+    advantages: torch.Tensor,  # [B, T]
+    returns: torch.Tensor,  # [B, T]
+    mask: torch.Tensor,
+    clip_range: float,
+    value_clip_range: float,
+    vf_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss one PPO minibatch minimises: L = L_pi + c_V * L_V (clipped surrogate plus the
+    clipped value loss, each averaged per sequence then over the batch). Returns (L, its terms)."""
+    pg_loss, clip_frac = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+    vf_loss = value_loss(values, old_values, returns, mask, value_clip_range)
+    return pg_loss + vf_coef * vf_loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "clip_frac": clip_frac}

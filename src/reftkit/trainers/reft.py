@@ -114,16 +114,15 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
             with accelerator.autocast(), checkpointing_in_eval_mode(policy):
                 logprobs, values = policy_outputs(policy, batch.sequences[idx], batch.attention_mask[idx],
                                                   batch.prompt_len, cfg.temperature)
-            pg_loss, clip_frac = ppo.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask,
-                                                 cfg.clip_range)
-            vf_loss = ppo.value_loss(values, batch.old_values[idx], batch.returns[idx], mask, cfg.value_clip_range)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss, terms = ppo.ppo_objective(logprobs, values, batch.old_logprobs[idx], batch.old_values[idx],
+                                            batch.advantages[idx], batch.returns[idx], mask, cfg.clip_range,
+                                            cfg.value_clip_range, cfg.vf_coef)
             accelerator.backward(loss)
-            stepped, _ = guarded_step(accelerator, policy, optimizer, cfg, loss,
-                                      f"rollout batch {step}, PPO epoch {ppo_epoch + 1}, minibatch {start // cfg.mini_batch_size + 1}")
+            where = f"rollout batch {step}, PPO epoch {ppo_epoch + 1}, minibatch {start // cfg.mini_batch_size + 1}"
+            stepped, _ = guarded_step(accelerator, policy, optimizer, cfg, loss, where)
             skipped += not stepped
             scheduler.step()
-            for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_frac", clip_frac)):
+            for key, value in terms.items():
                 sums[key] += value.item()
             updates += 1
     if not weights_finite(policy):
