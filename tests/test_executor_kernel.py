@@ -231,7 +231,7 @@ def test_shared_child_lets_an_escaped_program_forge_the_next_answer():
 # ---------------------------------------------------------------------------------------- health check
 
 
-def test_a_broken_worker_is_replaced():
+def test_a_broken_worker_is_replaced(caplog):
     """A worker that can no longer run programs (here its open-file limit is lowered from outside, as a
     program did in issue 15 before seccomp and the PID namespace stopped it) fails its known-good program
     and is replaced; the programs it could not run are answered by the new worker, not charged."""
@@ -239,7 +239,9 @@ def test_a_broken_worker_is_replaced():
         assert ex.run([BENIGN])[0].value == "7"
         broken = ex._workers[0].proc.pid
         resource.prlimit(broken, resource.RLIMIT_NOFILE, (4, 4))
-        assert ex.run([BENIGN] * 3) == [ExecResult(OK, "7")] * 3
+        with caplog.at_level("WARNING", logger="reftkit.executor"):
+            assert ex.run([BENIGN] * 3) == [ExecResult(OK, "7")] * 3
+        assert "replacing a lean worker: known-good program failed" in caplog.text
         assert [w.proc.pid for w in ex._workers] != [broken]
         assert ex.run([BENIGN])[0].value == "7"
 

@@ -340,6 +340,10 @@ class ProgramExecutor:
                 self._start_failures[worker.kind] = 0
                 self._note_layers(worker)
                 continue
+            if msg.get("broken"):  # the worker failed its known-good program: replace it, run its chunk again
+                logger.warning("reftkit executor: replacing a %s worker: %s", worker.kind, str(msg["broken"])[:300])
+                worker.dead = True
+                return
             results = msg.get("r")
             if not worker.inflight or not isinstance(results, list) or [
                 r.get("i") if isinstance(r, dict) else None for r in results
