@@ -263,3 +263,16 @@ def cycle_through(start: str) -> list[str] | None:
                                     "reftkit.cot"])
 def test_the_data_layer_has_no_import_cycle(module):
     assert cycle_through(module) is None
+
+
+def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(ValueError) as info:
+        load_causal_lm("someone/model")
+    assert str(info.value) == ("cannot load model 'someone/model' (no such local path, so it was looked up as a "
+                               "Hugging Face Hub id): We couldn't connect to 'https://huggingface.co' to load the files.")

@@ -44,7 +44,8 @@ def _from_pretrained(auto_class, name_or_path: str, **kwargs):
         return auto_class.from_pretrained(source, **options, **kwargs)
     except OSError as error:  # transformers' "not a valid model identifier", "couldn't connect", ...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load model {name_or_path!r}: {first}") from None
+        how = "" if options else " (no such local path, so it was looked up as a Hugging Face Hub id)"
+        raise ValueError(f"cannot load model {name_or_path!r}{how}: {first}") from None
 
 
 def load_tokenizer(name_or_path: str):

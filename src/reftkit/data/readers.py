@@ -462,7 +462,8 @@ def _read_hf_rows(source: str | Path, split: str) -> _Rows:
     except DataError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFound, ConnectionError, ...)
-        raise DataError(f"{source}: cannot load Hugging Face dataset (split {split!r}): {error}") from None
+        how = "" if path.exists() else " (no such local path, so it was looked up on the Hugging Face Hub)"
+        raise DataError(f"{source}: cannot load Hugging Face dataset{how} (split {split!r}): {error}") from None
     if len(loaded) == 0:
         raise DataError(f"{source}: dataset split {split!r} is empty")
     name = path.name or str(source)
