@@ -15,7 +15,8 @@ from pathlib import Path
 
 from reftkit.config import DEMO_LENGTHS, RerankerConfig
 from reftkit.data.readers import load_examples
-from reftkit.reranker import score_samples, train_reranker
+from reftkit.reranker import score_samples
+from reftkit.trainers.reranker import train_reranker
 from reftkit.sampling import read_samples, summarize
 from reftkit.runtime import make_accelerator
 

@@ -74,7 +74,7 @@ def split(split_seed: int, n_dev: int) -> dict[str, tuple[list, list]]:
 def timed_eval(directory: Path, **options) -> dict:
     """Greedy top-1 on dev; done when summary.json exists."""
     from reftkit.config import EvalConfig
-    from reftkit.evaluate import write_json
+    from reftkit.writers import write_json
     from reftkit.evaluate_cli import run_eval
 
     summary_file = directory / "summary.json"
@@ -89,7 +89,7 @@ def timed_eval(directory: Path, **options) -> dict:
 
 def run_style(cot: str, train: list, dev: list, args, out: Path) -> dict:
     from reftkit.config import ReFTConfig, SFTConfig
-    from reftkit.evaluate import write_examples
+    from reftkit.writers import write_examples
     from reftkit.reproduce import resumable_training, stage_seconds
     from reftkit.trainers.reft import train_reft
     from reftkit.trainers.sft import train_sft
@@ -218,7 +218,7 @@ def main() -> int:
         print(f"skipped: {reason}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from reftkit.evaluate import write_json
+    from reftkit.writers import write_json
 
     splits = split(args.split_seed, args.dev)
     results = {}

@@ -14,7 +14,8 @@ from reftkit.cot import program_header, response_text
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
 from reftkit.prompts import IGNORE_INDEX
-from reftkit.reranker import new_reranker, pos_weight, reranker_text, score_texts
+from reftkit.reranker import new_reranker, reranker_text, score_texts
+from reftkit.trainers.reranker import pos_weight
 from reftkit.sampling import correct_examples, example_from_sample, read_samples, summarize
 from reftkit.trainers import offline_st
 from reftkit.trainers.online_st import mixed_nll, train_online_st
@@ -141,7 +142,7 @@ def test_pos_weight_balances_the_classes():
 
 @pytest.mark.slow
 def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_checkpoint):
-    from reftkit.reranker import train_reranker
+    from reftkit.trainers.reranker import train_reranker
 
     train = splits[0]
     rows = []
@@ -234,7 +235,7 @@ def test_reproduce_config_errors_name_the_stage_and_key():
 
 @pytest.mark.slow
 def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_question(warm_checkpoint, splits, tmp_path):
-    from reftkit.evaluate import write_examples
+    from reftkit.writers import write_examples
     from reftkit.evaluate_cli import run_eval
 
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"

@@ -120,7 +120,7 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_chec
 def test_eval_checks_writability_before_decoding(tmp_path, splits, tiny_checkpoint, monkeypatch):
     from reftkit import evaluate_cli
     from reftkit.config import EvalConfig
-    from reftkit.evaluate import write_examples
+    from reftkit.writers import write_examples
 
     write_examples(tmp_path / "test.jsonl", splits[1])
     blocker = tmp_path / "file"

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 
 from reftkit.config import TrainerOptions
 from reftkit.lora import plain_model_and_state
+from reftkit.writers import write_json
 
 log = logging.getLogger("reftkit")
 
@@ -137,7 +138,7 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
             removed = _remove_run_outputs(out)
             if removed:
                 log.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), out)
-            _write_json_atomic(out / RUN_FILE, {"run_id": uuid.uuid4().hex, "command": command,
+            write_json(out / RUN_FILE, {"run_id": uuid.uuid4().hex, "command": command,
                                                 "started": time.time(), "config": cfg.model_dump(mode="json")})
     accelerator.wait_for_everyone()
     return Run(_run_id(out) or "", Progress(), None)
@@ -298,9 +299,3 @@ def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg:
 def save_final(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run) -> Path:
     return save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
                            cfg.model_dump(mode="json"), run.id)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)

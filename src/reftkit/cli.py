@@ -44,7 +44,7 @@ COMMANDS: dict[str, Command] = {
                           "offline self-training: SFT on the data plus the model's own correct samples"),
     "online-st": Command("reftkit.trainers.online_st", "train_online_st", OnlineSTConfig,
                          "online self-training: SFT on the policy's correct samples, mixed with the data"),
-    "train-reranker": Command("reftkit.reranker", "train_reranker", RerankerConfig,
+    "train-reranker": Command("reftkit.trainers.reranker", "train_reranker", RerankerConfig,
                               "outcome reward model for rerank@k, from an SFT checkpoint"),
     "reproduce": Command("reftkit.reproduce", "run_reproduce", ReproduceConfig,
                          "the paper's protocol: every method and inference strategy, one table"),

@@ -22,7 +22,7 @@ from reftkit.runtime import process_state
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the three stages and prints (and returns) test accuracy and wall-clock per stage."""
-    from reftkit.evaluate import write_examples
+    from reftkit.writers import write_examples
     from reftkit.evaluate_cli import run_eval
     from reftkit.config import EvalConfig
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -17,6 +16,7 @@ from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
 from reftkit.prompts import FEW_SHOT_STOP, encode_prompts
 from reftkit.rollout import Sampling, generate
+from reftkit.writers import write_jsonl
 
 
 def decode_and_grade(
@@ -66,30 +66,6 @@ def decode_and_grade(
         bar.update(len(idx) * world)
     bar.close()
     return sorted(rows if local else gather_object(rows), key=lambda r: (r["index"], r["sample"]))
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Writes via a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Writes via a temporary file and a rename: a stage's marker file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def write_examples(path: Path, examples: Iterable[Example]) -> None:
-    """Examples as a reft-format JSONL file (what `--data_format reft` reads back)."""
-    write_jsonl(path, ({"item_id": e.id, "question": e.question, "answer_cot": e.cot, "answer_value": e.answer}
-                       for e in examples))
 
 
 def evaluate(

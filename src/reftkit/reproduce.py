@@ -23,7 +23,7 @@ from pathlib import Path
 
 from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
 from reftkit.report import plot_accuracy, plot_curves, results_table
-from reftkit.evaluate import write_examples, write_json
+from reftkit.writers import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
 from reftkit.checkpoints import STATE_FILE, latest_checkpoint
 from reftkit.runtime import process_state
@@ -120,7 +120,7 @@ def write_demo_data(cfg: ReproduceConfig) -> tuple[str, str]:
 
 
 def run_reproduce(cfg: ReproduceConfig) -> dict:
-    from reftkit.reranker import train_reranker
+    from reftkit.trainers.reranker import train_reranker
     from reftkit.trainers.offline_st import train_offline_st
     from reftkit.trainers.online_st import train_online_st
     from reftkit.trainers.reft import train_reft

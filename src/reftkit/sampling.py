@@ -18,7 +18,9 @@ from reftkit.config import SampleConfig
 from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade, write_json, write_jsonl
+from reftkit.evaluate import decode_and_grade
+from reftkit.reranker import score_samples
+from reftkit.writers import write_json, write_jsonl
 from reftkit.voting import majority_vote, pass_at_k, rerank
 
 log = logging.getLogger("reftkit")
@@ -68,8 +70,6 @@ def run_sample(cfg: SampleConfig) -> dict:
     with open_grader(cfg) as grader:
         rows = draw_samples(accelerator, load_causal_lm(cfg.model), load_tokenizer(cfg.model), examples, grader, cfg)
     if cfg.reranker:
-        from reftkit.reranker import score_samples
-
         scores = score_samples(accelerator, cfg.reranker, examples, rows, cfg)
         rows = [r | {"score": s} for r, s in zip(rows, scores, strict=True)]
     summary = summarize(rows, examples)

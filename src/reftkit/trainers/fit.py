@@ -1,5 +1,6 @@
-"""The supervised loop shared by SFT and the reranker: batches -> loss -> step, with checkpoints,
---resume, metrics and a per-epoch hook. Methods with rollouts (ReFT, Online-ST) own their loops."""
+"""The supervised loop: batches -> loss -> step, with checkpoints, --resume, metrics and a
+per-epoch hook. `fit` runs it for SFT and the reranker; Online-ST writes its own loop (sampling,
+then a step) on the same `SupervisedRun` bookkeeping; ReFT owns its PPO loop."""
 
 from __future__ import annotations
 
@@ -35,50 +36,91 @@ def steps_per_epoch(accelerator: Accelerator, loader, grad_accum: int) -> int:
     return math.ceil(len(loader) / accelerator.num_processes / grad_accum)
 
 
+class SupervisedRun:
+    """The bookkeeping of a supervised loop, so that a recipe shows only its own steps: resume,
+    the optimiser step (accumulated over cfg.grad_accum micro-batches, guarded against non-finite
+    values), the schedule, metrics, the progress bar and checkpoints.
+
+        loop = SupervisedRun(...)
+        for epoch in loop.epochs():
+            for i, batch in loop.batches(loader, epoch):
+                with accelerator.accumulate(model):
+                    loop.step(loss_of(batch), extra_metrics, epoch, i)
+            loop.end_epoch(epoch, after_epoch)
+        return loop.finish()
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainerOptions, run: Run, model, tokenizer, optimizer, scheduler,
+                 *, name: str, steps_per_epoch: int, lm_of=_identity):
+        self.accelerator, self.cfg, self.model, self.tokenizer = accelerator, cfg, model, tokenizer
+        self.optimizer, self.scheduler, self.lm_of = optimizer, scheduler, lm_of
+        accelerator.register_for_checkpointing(scheduler)
+        self.run = resume_from(accelerator, cfg, run) if cfg.resume else run
+        self.progress = self.run.progress
+        self.metrics = Metrics(accelerator, cfg, name, self.run.resumed_at)
+        self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=self.progress.step, desc=name,
+                        disable=not (cfg.progress and accelerator.is_main_process))
+
+    def epochs(self) -> range:
+        return range(self.progress.epoch, self.cfg.epochs)
+
+    def batches(self, loader, epoch: int):
+        return epoch_batches(self.accelerator, loader, self.progress, epoch)
+
+    def step(self, loss: torch.Tensor, extra: dict[str, float], epoch: int, i: int) -> None:
+        """Backward on one micro-batch's loss; at the end of an accumulation, the optimiser step,
+        then the schedule, the metrics row and (every save_every steps) a checkpoint."""
+        self.accelerator.backward(loss)
+        if not self.accelerator.sync_gradients:
+            return  # the next micro-batch adds to these gradients
+        progress = self.progress
+        stepped, grad_norm = guarded_step(self.accelerator, self.model, self.optimizer, self.cfg, loss,
+                                          f"step {progress.step + 1} (epoch {epoch + 1}, batch {i + 1})")
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        progress.step += 1
+        progress.epoch, progress.batch_in_epoch = epoch, i + 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss.item():.3f}")
+        self.metrics.log({"loss": self.accelerator.reduce(loss.detach(), "mean").item(), **extra,
+                          "grad_norm": grad_norm, "skipped": not stepped, "lr": lr, "epoch": epoch}, progress.step)
+        if self.cfg.save_every and progress.step % self.cfg.save_every == 0:
+            self._checkpoint()
+
+    def end_epoch(self, epoch: int, after_epoch: Callable[[int, Progress, Metrics], None] | None = None) -> None:
+        self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
+        if after_epoch is not None:
+            after_epoch(epoch, self.progress, self.metrics)
+        self._checkpoint()
+
+    def finish(self) -> Path:
+        self.bar.close()
+        final = save_final(self.accelerator, self.model, self.lm_of, self.tokenizer, self.cfg, self.run)
+        self.metrics.close()
+        return final
+
+    def _checkpoint(self) -> None:
+        save_step_checkpoint(self.accelerator, self.model, self.lm_of, self.tokenizer, self.cfg, self.run,
+                             self.progress)
+
+
 def fit(
     accelerator: Accelerator, cfg: TrainerOptions, run: Run, model, tokenizer, loader, optimizer, scheduler,
     loss_fn: LossFn, *, name: str, steps_per_epoch: int,
     after_epoch: Callable[[int, Progress, Metrics], None] | None = None, lm_of=_identity,
 ) -> Path:
-    """Runs cfg.epochs over `loader` (all already `accelerator.prepare`d); returns the final model dir.
-
-    `cfg.grad_accum` micro-batches make one optimiser step (the accelerator accumulates); a step
-    with a non-finite loss or gradient stops the run or is skipped (`cfg.nonfinite`)."""
-    accelerator.register_for_checkpointing(scheduler)
-    run = resume_from(accelerator, cfg, run) if cfg.resume else run
-    progress = run.progress
-    metrics = Metrics(accelerator, cfg, name, run.resumed_at)
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=progress.step, desc=name,
-               disable=not (cfg.progress and accelerator.is_main_process))
+    """Runs cfg.epochs over `loader` (all already `accelerator.prepare`d), one `loss_fn(model,
+    batch)` per micro-batch; returns the final model dir."""
+    loop = SupervisedRun(accelerator, cfg, run, model, tokenizer, optimizer, scheduler, name=name,
+                         steps_per_epoch=steps_per_epoch, lm_of=lm_of)
     model.train()
-    for epoch in range(progress.epoch, cfg.epochs):
-        for i, batch in epoch_batches(accelerator, loader, progress, epoch):
+    for epoch in loop.epochs():
+        for i, batch in loop.batches(loader, epoch):
             with accelerator.accumulate(model):
                 loss, extra = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if not accelerator.sync_gradients:
-                    continue  # the next micro-batch adds to these gradients
-                stepped, grad_norm = guarded_step(accelerator, model, optimizer, cfg, loss,
-                                         f"step {progress.step + 1} (epoch {epoch + 1}, batch {i + 1})")
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            progress.step += 1
-            progress.epoch, progress.batch_in_epoch = epoch, i + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            metrics.log({"loss": accelerator.reduce(loss.detach(), "mean").item(), **extra,
-                         "grad_norm": grad_norm, "skipped": not stepped,
-                         "lr": lr, "epoch": epoch}, progress.step)
-            if cfg.save_every and progress.step % cfg.save_every == 0:
-                save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, run, progress)
-        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-        if after_epoch is not None:
-            after_epoch(epoch, progress, metrics)
-        save_step_checkpoint(accelerator, model, lm_of, tokenizer, cfg, run, progress)
-    bar.close()
-    final = save_final(accelerator, model, lm_of, tokenizer, cfg, run)
-    metrics.close()
-    return final
+                loop.step(loss, extra, epoch, i)
+        loop.end_epoch(epoch, after_epoch)
+    return loop.finish()
 
 
 def start_lm_run(cfg: TrainerOptions, command: str, train: list[Example] | None, eval_set: list[Example] | None):

@@ -21,7 +21,7 @@ from reftkit.evaluate import decode_and_grade
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
-from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
+from reftkit.trainers.fit import SupervisedRun, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 log = logging.getLogger("reftkit")
 
@@ -55,24 +55,31 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     sampling = cfg.sampling(cfg.max_length - cfg.max_prompt_tokens)
-
-    def loss_fn(model, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        questions = [train[j] for j in indices.tolist()]
-        rows = decode_and_grade(accelerator, accelerator.unwrap_model(model), tokenizer, questions, grader, sampling,
-                                num_samples=cfg.num_samples, batch_size=len(questions) * cfg.num_samples,
-                                max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
-        own = correct_examples(rows, questions, cfg.cot)
-        features = [references[j] for j in indices.tolist()]
-        features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
-        batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
-        is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
-        with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own)],
-                                                device=accelerator.device, dtype=torch.float), "sum")
-        return mixed_nll(logits, batch["labels"], is_own, cfg.self_weight), {
-            "train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())}
-
-    return fit(accelerator, cfg, run, model, tokenizer, loader, optimizer, scheduler, loss_fn, name="online_st",
-               steps_per_epoch=steps,
-               after_epoch=greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg))
+    loop = SupervisedRun(accelerator, cfg, run, model, tokenizer, optimizer, scheduler, name="online_st",
+                         steps_per_epoch=steps)
+    after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg)
+    model.train()
+    for epoch in loop.epochs():
+        for i, indices in loop.batches(loader, epoch):
+            questions = [train[j] for j in indices.tolist()]
+            # 1. Sample num_samples responses per question from the current policy; keep the correct ones.
+            rows = decode_and_grade(accelerator, accelerator.unwrap_model(model), tokenizer, questions, grader,
+                                    sampling, num_samples=cfg.num_samples, batch_size=len(questions) * cfg.num_samples,
+                                    max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
+            own = correct_examples(rows, questions, cfg.cot)
+            # 2. One SFT step on the questions' reference CoTs mixed with those samples.
+            features = [references[j] for j in indices.tolist()]
+            features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
+            batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
+            is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
+            stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own)],
+                                                    device=accelerator.device, dtype=torch.float), "sum")
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+                loop.step(mixed_nll(logits, batch["labels"], is_own, cfg.self_weight),
+                          {"train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())},
+                          epoch, i)
+        loop.end_epoch(epoch, after_epoch)
+    return loop.finish()
