@@ -20,6 +20,7 @@ from reftkit.model import load_causal_lm, load_tokenizer
 from reftkit.prompts import (
     encode_prompt,
     encode_prompts,
+    encode_sft,
     encode_sft_examples,
     prompt_text,
     reset_truncation_counts,
@@ -46,6 +47,9 @@ class Spy:
     def __call__(self, text, **kwargs):
         self.lengths.append(len(text))
         return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):  # eos_token_id and the rest
+        return getattr(self.tokenizer, name)
 
 
 def whole_then_cut(tokenizer, example, max_prompt_tokens, cot="natural", shots=()):
@@ -80,6 +84,13 @@ def test_windowed_prompts_equal_tokenizing_everything(cot, max_prompt_tokens):
     for example, shots in [(test[0], ()), (test[1], train[:3]), (long, ()), (long, train[:2])]:
         assert encode_prompt(tokenizer, example, max_prompt_tokens, cot, shots) == whole_then_cut(
             tokenizer, example, max_prompt_tokens, cot, shots)
+    long_cot = Example("c", train[0].question, "\n".join([train[0].cot] * 40), train[0].answer)
+    for example in (train[0], long_cot):
+        prompt = whole_then_cut(tokenizer, example, max_prompt_tokens // 2 + 1, cot)
+        response = tokenizer(response_text(example, cot), add_special_tokens=False)["input_ids"] + [2]
+        got = encode_sft(tokenizer, example, max_prompt_tokens // 2 + 1, max_prompt_tokens + 1, cot)
+        assert got.input_ids == (prompt + response)[: max_prompt_tokens + 1]
+        assert got.truncated == (len(prompt) + len(response) > max_prompt_tokens + 1)
 
 
 def test_reading_a_huge_row_takes_memory_proportional_to_it(tmp_path):
@@ -276,3 +287,19 @@ def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
         load_causal_lm("someone/model")
     assert str(info.value) == ("cannot load model 'someone/model' (no such local path, so it was looked up as a "
                                "Hugging Face Hub id): We couldn't connect to 'https://huggingface.co' to load the files.")
+
+
+def test_a_huge_reference_cot_is_tokenized_from_a_bounded_window_with_the_same_ids(data):
+    from reftkit.reranker import encode_texts
+
+    train, test, tokenizer = data
+    step = "Then 3 * 12 = 36 apples, and 36 + 7 = 43. "
+    huge, small = (Example("x", train[0].question, step * n, "43") for n in (100_000, 300))  # 4.3 MB, 13 KB
+    spy = Spy(tokenizer)
+    got = encode_sft(spy, huge, 64, 200)
+    assert max(spy.lengths) <= 4 * (200 + 16) * 16
+    assert got == encode_sft(tokenizer, small, 64, 200) and got.truncated and len(got.input_ids) == 200
+    spy.lengths.clear()
+    texts = [prompt_text(huge) + step * 100_000, prompt_text(small)]
+    assert encode_texts(spy, texts, 100)[1] == tokenizer(texts[1])["input_ids"][-100:]
+    assert max(spy.lengths) <= 4 * (100 + 16) * 16

@@ -37,24 +37,38 @@ class Encoded:
     prompt_truncated: bool = False  # the prompt was cut to its last max_prompt_tokens
 
 
-# Prompts are tokenized from a window of their last characters, never whole: one 50 MB question
-# would otherwise take gigabytes in the tokenizer before being cut to a few hundred tokens. The
-# window starts at this many characters per kept token (far more than any tokenizer's tokens hold)
-# and doubles until it yields enough tokens; the first tokens of a window, which may split
-# differently from the whole text, are never among those kept.
+# Text that will be cut to a number of tokens is tokenized from a window of characters at the end
+# kept, never whole: one 50 MB question would otherwise take gigabytes in the tokenizer before
+# being cut to a few hundred tokens. The window starts at this many characters per kept token (far
+# more than any tokenizer's tokens hold) and doubles until it yields enough tokens; the tokens at
+# the window's cut edge, which may split differently from the whole text, are never kept.
 _CHARS_PER_TOKEN = 16
 _WINDOW_SLACK_TOKENS = 16
 
 
-def _tail_ids(tokenizer, text: str, keep: int, add_special_tokens: bool) -> tuple[list[int], bool]:
-    """(the last `keep` or more token ids of `text`, whether text was longer than what is returned)."""
+def tail_token_ids(tokenizer, text: str, keep: int, add_special_tokens: bool = False) -> tuple[list[int], bool]:
+    """(the token ids of `text`, at most its last `keep` when it was cut; whether it was cut), as
+    tokenizing all of it and keeping the last `keep` would give, in memory bounded by `keep`."""
+    return _window_ids(tokenizer, text, max(keep, 0), add_special_tokens, from_end=True)
+
+
+def head_token_ids(tokenizer, text: str, keep: int) -> tuple[list[int], bool]:
+    """(the token ids of `text`, at most its first `keep` when it was cut; whether it was cut),
+    without special tokens, in memory bounded by `keep`."""
+    return _window_ids(tokenizer, text, max(keep, 0), False, from_end=False)
+
+
+def _window_ids(tokenizer, text: str, keep: int, add_special_tokens: bool, from_end: bool) -> tuple[list[int], bool]:
     window = (keep + _WINDOW_SLACK_TOKENS) * _CHARS_PER_TOKEN
     while window < len(text):
-        ids = tokenizer(text[-window:], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[-window:] if from_end else text[:window], add_special_tokens=False)["input_ids"]
         if len(ids) >= keep + _WINDOW_SLACK_TOKENS:
-            return ids[-keep:], True
+            return (ids[len(ids) - keep:] if from_end else ids[:keep]), True
         window *= 2
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], False
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if len(ids) <= keep:
+        return ids, False
+    return (ids[len(ids) - keep:] if from_end else ids[:keep]), True
 
 
 def _encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle,
@@ -66,11 +80,11 @@ def _encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: Cot
     for n in reversed(range(len(texts))):  # from the end: what is cut off is never tokenized
         if len(ids) >= max_prompt_tokens:
             return ids[-max_prompt_tokens:], True
-        part, cut = _tail_ids(tokenizer, texts[n], max_prompt_tokens - len(ids), add_special_tokens=n == 0)
+        part, cut = tail_token_ids(tokenizer, texts[n], max_prompt_tokens - len(ids), add_special_tokens=n == 0)
         ids = part + ids
         if cut:
-            return ids[-max_prompt_tokens:], True
-    return ids[-max_prompt_tokens:], len(ids) > max_prompt_tokens
+            return ids, True
+    return ids, False
 
 
 def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotStyle = "natural",
@@ -96,11 +110,11 @@ def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: 
                cot: CotStyle = "natural") -> Encoded:
     """Prompt + response + EOS, truncated to max_length (`encode_sft_examples` counts the cuts)."""
     prompt, prompt_cut = _encode_prompt(tokenizer, example, max_prompt_tokens, cot, ())
-    response = tokenizer(response_text(example, cot), add_special_tokens=False)["input_ids"]
+    response, cut = head_token_ids(tokenizer, response_text(example, cot), max_length - len(prompt))
     response = response + [tokenizer.eos_token_id]
     ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-    return Encoded(ids, labels, truncated=len(prompt) + len(response) > max_length, prompt_truncated=prompt_cut)
+    return Encoded(ids, labels, truncated=cut or len(prompt) + len(response) > max_length, prompt_truncated=prompt_cut)
 
 
 def encode_sft_examples(tokenizer, examples: Sequence[Example], max_prompt_tokens: int, max_length: int,
