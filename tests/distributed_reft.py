@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import LENGTHS, tiny_model_dir, warmup_config  # noqa: E402
 
 from reftkit import ppo  # noqa: E402
+from reftkit.checkpoints import RunError  # noqa: E402
 from reftkit.config import ReFTConfig  # noqa: E402
 from reftkit.data.synthetic import make_splits  # noqa: E402
 from reftkit.trainers import reft as reft_module  # noqa: E402
@@ -57,6 +58,12 @@ digest = hashlib.sha256()
 for name, tensor in sorted(policies[-1].state_dict().items()):
     digest.update(name.encode())
     digest.update(tensor.detach().cpu().to(torch.float32).numpy().tobytes())
+# A second fresh run in the same directory is refused on every process (none is left waiting).
+try:
+    reft_module.train_reft(cfg, train[:16])
+    refused = None
+except RunError as e:
+    refused = str(e)
 (out / f"rank{state.process_index}.json").write_text(json.dumps(
     {"world": state.num_processes, "whitened": whitened, "weights_sha256": digest.hexdigest(),
-     "final": str(final)}))
+     "final": str(final), "refused": refused}))

@@ -36,6 +36,9 @@ def test_two_process_reft(tmp_path):
         local_offsets.append(abs(s0 / n0))
     assert max(local_offsets) > 1e-3  # local whitening would make every one of these 0
 
+    # Reusing the run's directory is refused with the same message on both processes.
+    assert ranks[0]["refused"] == ranks[1]["refused"] and "not empty" in ranks[0]["refused"]
+
     final = Path(ranks[0]["final"])
     from transformers import AutoModelForCausalLM
 

@@ -107,6 +107,16 @@ def test_pruning_and_resume_touch_only_the_runs_own_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-10"
 
 
+def test_overwrite_leaves_a_stray_checkpoint_best_alone(tmp_path, splits, tiny_checkpoint):
+    (tmp_path / "checkpoint-best").mkdir()
+    (tmp_path / "checkpoint-best" / "model.txt").write_text("the user's pick")
+    with pytest.raises(RunError, match="checkpoint-best"):
+        train_sft(sft_config(tmp_path, tiny_checkpoint, epochs=1), splits[0])
+    train_sft(sft_config(tmp_path, tiny_checkpoint, epochs=1, overwrite_output_dir=True), splits[0])
+    assert (tmp_path / "checkpoint-best" / "model.txt").read_text() == "the user's pick"
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+
+
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

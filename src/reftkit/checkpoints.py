@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from reftkit.config import TrainerOptions
 from reftkit.lora import plain_model_and_state
@@ -132,14 +133,21 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
     """Checks cfg.output_dir (`check_output_dir`) and claims it for a fresh run of `command`, or
     names the run to resume (`resume_from` then loads its checkpoint). Only the main process writes."""
     out = Path(cfg.output_dir)
+    problem = [None]
     if accelerator.is_main_process:
-        check_output_dir(cfg)
-        if not cfg.resume:
+        try:
+            check_output_dir(cfg)
+        except RunError as e:
+            problem = [str(e)]
+        if problem[0] is None and not cfg.resume:
             removed = _remove_run_outputs(out)
             if removed:
                 log.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), out)
-            write_json(out / RUN_FILE, {"run_id": uuid.uuid4().hex, "command": command,
-                                                "started": time.time(), "config": cfg.model_dump(mode="json")})
+            write_json(out / RUN_FILE, {"run_id": uuid.uuid4().hex, "command": command, "started": time.time(),
+                                        "config": cfg.model_dump(mode="json")})
+    broadcast_object_list(problem)  # every process stops with the main one's message, none is left waiting
+    if problem[0] is not None:
+        raise RunError(problem[0])
     accelerator.wait_for_everyone()
     return Run(_run_id(out) or "", Progress(), None)
 
@@ -154,6 +162,8 @@ def _remove_run_outputs(out: Path) -> list[str]:
     removed = []
     for pattern in _RUN_OUTPUTS:
         for path in sorted(out.glob(pattern)):
+            if pattern == "checkpoint-*" and step_of(path) is None:
+                continue  # checkpoint-best/ and the like are not a run's: left alone
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed
