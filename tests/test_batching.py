@@ -112,6 +112,7 @@ def sft_config(tmp_path, model, **kw):
                      eval_every_epoch=False, group_by_length=True, save_every=1, **LENGTHS, **kw)
 
 
+@pytest.mark.slow
 def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_checkpoint, monkeypatch):
     train, _ = splits
     batches = []
