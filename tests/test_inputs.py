@@ -303,3 +303,25 @@ def test_a_huge_reference_cot_is_tokenized_from_a_bounded_window_with_the_same_i
     texts = [prompt_text(huge) + step * 100_000, prompt_text(small)]
     assert encode_texts(spy, texts, 100)[1] == tokenizer(texts[1])["input_ids"][-100:]
     assert max(spy.lengths) <= 4 * (100 + 16) * 16
+
+
+# ----------------------------------------------------------------------------- who needs a reference CoT
+
+
+def test_eval_data_and_reft_questions_need_no_cot_but_sft_data_does(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from reftkit.runtime import load_examples_for, training_examples
+
+    path = tmp_path / "gsm8k_test_set.json"  # the ReFT repository's test-set layout
+    path.write_text(json.dumps([{"item_id": "t0", "question": "2 + 3?", "answer_value": "5"}]))
+    cfg = SimpleNamespace(data_format="auto", skip_invalid=False, train_file=str(path), max_train_examples=None)
+    assert load_examples_for(str(path), cfg, "eval") == [Example("t0", "2 + 3?", "", "5")]
+    assert training_examples(None, cfg, require_cot=False) == [Example("t0", "2 + 3?", "", "5")]  # reft, reranker
+    with pytest.raises(Exception, match=r"item 0: missing field 'answer_cot' \(the reference CoT, which training"):
+        training_examples(None, cfg)  # sft, online-st, offline-st
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sft", "--model", "tiny", "--train_file", str(path), "--output_dir", "out", "--quiet"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"reftkit sft: error: {path} item 0: missing field 'answer_cot' (the reference CoT, which "
+                    "training needs)")
