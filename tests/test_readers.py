@@ -480,6 +480,8 @@ def test_directory_of_json_files_is_read_in_name_order(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="a directory without .json/.jsonl files, and not a saved Hugging Face"):
         load_examples(tmp_path / "empty")
+    with pytest.raises(DataError, match="a directory of JSON/JSONL files, not a saved Hugging Face dataset: set"):
+        load_examples(data, "hf")
 
 
 def test_non_utf8_file_names_the_line(tmp_path):

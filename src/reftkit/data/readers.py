@@ -476,7 +476,12 @@ def _read_rows(source: str | Path, fmt: str, split: str) -> _Rows:
     `owner/name` Hub id, or any name with fmt "hf") a Hugging Face Hub dataset."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_hf_rows(path, split) if fmt == "hf" or _is_saved_dataset(path) else _read_dir_rows(path)
+        if _is_saved_dataset(path):
+            return _read_hf_rows(path, split)
+        if fmt == "hf" and _data_files(path):
+            raise DataError(f"{source}: a directory of JSON/JSONL files, not a saved Hugging Face dataset: "
+                            "set --data_format to auto or to the rows' format")
+        return _read_hf_rows(path, split) if fmt == "hf" else _read_dir_rows(path)
     if path.exists():
         if fmt == "hf":
             raise DataError(f"{source}: a file; --data_format hf reads a saved dataset directory or a Hub name")
