@@ -325,3 +325,13 @@ def test_eval_data_and_reft_questions_need_no_cot_but_sft_data_does(tmp_path, mo
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (f"reftkit sft: error: {path} item 0: missing field 'answer_cot' (the reference CoT, which "
                     "training needs)")
+
+
+def test_a_missing_reranker_is_a_one_line_error(tmp_path, monkeypatch, no_hub):
+    from reftkit.reranker import new_reranker, score_samples
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model './rm': no such file or directory"):
+        score_samples(None, "./rm", [], [], None)
+    with pytest.raises(FileNotFoundError, match=r"model 'runs/sft/final': no such file or directory"):
+        new_reranker("runs/sft/final", 0)

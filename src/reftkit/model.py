@@ -38,7 +38,8 @@ def model_source(name_or_path: str) -> tuple[str, dict]:
     return source, {}
 
 
-def _from_pretrained(auto_class, name_or_path: str, **kwargs):
+def load_pretrained(auto_class, name_or_path: str, **kwargs):
+    """`auto_class.from_pretrained` of `name_or_path` (see model_source); a failure is one line."""
     source, options = model_source(name_or_path)
     try:
         return auto_class.from_pretrained(source, **options, **kwargs)
@@ -50,7 +51,7 @@ def _from_pretrained(auto_class, name_or_path: str, **kwargs):
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of `name_or_path` (see model_source)."""
-    tok = _from_pretrained(AutoTokenizer, name_or_path)
+    tok = load_pretrained(AutoTokenizer, name_or_path)
     if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -58,7 +59,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    return _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
+    return load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 from transformers import AutoModelForSequenceClassification
 
 from reftkit.data.records import Example
-from reftkit.model import load_tokenizer
+from reftkit.model import load_pretrained, load_tokenizer
 from reftkit.prompts import pad_right, prompt_text, tail_token_ids
 
 
@@ -41,7 +41,7 @@ def collate(rows: list[tuple[list[int], float]], pad_id: int) -> dict[str, torch
 
 
 def new_reranker(sft_dir: str, pad_token_id: int):
-    model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
+    model = load_pretrained(AutoModelForSequenceClassification, sft_dir, num_labels=1)
     model.config.pad_token_id = pad_token_id  # where the score is read: the last non-pad token
     return model
 
@@ -67,7 +67,7 @@ def score_texts(accelerator, model, tokenizer, texts: Sequence[str], batch_size:
 
 def score_samples(accelerator, reranker_dir: str, examples: Sequence[Example], rows: Sequence[dict], cfg) -> list[float]:
     """Scores sample rows (from `draw_samples` or a samples file) with a trained reranker."""
-    model = AutoModelForSequenceClassification.from_pretrained(reranker_dir).to(accelerator.device)
+    model = load_pretrained(AutoModelForSequenceClassification, reranker_dir).to(accelerator.device)
     tokenizer = load_tokenizer(reranker_dir)
     texts = [reranker_text(examples[r["index"]], r["output"]) for r in rows]
     return score_texts(accelerator, model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)
