@@ -117,6 +117,15 @@ def test_overwrite_leaves_a_stray_checkpoint_best_alone(tmp_path, splits, tiny_c
     assert latest_checkpoint(tmp_path).name == "checkpoint-3"
 
 
+def test_run_summary_counts_cut_prompts_and_targets(tmp_path, splits, tiny_checkpoint):
+    train_sft(sft_config(tmp_path / "long", tiny_checkpoint, epochs=1), splits[0])
+    assert json.loads((tmp_path / "long" / RUN_FILE).read_text())["summary"]["prompts_cut"] == 0
+    train_sft(sft_config(tmp_path / "short", tiny_checkpoint, epochs=1, max_prompt_tokens=8, max_length=40), splits[0])
+    summary = json.loads((tmp_path / "short" / RUN_FILE).read_text())["summary"]
+    assert summary["prompts_cut"] == summary["prompts"] == len(splits[0])  # every synthetic prompt is > 8 tokens
+    assert summary["sft_targets_cut"] > 0
+
+
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -29,6 +29,7 @@ from accelerate.utils import broadcast_object_list
 
 from reftkit.config import TrainerOptions
 from reftkit.lora import plain_model_and_state
+from reftkit.prompts import reset_truncation_counts, truncation_counts
 from reftkit.writers import write_json
 
 log = logging.getLogger("reftkit")
@@ -133,6 +134,7 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
     """Checks cfg.output_dir (`check_output_dir`) and claims it for a fresh run of `command`, or
     names the run to resume (`resume_from` then loads its checkpoint). Only the main process writes."""
     out = Path(cfg.output_dir)
+    reset_truncation_counts()  # this run's summary counts its own cuts (a pipeline runs several in one process)
     problem = [None]
     if accelerator.is_main_process:
         try:
@@ -307,5 +309,13 @@ def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg:
 
 
 def save_final(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run) -> Path:
-    return save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
-                           cfg.model_dump(mode="json"), run.id)
+    """final/, then the run's summary in reftkit_run.json: when it finished and how many prompts and
+    SFT targets were cut at the length limits (main process's counts)."""
+    final = save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
+                            cfg.model_dump(mode="json"), run.id)
+    run_file = Path(cfg.output_dir) / RUN_FILE
+    if accelerator.is_main_process and run_file.exists():
+        summary = {"finished": time.time(), **truncation_counts()}
+        write_json(run_file, {**json.loads(run_file.read_text()), "summary": summary})
+        log.info("run summary: %s", summary)
+    return final
