@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,60 @@ def test_kernel_refusals_are_named():
         "refused by the kernel (EACCES): '/etc/passwd'"
     assert kernel_refusal(PermissionError(1, "Operation not permitted")) == "refused by the kernel (EPERM)"
     assert kernel_refusal(FileNotFoundError(2, "No such file", "x")) is None
+
+
+def _run_bpf(bpf: bytes, arch: int, nr: int, args: tuple[int, ...] = ()) -> int:
+    """A classic-BPF interpreter for the instructions the filter uses, on one seccomp_data."""
+    data = struct.pack("=iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
+    insns = [struct.unpack("=HBBI", bpf[i:i + 8]) for i in range(0, len(bpf), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == 0x20:
+            acc = struct.unpack_from("=I", data, k)[0]
+        elif code == 0x06:
+            return k
+        elif code == 0x05:
+            pc += k
+        else:
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        pc += 1
+
+
+def test_seccomp_filter_decisions():
+    """Every listed call gets its action, arguments are checked where they matter, the rest is allowed."""
+    arches = {"x86_64": (0xC000003E, {"read": 0, "write": 1, "mmap": 9, "exit_group": 231, "getpid": 39},
+                         {"open": 2, "openat": 257, "prlimit64": 302, "fcntl": 72, "ioctl": 16}),
+              "aarch64": (0xC00000B7, {"read": 63, "write": 64, "mmap": 222, "exit_group": 94, "getpid": 172},
+                          {"openat": 56, "prlimit64": 261, "fcntl": 25, "ioctl": 29})}
+    kill, allow = seccomp.RET_KILL_PROCESS, seccomp.RET_ALLOW
+    for arch, (audit, plain, nr) in arches.items():
+        bpf = seccomp.build_filter(arch)
+        assert len(bpf) % 8 == 0 and len(bpf) // 8 < 4096
+        for call, n in seccomp.syscall_numbers(arch, seccomp.KILL_CALLS).items():
+            assert _run_bpf(bpf, audit, n) == kill, (arch, call)
+        for call, n in seccomp.syscall_numbers(arch, seccomp.NAMED_ERRNO_CALLS).items():
+            assert _run_bpf(bpf, audit, n) == seccomp.RET_ERRNO | (seccomp.ERRNO_BASE + n), (arch, call)
+        for call, n in plain.items():
+            assert _run_bpf(bpf, audit, n) == allow, (arch, call)
+        path = 1 if "open" in nr else 2  # the flags argument: open(path, flags), openat(dirfd, path, flags)
+        opener = nr.get("open", nr["openat"])
+        assert _run_bpf(bpf, audit, opener, (0, 0, 0) if path == 2 else (0, 0)) == allow
+        flags = [0, 0, 0]
+        flags[path] = os.O_WRONLY
+        assert _run_bpf(bpf, audit, opener, tuple(flags)) == seccomp.RET_ERRNO | (seccomp.ERRNO_BASE + opener)
+        assert _run_bpf(bpf, audit, nr["openat"], (0, 0, os.O_CREAT | os.O_RDONLY)) != allow
+        assert _run_bpf(bpf, audit, nr["prlimit64"], (0, 7)) == allow  # the caller itself
+        for pid in (1, 4242, 1 << 32):
+            assert _run_bpf(bpf, audit, nr["prlimit64"], (pid, 7)) == kill
+        assert _run_bpf(bpf, audit, nr["fcntl"], (3, 3)) == allow  # F_GETFL
+        for cmd in (8, 10, 15):  # F_SETOWN, F_SETSIG, F_SETOWN_EX
+            assert _run_bpf(bpf, audit, nr["fcntl"], (3, cmd)) == kill
+        assert _run_bpf(bpf, audit, nr["ioctl"], (3, 0x541B)) == allow  # FIONREAD
+        assert _run_bpf(bpf, audit, nr["ioctl"], (3, 0x8901)) == kill  # FIOSETOWN
+        assert _run_bpf(bpf, 0x40000003, 0) == kill  # a foreign architecture (i386)
+    assert _run_bpf(seccomp.build_filter("x86_64"), 0xC000003E, 0x40000000 + 39) == kill  # x32
 
 
 def test_seccomp_filter_is_well_formed():

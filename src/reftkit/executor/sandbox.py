@@ -53,6 +53,8 @@ RESULT_FD = 3
 LANDLOCK_FD = 4
 RETIRE_PAYLOAD = b""  # a shared child stops early on purpose: the programs it did not run go to a new child
 _DETAIL_CHARS = 300
+_RESULT_PIPE_POLL = select.poll()  # built once in the worker (it only records the descriptor number)
+_RESULT_PIPE_POLL.register(RESULT_FD, select.POLLOUT)
 _SIGTERM = int(signal.SIGTERM)
 
 
@@ -114,9 +116,7 @@ def _set_parent_death_signal(ctx: ChildContext) -> None:
     # the write end once the worker, its only reader, is gone).
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if "pid_namespace" in ctx.enabled:
-        poller = select.poll()
-        poller.register(RESULT_FD, select.POLLOUT)
-        orphan = any(events & select.POLLERR for _, events in poller.poll(0))
+        orphan = any(events & select.POLLERR for _, events in _RESULT_PIPE_POLL.poll(0))
     else:
         orphan = os.getppid() != ctx.worker_pid
     if orphan:

@@ -94,7 +94,7 @@ _IOCTL_SIGNAL_CMDS = (0x8901, 0x8902, 0x5412)  # FIOSETOWN, SIOCSPGRP, TIOCSTI (
 _OPEN_WRITE_FLAGS = 0x643  # O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND (x86_64 and aarch64)
 
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_W_ABS, _JA, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x05, 0x15, 0x35, 0x45, 0x06
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 _NR_OFFSET = 0
 
@@ -123,9 +123,27 @@ def kill_list(arch: str) -> list[str]:
 
 
 def build_filter(arch: str) -> bytes:
-    """Classic BPF for `arch` ("x86_64" or "aarch64"). Every comparison jumps at most a few instructions,
-    so the list can grow without running into the 8-bit jump offsets."""
+    """Classic BPF for `arch` ("x86_64" or "aarch64"): the syscall number is looked up in a binary search tree
+    of the listed calls, so a call costs about log2(150) comparisons rather than a pass over the list, and so
+    does the kernel's emulation of the filter for each syscall number when it builds its cache of always-
+    allowed calls (which happens at every child's filter install)."""
     column = 0 if arch == "x86_64" else 1
+    leaves: dict[int, list[tuple[int, int, int, int]]] = {}
+    for nr in syscall_numbers(arch, KILL_CALLS).values():
+        leaves[nr] = [(_RET_K, 0, 0, RET_KILL_PROCESS)]
+    for nr in syscall_numbers(arch, NAMED_ERRNO_CALLS).values():
+        leaves[nr] = [(_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr))]
+    for nrs, arg in ((_OPEN, 1), (_OPENAT, 2)):
+        if nrs[column] is not None:
+            nr = nrs[column]
+            leaves[nr] = [(_LD_W_ABS, 0, 0, _arg_low(arg)), (_JSET_K, 0, 1, _OPEN_WRITE_FLAGS),
+                          (_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr)), (_RET_K, 0, 0, RET_ALLOW)]
+    leaves[_PRLIMIT64[column]] = [  # pid (args[0], 64 bits) must be 0
+        (_LD_W_ABS, 0, 0, _arg_low(0)), (_JEQ_K, 0, 2, 0), (_LD_W_ABS, 0, 0, _arg_low(0) + 4),
+        (_JEQ_K, 1, 0, 0), (_RET_K, 0, 0, RET_KILL_PROCESS), (_RET_K, 0, 0, RET_ALLOW),
+    ]
+    leaves[_FCNTL[column]] = _kill_if_arg_in(1, _FCNTL_SIGNAL_CMDS)
+    leaves[_IOCTL[column]] = _kill_if_arg_in(1, _IOCTL_SIGNAL_CMDS)
     prog: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (_JEQ_K, 1, 0, _AUDIT_ARCH[arch]),
@@ -134,28 +152,22 @@ def build_filter(arch: str) -> bytes:
     ]
     if arch == "x86_64":
         prog += [(_JGE_K, 0, 1, 0x40000000), (_RET_K, 0, 0, RET_KILL_PROCESS)]  # x32 ABI numbers
-    for nr in syscall_numbers(arch, KILL_CALLS).values():
-        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, RET_KILL_PROCESS)]
-    for nr in syscall_numbers(arch, NAMED_ERRNO_CALLS).values():
-        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr))]
-    for nrs, arg in ((_OPEN, 1), (_OPENAT, 2)):
-        if nrs[column] is not None:
-            nr = nrs[column]
-            prog += _guarded(nr, [(_LD_W_ABS, 0, 0, _arg_low(arg)), (_JSET_K, 0, 1, _OPEN_WRITE_FLAGS),
-                                  (_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr)), (_RET_K, 0, 0, RET_ALLOW)])
-    prog += _guarded(_PRLIMIT64[column], [  # pid (args[0], 64 bits) must be 0
-        (_LD_W_ABS, 0, 0, _arg_low(0)), (_JEQ_K, 0, 2, 0), (_LD_W_ABS, 0, 0, _arg_low(0) + 4),
-        (_JEQ_K, 1, 0, 0), (_RET_K, 0, 0, RET_KILL_PROCESS), (_RET_K, 0, 0, RET_ALLOW),
-    ])
-    prog += _guarded(_FCNTL[column], _kill_if_arg_in(1, _FCNTL_SIGNAL_CMDS))
-    prog += _guarded(_IOCTL[column], _kill_if_arg_in(1, _IOCTL_SIGNAL_CMDS))
-    prog.append((_RET_K, 0, 0, RET_ALLOW))
+    prog += _tree(sorted(leaves.items()))
     return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
 
 
-def _guarded(nr: int, body: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """`body` (which always returns) runs for syscall `nr` only; other calls skip it."""
-    return [(_JEQ_K, 0, len(body), nr), *body]
+def _tree(items: list[tuple[int, list[tuple[int, int, int, int]]]]) -> list[tuple[int, int, int, int]]:
+    """Code that runs the leaf of the syscall number in the accumulator (every leaf returns), or allows a
+    number not in `items`. Sorted items; large subtrees are skipped with BPF_JA (32-bit offsets)."""
+    if len(items) <= 4:
+        code: list[tuple[int, int, int, int]] = []
+        for nr, leaf in items:
+            code += [(_JEQ_K, 0, len(leaf), nr), *leaf]
+        return code + [(_RET_K, 0, 0, RET_ALLOW)]
+    middle = len(items) // 2
+    low, high = _tree(items[:middle]), _tree(items[middle:])
+    # nr >= items[middle]: take the jump over the low half; otherwise fall into it.
+    return [(_JGE_K, 0, 1, items[middle][0]), (_JA, 0, 0, len(low)), *low, *high]
 
 
 def _kill_if_arg_in(arg: int, values: tuple[int, ...]) -> list[tuple[int, int, int, int]]:

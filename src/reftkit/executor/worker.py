@@ -225,11 +225,15 @@ class Zygote:
 
     def _prepare_privileges(self) -> None:
         ctx = self.ctx
+        own_user_namespace = self.layers.get("network", "").startswith("on: new user")
         if os.geteuid() != 0:
-            # Unprivileged (or root of a user namespace we created): drop whatever capabilities we hold.
+            # Unprivileged: drop whatever capabilities we hold (they exist only in our user namespace).
             ctx.privilege = "capdrop" if kernel.IS_LINUX else "none"
             dropped = ", capabilities dropped" if kernel.IS_LINUX else ""
             self.layers["privileges"] = f"on: not root (uid {os.getuid()}){dropped}"
+        elif own_user_namespace:  # root without CAP_SYS_ADMIN (a container): only uid 0 is mapped in here
+            ctx.privilege = "capdrop"
+            self.layers["privileges"] = "partial: uid 0 of the worker's user namespace, every capability dropped"
         else:
             ctx.uid, ctx.gid = _nobody_ids()
             unreadable = [r for r in ctx.read_roots if not _world_readable(r)]
