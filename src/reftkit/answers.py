@@ -76,7 +76,12 @@ def same_answer(a: str, b: str, tol: float = 1e-2, multiple_choice: bool = False
     if multiple_choice:
         return a.strip().lower() == b.strip().lower()
     x, y = parse_number(a), parse_number(b)
-    return x is not None and y is not None and abs(x - y) <= tol + _FLOAT_SLACK
+    return x is not None and y is not None and close(x, y, tol)
+
+
+def close(x: float, y: float, tol: float = 1e-2) -> bool:
+    """The reward's numeric equality: |x - y| <= tol (1e-2 in the paper)."""
+    return abs(x - y) <= tol + _FLOAT_SLACK
 
 
 def is_correct(extracted: str | None, example: Example, tol: float = 1e-2) -> bool:

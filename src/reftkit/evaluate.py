@@ -14,6 +14,7 @@ from reftkit.answers import Grader
 from reftkit.config import DataOptions
 from reftkit.cot import CotStyle, response_prefix
 from reftkit.data.records import Example
+from reftkit.faithfulness import consistency_summary, prediction_consistency
 from reftkit.prompts import FEW_SHOT_STOP, encode_prompts
 from reftkit.rollout import Sampling, generate
 from reftkit.writers import write_jsonl
@@ -43,6 +44,8 @@ def decode_and_grade(
     Prompts are sorted by length inside a shard so a batch pads as little as possible;
     `batch_size` counts responses, so k samples per prompt mean batch_size // k prompts a batch.
     `shots` are worked examples put before every prompt (few-shot prompting of a base model).
+    A multiple-choice row also carries `consistent`: whether the picked option matches the number
+    its reasoning ended on (True/False, None when unknown; rules in reftkit.faithfulness).
     """
     rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
     shard = list(range(rank, len(examples), world))
@@ -60,9 +63,12 @@ def decode_and_grade(
         grades = grader.grade(out.texts, [examples[i] for i in repeated])
         for n, (i, text, grade) in enumerate(zip(repeated, out.texts, grades, strict=True)):
             ex = examples[i]
-            rows.append({"index": i, "sample": n % num_samples, "id": ex.id, "question": ex.question,
-                         "output": response_prefix(ex, cot) + text, "extracted": grade.extracted,
-                         "gold": ex.answer, "correct": grade.correct} | ({"detail": grade.detail} if grade.detail else {}))
+            row = {"index": i, "sample": n % num_samples, "id": ex.id, "question": ex.question,
+                   "output": response_prefix(ex, cot) + text, "extracted": grade.extracted,
+                   "gold": ex.answer, "correct": grade.correct}
+            if ex.is_multiple_choice:
+                row["consistent"] = prediction_consistency(ex, text, grade, cot)
+            rows.append(row | ({"detail": grade.detail} if grade.detail else {}))
         bar.update(len(idx) * world)
     bar.close()
     return sorted(rows if local else gather_object(rows), key=lambda r: (r["index"], r["sample"]))
@@ -82,20 +88,26 @@ def evaluate(
     predictions_path: Path | None = None,
     cot: CotStyle = "natural",
     shots: Sequence[Example] = (),
+    read_outs: dict | None = None,
 ) -> float:
     """Top-1 (greedy) accuracy over all processes; with `shots`, a response ends where the model
-    starts a new question."""
+    starts a new question. `read_outs`, when given, is filled with the multiple-choice consistency
+    counts (`reftkit.faithfulness.consistency_summary`; nothing for numeric data)."""
     greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens, stop=FEW_SHOT_STOP if shots else None)
     rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, greedy, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress, shots=shots)
     if predictions_path is not None and accelerator.is_main_process:
         write_jsonl(predictions_path, ({k: v for k, v in r.items() if k not in ("index", "sample")} for r in rows))
+    if read_outs is not None:
+        read_outs.update(consistency_summary(rows))
     return sum(r["correct"] for r in rows) / max(len(rows), 1)
 
 
 def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
-                 cfg: DataOptions, predictions_path: Path, shots: Sequence[Example] = ()) -> float:
+                 cfg: DataOptions, predictions_path: Path, shots: Sequence[Example] = (),
+                 read_outs: dict | None = None) -> float:
     """`evaluate` with a run config's batch size, lengths and progress setting."""
     return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
                     max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
-                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots)
+                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots,
+                    read_outs=read_outs)

@@ -1,4 +1,8 @@
-"""`reftkit eval`: greedy top-1 accuracy of a checkpoint, with a readable predictions file."""
+"""`reftkit eval`: greedy top-1 accuracy of a checkpoint, with a readable predictions file.
+
+On multiple-choice data the summary (metrics.jsonl and the log line) also reports the consistency
+rate: the share of predictions whose picked option matches the number their reasoning ended on,
+with the counts behind it (reftkit.faithfulness)."""
 
 from __future__ import annotations
 
@@ -22,8 +26,18 @@ def run_eval(cfg: EvalConfig) -> float:
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
     shots = load_examples_for(cfg.train_file, cfg, "train")[: cfg.few_shot] if cfg.few_shot else []
     path = cfg.output_dir / "predictions.jsonl"
+    read_outs: dict = {}
     with open_grader(cfg) as grader:
-        acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path, shots)
-    Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)}, 0)
-    log.info("accuracy %.4f on %d examples; predictions in %s", acc, len(examples), path)
+        acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path, shots, read_outs)
+    Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)} | read_outs, 0)
+    log.info("accuracy %.4f on %d examples%s; predictions in %s", acc, len(examples), consistency_note(read_outs), path)
     return acc
+
+
+def consistency_note(read_outs: dict) -> str:
+    """The log line's consistency part on multiple-choice data; empty for numeric data."""
+    if not read_outs:
+        return ""
+    rate = "n/a" if read_outs["consistency"] is None else f"{read_outs['consistency']:.4f}"
+    return (f", consistency {rate} ({read_outs['consistent']} consistent, {read_outs['inconsistent']} inconsistent "
+            f"of which {read_outs['correct_inconsistent']} correct, {read_outs['consistency_unknown']} unknown)")

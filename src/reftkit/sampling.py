@@ -2,8 +2,9 @@
 
 samples.jsonl holds one row per sample: id, question, sample (0..k-1), output (what the model
 wrote, after any generation prefix such as P-CoT's function header), extracted, gold, correct,
-detail (programs: exit status) and, with a reranker, score. Offline self-training and the
-reranker read it back, joined to the training examples by id.
+detail (programs: exit status), for multiple choice consistent (reftkit.faithfulness) and,
+with a reranker, score. Offline self-training and the reranker read it back, joined to the
+training examples by id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
 from reftkit.evaluate import decode_and_grade
+from reftkit.faithfulness import consistency_summary
 from reftkit.reranker import score_samples
 from reftkit.writers import write_json, write_jsonl
 from reftkit.voting import majority_vote, pass_at_k, rerank
@@ -36,7 +38,8 @@ def draw_samples(accelerator, lm, tokenizer, examples: list[Example], grader, cf
 
 
 def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
-    """Per-question sample, vote@k, pass@k and (when rows have scores) rerank@k accuracy."""
+    """Per-question sample, vote@k, pass@k and (when rows have scores) rerank@k accuracy; on
+    multiple-choice data also the samples' consistency rate and counts (`consistency_summary`)."""
     by_index: dict[int, list[dict]] = {}
     for r in rows:
         by_index.setdefault(r["index"], []).append(r)
@@ -54,7 +57,7 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
                "vote_accuracy": vote / max(n, 1), "pass_accuracy": passed / max(n, 1)}
     if rows and "score" in rows[0]:
         summary["rerank_accuracy"] = reranked / max(n, 1)
-    return summary
+    return summary | consistency_summary(rows)
 
 
 def run_sample(cfg: SampleConfig) -> dict:
