@@ -140,6 +140,14 @@ def test_summary_reports_consistency_beside_accuracy():
     assert "consistency" not in numeric
 
 
+def test_eval_log_line_names_the_rate_and_counts():
+    from reftkit.evaluate_cli import consistency_note
+
+    counts = {"consistency": 2 / 3, "consistent": 2, "inconsistent": 1, "consistency_unknown": 1, "correct_inconsistent": 1}
+    assert consistency_note(counts) == ", consistency 0.6667 (2 consistent, 1 inconsistent of which 1 correct, 1 unknown)"
+    assert consistency_note(counts | {"consistency": None}).startswith(", consistency n/a (")
+    assert consistency_note({}) == ""
+
 def _write_mcq(path, examples):
     """reft format: a letter answer_value, the options as the question's last line."""
     with path.open("w") as f:
