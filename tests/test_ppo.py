@@ -147,3 +147,40 @@ def test_ppo_objective_is_policy_loss_plus_weighted_value_loss():
     assert terms["value_loss"].item() == pytest.approx(value, abs=1e-6)
     assert terms["clip_frac"].item() == pytest.approx(2 / 3)
     assert loss.item() == pytest.approx(policy + 5.0 * value, abs=1e-6)
+
+
+def test_group_advantages_hand_computed():
+    # Two questions, k = 3: rewards (1, 0, 0.1) and (1, 1, 1).
+    scores = T([1.0, 0.0, 0.1, 1.0, 1.0, 1.0])
+    mean = 1.1 / 3
+    std = math.sqrt(((1 - mean) ** 2 + mean**2 + (0.1 - mean) ** 2) / 2)  # unbiased, as DeepSeekMath's code
+    grpo = ppo.group_advantages(scores, 3, "grpo")
+    assert grpo[:3].tolist() == pytest.approx([(1 - mean) / std, -mean / std, (0.1 - mean) / std], abs=1e-5)
+    assert grpo[3:].tolist() == [0.0, 0.0, 0.0]  # a uniform group teaches nothing
+    drgrpo = ppo.group_advantages(scores, 3, "drgrpo")
+    assert drgrpo[:3].tolist() == pytest.approx([1 - mean, -mean, 0.1 - mean], abs=1e-6)
+    rloo = ppo.group_advantages(scores, 3, "rloo")
+    # r_i minus the mean of the other two: 1 - 0.05, 0 - 0.55, 0.1 - 0.5
+    assert rloo[:3].tolist() == pytest.approx([0.95, -0.55, -0.4], abs=1e-6)
+    assert ppo.uniform_groups(scores, 3).tolist() == [False, True]
+    with pytest.raises(ValueError, match="at least 2"):
+        ppo.group_advantages(T([1.0]), 1, "rloo")
+
+
+def test_constant_length_mean_weighs_every_token_alike():
+    x = T([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert ppo.constant_length_mean(x, mask, length=8).item() == pytest.approx((4 / 8 + 2 / 8) / 2)
+    assert ppo.sequence_mean(x, mask).item() == pytest.approx((1 + 2) / 2)  # the per-sequence mean differs
+
+
+def test_k3_kl_hand_computed_and_in_the_objective():
+    logp, ref = T([[-1.0, -2.0]]), T([[-1.5, -2.0]])
+    # delta = ref - logp = -0.5, 0: exp(-0.5) + 0.5 - 1 and 0
+    assert ppo.k3_kl(logp, ref)[0].tolist() == pytest.approx([math.exp(-0.5) - 0.5, 0.0], abs=1e-6)
+    mask = torch.ones(1, 2)
+    adv = torch.zeros(1, 2)
+    loss, terms = ppo.ppo_objective(logp, None, logp, None, adv, None, mask, 0.2, 0.2, 5.0, ref_logprobs=ref,
+                                    kl_coef=0.1)
+    assert "value_loss" not in terms and terms["policy_loss"].item() == 0.0
+    assert loss.item() == pytest.approx(0.1 * (math.exp(-0.5) - 0.5) / 2, abs=1e-6)

@@ -175,6 +175,29 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions):
     correct_reward: float = Field(1.0, description="reward of a correct final answer")
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
+    advantage: Literal["gae", "grpo", "drgrpo", "rloo"] = Field("gae", description="advantage estimator: gae = the paper's PPO with a value head; grpo = (r - group mean) / group std; drgrpo = r - group mean, token losses / max response length; rloo = r - mean of the other samples. The last three have no critic and need num_samples >= 2")
+    kl_in: Literal["reward", "loss"] = Field("reward", description="where the KL to the reference goes: per-token k1 in the reward (the paper; summed per sequence for the group estimators), or GRPO's k3 estimate in the loss")
+    sft_coef: float = Field(0.0, ge=0, le=1, description="mu: each update minimises (1 - mu) * L_RL + mu * L_SFT on its questions' reference CoTs (CHORD's global coefficient); 0 = off")
+    sft_coef_schedule: Literal["constant", "linear"] = Field("constant", description="sft_coef constant, or decayed linearly to 0 over training")
+    drop_uniform_groups: bool = Field(False, description="DAPO's dynamic sampling: drop the questions whose num_samples responses all got the same reward before the update (logged as dropped_groups)")
+
+    @model_validator(mode="after")
+    def _estimator_options(self):
+        if self.advantage != "gae":
+            critic_only = {"vf_coef", "value_clip_range", "value_head_lr", "gamma", "lam", "whiten_advantages"}
+            given = sorted(critic_only & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: options of the value head and GAE; advantage={self.advantage} has neither")
+        if (self.advantage != "gae" or self.drop_uniform_groups) and self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 for advantage={self.advantage} or drop_uniform_groups "
+                             "(a group of one sample has no baseline)")
+        if self.sft_coef_schedule != "constant" and not self.sft_coef:
+            raise ValueError("sft_coef_schedule: set sft_coef > 0 (the schedule decays it)")
+        return self
+
+    @property
+    def critic(self) -> bool:
+        return self.advantage == "gae"
 
     @property
     def kl_beta(self) -> float:

@@ -69,11 +69,17 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a scalar value head on its last hidden state (the paper's shared backbone)."""
+    """A causal LM plus a scalar value head on its last hidden state (the paper's shared backbone).
+    With critic=False (GRPO, Dr. GRPO, RLOO) there is no head: no hidden states kept, values None."""
 
-    def __init__(self, lm: PreTrainedModel):
+    def __init__(self, lm: PreTrainedModel, critic: bool = True):
         super().__init__()
         self.lm = lm
+        self.value_head = None
+        if critic:
+            self._add_value_head(lm)
+
+    def _add_value_head(self, lm: PreTrainedModel) -> None:
         hidden = lm.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         # Start from V = 0 so early advantages are the (whitened) rewards, not noise.
@@ -81,19 +87,22 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(dtype=lm.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [B, L, V], values [B, L])."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits [B, L, V], values [B, L] or None without a critic)."""
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_for(attention_mask),
-            output_hidden_states=True,
+            output_hidden_states=self.value_head is not None,
             use_cache=False,
         )
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
-        return out.logits, values
+        if self.value_head is None:
+            return out.logits, None
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
 
     def save_value_head(self, directory: Path) -> None:
+        if self.value_head is None:
+            return
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
@@ -104,7 +113,7 @@ class PolicyWithValueHead(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(directory) / VALUE_HEAD_FILE
-        if not path.exists():
+        if self.value_head is None or not path.exists():
             return False
         self.value_head.load_state_dict(load_file(str(path)))
         return True

@@ -9,6 +9,14 @@ Every function here maps to a line of the paper's objective (Luong et al. 2024, 
     L_pi  = -min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)
     L_V   = 1/2 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)
     L     = L_pi + c_V * L_V        (each averaged over tokens per sequence, then over sequences)
+
+The critic-free family on the same path (k samples per question, outcome scores r_1..r_k):
+
+    GRPO      A_i = (r_i - mean(r)) / (std(r) + eps) on every token of y_i; per-sequence token mean
+    Dr. GRPO  A_i = r_i - mean(r); token losses summed and divided by a constant (max response length)
+    RLOO      A_i = r_i - mean of the other k - 1 rewards
+    KL        in the reward (k1, the paper) or in the loss (GRPO's k3: exp(ref - logp) - (ref - logp) - 1)
+    SFT term  L = (1 - mu) * L_RL + mu * L_SFT(reference CoT)        (CHORD's global coefficient)
 """
 
 from __future__ import annotations
@@ -93,18 +101,70 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_seq.mean()
 
 
+def constant_length_mean(x: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Each sequence's token sum divided by one constant (Dr. GRPO), then averaged over sequences:
+    a long response weighs no less per token than a short one."""
+    return ((x * mask).sum(dim=1) / length).mean()
+
+
+def reduce_tokens(x: torch.Tensor, mask: torch.Tensor, norm_length: int | None) -> torch.Tensor:
+    """The loss reduction: per-sequence token mean (None, the paper and GRPO) or Dr. GRPO's constant."""
+    return sequence_mean(x, mask) if norm_length is None else constant_length_mean(x, mask, norm_length)
+
+
+def group_advantages(
+    scores: torch.Tensor,  # [B] outcome reward per sequence; the k samples of a question are consecutive
+    k: int,
+    estimator: str,  # "grpo" | "drgrpo" | "rloo"
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Critic-free advantages [B] from each question's group of k samples.
+
+    grpo:   (r_i - mean) / (std + eps), std the unbiased sample std of the group (0 when k = 1)
+    drgrpo: r_i - mean
+    rloo:   r_i - mean of the other k - 1 = k / (k - 1) * (r_i - mean)   (needs k >= 2)
+    """
+    groups = scores.float().view(-1, k)  # [B / k, k]
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        std = groups.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(centred[:, :1])
+        out = centred / (std + eps)
+    elif estimator == "drgrpo":
+        out = centred
+    elif estimator == "rloo":
+        if k < 2:
+            raise ValueError("rloo needs at least 2 samples per question")
+        out = centred * k / (k - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    return out.reshape(-1)
+
+
+def uniform_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B / k] bool: groups whose k scores are all equal (zero advantage everywhere: DAPO drops them)."""
+    groups = scores.view(-1, k)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """GRPO's per-token KL estimate exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(pi||ref))."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
 def policy_loss(
     logprobs: torch.Tensor,  # [B, T] log pi_theta (with grad)
     old_logprobs: torch.Tensor,  # [B, T] log pi_old from the rollout
     advantages: torch.Tensor,  # [B, T]
     mask: torch.Tensor,
     clip_range: float,
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped surrogate loss. Returns (loss, fraction of tokens where the clip was active)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
+    loss = reduce_tokens(torch.maximum(unclipped, clipped), mask, norm_length)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clip_frac
 
@@ -124,18 +184,29 @@ def value_loss(
 
 def ppo_objective(
     logprobs: torch.Tensor,  # [B, T] log pi_theta (with grad)
-    values: torch.Tensor,  # [B, T] V_theta (with grad)
+    values: torch.Tensor | None,  # [B, T] V_theta (with grad); None without a critic
     old_logprobs: torch.Tensor,  # [B, T] from the rollout
-    old_values: torch.Tensor,  # [B, T] from the rollout
+    old_values: torch.Tensor | None,  # [B, T] from the rollout
     advantages: torch.Tensor,  # [B, T]
-    returns: torch.Tensor,  # [B, T]
+    returns: torch.Tensor | None,  # [B, T]
     mask: torch.Tensor,
     clip_range: float,
     value_clip_range: float,
     vf_coef: float,
+    *,
+    ref_logprobs: torch.Tensor | None = None,  # [B, T]: the k3 KL term goes into the loss
+    kl_coef: float = 0.0,
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss one PPO minibatch minimises: L = L_pi + c_V * L_V (clipped surrogate plus the
-    clipped value loss, each averaged per sequence then over the batch). Returns (L, its terms)."""
-    pg_loss, clip_frac = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
-    vf_loss = value_loss(values, old_values, returns, mask, value_clip_range)
-    return pg_loss + vf_coef * vf_loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "clip_frac": clip_frac}
+    clipped value loss, each averaged per sequence then over the batch) + beta * k3 KL when the KL
+    sits in the loss. Without a critic (values None) there is no L_V. Returns (L, its terms)."""
+    pg_loss, clip_frac = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, norm_length)
+    loss, terms = pg_loss, {"policy_loss": pg_loss, "clip_frac": clip_frac}
+    if values is not None:
+        terms["value_loss"] = value_loss(values, old_values, returns, mask, value_clip_range)
+        loss = loss + vf_coef * terms["value_loss"]
+    if ref_logprobs is not None:
+        terms["kl_loss"] = reduce_tokens(k3_kl(logprobs, ref_logprobs), mask, norm_length)
+        loss = loss + kl_coef * terms["kl_loss"]
+    return loss, terms

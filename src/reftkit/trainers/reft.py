@@ -3,12 +3,16 @@
 One rollout batch: sample `num_samples` responses per question from the current policy, grade
 them, score with the KL-penalised reward, compute GAE advantages (whitened over all processes),
 then `ppo_epochs` passes of clipped policy + value updates over minibatches.
+
+The same loop runs the critic-free family (`advantage`: grpo, drgrpo, rloo: group advantages from
+each question's samples, no value head), GRPO's KL in the loss (`kl_in loss`), CHORD's SFT term on
+the reference CoTs (`sft_coef`) and DAPO's dropping of groups with one reward (`drop_uniform_groups`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,7 +28,7 @@ from reftkit.evaluate import evaluate_run
 from reftkit.lora import reference_lm
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, lm_response_logprobs, load_causal_lm
 from reftkit.model import load_tokenizer, response_slice, token_logprobs
-from reftkit.prompts import encode_prompt, encode_prompts
+from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_prompts, encode_sft_examples
 from reftkit.rollout import Sampling, generate
 from reftkit.checkpoints import (
     NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, weights_finite,
@@ -43,23 +47,32 @@ def _lm(policy: PolicyWithValueHead):
 
 @dataclass
 class RolloutBatch:
-    """Everything PPO needs from one rollout, all rows aligned. T = response length."""
+    """Everything an update needs from one rollout, all rows aligned. T = response length."""
 
     sequences: torch.Tensor  # [N, P + T]
     attention_mask: torch.Tensor  # [N, P + T]
     prompt_len: int
-    mask: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T]; all 0 on a padding row (see `_keep_rows`)
     old_logprobs: torch.Tensor  # [N, T]
-    old_values: torch.Tensor  # [N, T]
     advantages: torch.Tensor  # [N, T]
-    returns: torch.Tensor  # [N, T]
+    question: torch.Tensor  # [N] index of the row's question in the batch's examples
+    old_values: torch.Tensor | None = None  # [N, T], with a critic (GAE)
+    returns: torch.Tensor | None = None  # [N, T], with a critic
+    ref_logprobs: torch.Tensor | None = None  # [N, T], when the KL sits in the loss
+
+    def rows(self, idx: torch.Tensor) -> RolloutBatch:
+        return RolloutBatch(**{f.name: _take(getattr(self, f.name), idx) for f in fields(self)})
+
+
+def _take(value, idx: torch.Tensor):
+    return value[idx] if isinstance(value, torch.Tensor) else value
 
 
 def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature):
-    """(log-probs [N, T], values [N, T]) of the response tokens under the (wrapped) policy."""
+    """(log-probs [N, T], values [N, T] or None) of the response tokens under the (wrapped) policy."""
     logits, values = policy(sequences, attention_mask)
     logprobs = token_logprobs(response_slice(logits, prompt_len), sequences[:, prompt_len:], temperature)
-    return logprobs, response_slice(values, prompt_len).float()
+    return logprobs, None if values is None else response_slice(values, prompt_len).float()
 
 
 @torch.no_grad()
@@ -70,60 +83,132 @@ def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example]
 
 
 def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader):
+    k = cfg.num_samples
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
     prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot)  # cuts counted and warned
-    out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, cfg.num_samples)
-    repeated = [ex for ex in examples for _ in range(cfg.num_samples)]  # generate keeps prompt order
+    # A question's k samples are consecutive rows on this process: group statistics are exact.
+    out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k)
+    repeated = [ex for ex in examples for _ in range(k)]  # generate keeps prompt order
     grades = grader.grade(out.texts, repeated)
     scores = torch.tensor([reward_from_grade(g, cfg.correct_reward, cfg.partial_reward) for g in grades],
                           device=out.sequences.device)
 
     old_logprobs, old_values = policy_outputs(policy, out.sequences, out.attention_mask, out.prompt_len,
                                               cfg.temperature)
-    with reference_lm(accelerator.unwrap_model(policy).lm, ref_lm) as ref:
-        ref_logprobs = lm_response_logprobs(ref, out.sequences, out.attention_mask, out.prompt_len, cfg.temperature)
+    ref_logprobs = old_logprobs  # kl_coef 0: no reference forward at all
+    if cfg.kl_beta > 0:
+        with reference_lm(accelerator.unwrap_model(policy).lm, ref_lm) as ref:
+            ref_logprobs = lm_response_logprobs(ref, out.sequences, out.attention_mask, out.prompt_len,
+                                                cfg.temperature)
     mask = out.response_mask
-    rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_beta)
-    advantages, returns = ppo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = ppo.masked_whiten(advantages, mask, all_reduce=lambda t: accelerator.reduce(t, "sum"))
+    reward_beta = cfg.kl_beta if cfg.kl_in == "reward" else 0.0
+    rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_beta)
+    returns = None
+    if cfg.critic:
+        advantages, returns = ppo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = ppo.masked_whiten(advantages, mask, all_reduce=lambda t: accelerator.reduce(t, "sum"))
+    else:  # the sequence's reward (the score, minus beta * its summed KL when the KL is in the reward)
+        sequence_rewards = scores - reward_beta * kl.sum(dim=1)
+        advantages = ppo.group_advantages(sequence_rewards, k, cfg.advantage).unsqueeze(1) * mask
+
+    question = torch.arange(len(examples), device=mask.device).repeat_interleave(k)
+    batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, mask, old_logprobs, advantages, question,
+                         old_values, returns, ref_logprobs if cfg.kl_in == "loss" else None)
+    dropped = 0
+    if cfg.drop_uniform_groups:
+        uniform = ppo.uniform_groups(scores, k)
+        dropped = int(uniform.sum())
+        batch = _keep_rows(accelerator, batch, (~uniform).repeat_interleave(k))
 
     n_correct = sum(g.correct for g in grades)
     stats = torch.tensor([scores.sum().item(), n_correct, len(grades), (kl.sum(1)).sum().item(),
-                          mask.sum().item()], device=out.sequences.device)
+                          mask.sum().item(), dropped], device=out.sequences.device)
     stats = accelerator.reduce(stats, "sum")  # totals over all processes
     record = {"reward": (stats[0] / stats[2]).item(), "train_accuracy": (stats[1] / stats[2]).item(),
               "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item()}
-    batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, mask, old_logprobs, old_values,
-                         advantages, returns)
+    if cfg.drop_uniform_groups:
+        record["dropped_groups"] = int(stats[5].item())
     return batch, record
 
 
+def _keep_rows(accelerator, batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
+    """The rows of `keep` [N] bool, padded with empty rows (mask 0: no loss, no gradient) up to the
+    largest count on any process, so every process runs the same number of minibatches."""
+    kept = keep.nonzero().squeeze(1)
+    most = int(accelerator.gather(torch.tensor([len(kept)], device=keep.device)).max())
+    padding = torch.zeros(most - len(kept), dtype=torch.long, device=keep.device)
+    out = batch.rows(torch.cat([kept, padding]))
+    out.mask[len(kept):] = 0
+    return out
+
+
+def outputs_with_references(policy, rows: RolloutBatch, references: list, pad_id: int, temperature: float):
+    """(log-probs, values) of the rollout rows as `policy_outputs`, plus the mean token NLL of the
+    reference CoTs of their questions (the SFT term), from one forward pass over both: one
+    forward per backward keeps DDP's gradient sync as in the plain update. References are right-
+    padded and the rollout rows padded on the right to the same width (causal: nothing changes)."""
+    questions = sorted(set(rows.question[rows.mask.sum(1) > 0].tolist())) or [int(rows.question[0])]
+    device = rows.sequences.device
+    refs = {k: v.to(device) for k, v in collate_sft([references[q] for q in questions], pad_id).items()}
+    n, width = rows.sequences.shape
+    full = max(width, refs["input_ids"].shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, full - t.shape[1]), value=value)
+
+    logits, values = policy(torch.cat([widen(rows.sequences, pad_id), widen(refs["input_ids"], pad_id)]),
+                            torch.cat([widen(rows.attention_mask, 0), widen(refs["attention_mask"], 0)]))
+    own, ref_logits = logits[:n, :width], logits[n:]
+    logprobs = token_logprobs(response_slice(own, rows.prompt_len), rows.sequences[:, rows.prompt_len:], temperature)
+    values = None if values is None else response_slice(values[:n, :width], rows.prompt_len).float()
+    labels = widen(refs["labels"], IGNORE_INDEX)
+    nll = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                            ignore_index=IGNORE_INDEX)
+    return logprobs, values, nll
+
+
+def sft_weight(cfg: ReFTConfig, step: int, total_steps: int) -> float:
+    """mu at a rollout batch: sft_coef, or decayed linearly from it to 0 over training."""
+    if cfg.sft_coef_schedule == "linear":
+        return cfg.sft_coef * max(0.0, 1 - step / max(total_steps, 1))
+    return cfg.sft_coef
+
+
 def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, cfg: ReFTConfig, generator,
-               step: int):
+               step: int, sft: tuple[list, int, float] | None = None):
     """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimiser step each
-    (skipped, or the run stopped, when its loss or gradient is non-finite: `cfg.nonfinite`)."""
+    (skipped, or the run stopped, when its loss or gradient is non-finite: `cfg.nonfinite`).
+    `sft` = (reference features of the batch's questions, pad id, mu) adds the SFT term."""
     n = batch.sequences.shape[0]
-    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0}
+    sums: dict[str, float] = {}
     updates = skipped = 0
+    norm_length = cfg.max_length - cfg.max_prompt_tokens if cfg.advantage == "drgrpo" else None
     for ppo_epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(batch.sequences.device)
         for start in range(0, n, cfg.mini_batch_size):
-            idx = order[start : start + cfg.mini_batch_size]
-            mask = batch.mask[idx]
+            rows = batch.rows(order[start : start + cfg.mini_batch_size])
             with accelerator.autocast(), checkpointing_in_eval_mode(policy):
-                logprobs, values = policy_outputs(policy, batch.sequences[idx], batch.attention_mask[idx],
-                                                  batch.prompt_len, cfg.temperature)
-            loss, terms = ppo.ppo_objective(logprobs, values, batch.old_logprobs[idx], batch.old_values[idx],
-                                            batch.advantages[idx], batch.returns[idx], mask, cfg.clip_range,
-                                            cfg.value_clip_range, cfg.vf_coef)
+                if sft is None:
+                    logprobs, values = policy_outputs(policy, rows.sequences, rows.attention_mask, rows.prompt_len,
+                                                      cfg.temperature)
+                else:
+                    references, pad_id, mu = sft
+                    logprobs, values, sft_loss = outputs_with_references(policy, rows, references, pad_id,
+                                                                         cfg.temperature)
+                loss, terms = ppo.ppo_objective(
+                    logprobs, values, rows.old_logprobs, rows.old_values, rows.advantages, rows.returns, rows.mask,
+                    cfg.clip_range, cfg.value_clip_range, cfg.vf_coef, ref_logprobs=rows.ref_logprobs,
+                    kl_coef=cfg.kl_beta, norm_length=norm_length)
+                if sft is not None:
+                    loss, terms["sft_loss"] = (1 - mu) * loss + mu * sft_loss, sft_loss
             accelerator.backward(loss)
             where = f"rollout batch {step}, PPO epoch {ppo_epoch + 1}, minibatch {start // cfg.mini_batch_size + 1}"
             stepped, _ = guarded_step(accelerator, policy, optimizer, cfg, loss, where)
             skipped += not stepped
             scheduler.step()
             for key, value in terms.items():
-                sums[key] += value.item()
+                sums[key] = sums.get(key, 0.0) + value.item()
             updates += 1
     if not weights_finite(policy):
         raise NonFiniteError(f"non-finite weights after rollout batch {step}: run stopped, nothing of this batch "
@@ -140,14 +225,15 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
 def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
     run = claim_output_dir(accelerator, cfg, "reft")
-    train = training_examples(train, cfg, require_cot=False)  # PPO needs questions and gold answers only
+    # PPO needs questions and gold answers only; the SFT term (sft_coef) also the reference CoTs.
+    train = training_examples(train, cfg, require_cot=cfg.sft_coef > 0)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     tokenizer = load_tokenizer(cfg.model)
-    policy = PolicyWithValueHead(prepare_lm_for_training(load_causal_lm(cfg.model), cfg))
+    policy = PolicyWithValueHead(prepare_lm_for_training(load_causal_lm(cfg.model), cfg), critic=cfg.critic)
     policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
-    ref_lm = None  # with LoRA the reference is the policy with its adapters off: no second copy
-    if not cfg.lora_r or cfg.ref_model not in (None, cfg.model):
+    ref_lm = None  # with LoRA the reference is the policy with its adapters off: no second copy; kl_coef 0: none
+    if cfg.kl_beta > 0 and (not cfg.lora_r or cfg.ref_model not in (None, cfg.model)):
         ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
 
     def prompt_lengths() -> list[int]:
@@ -156,8 +242,11 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     loader = shuffled_loader(list(range(len(train))), prompt_lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
     updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
     batches_per_epoch = -(-len(loader) // accelerator.num_processes)
-    groups = [{"params": policy.lm.parameters()},
-              {"params": policy.value_head.parameters(), "lr": cfg.value_head_lr or cfg.lr}]
+    groups = [{"params": policy.lm.parameters()}]
+    if policy.value_head is not None:
+        groups.append({"params": policy.value_head.parameters(), "lr": cfg.value_head_lr or cfg.lr})
+    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) \
+        if cfg.sft_coef else None
     optimizer, scheduler = make_optimizer(groups, cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
@@ -185,8 +274,13 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                                            [train[j] for j in indices.tolist()], cfg, grader)
             # Minibatch order: a function of (seed, step), identical on every process and after --resume.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
+            sft = None
+            if references is not None:
+                mu = sft_weight(cfg, progress.step, batches_per_epoch * cfg.epochs)
+                sft = ([references[j] for j in indices.tolist()], tokenizer.pad_token_id, mu)
+                record["sft_coef"] = mu
             record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator,
-                                     progress.step + 1))
+                                     progress.step + 1, sft))
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
