@@ -126,6 +126,17 @@ def test_run_summary_counts_cut_prompts_and_targets(tmp_path, splits, tiny_check
     assert summary["sft_targets_cut"] > 0
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_fsdp_or_deepspeed_without_a_gpu_is_refused_not_run_as_ddp(monkeypatch, variable):
+    from reftkit.runtime import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(RunError, match="no GPU: accelerate would run plain DDP"):
+        make_accelerator(SFTConfig())
+
+
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -228,6 +239,7 @@ def test_nonfinite_skip_skips_the_step_and_logs_strict_json(tmp_path, splits, ti
     assert rows[1]["loss"] is None  # NaN written as null
 
 
+@pytest.mark.slow
 def test_reft_stops_on_a_nonfinite_policy_loss(tmp_path, splits, warm_checkpoint, monkeypatch):
     real = reft_module.ppo.policy_loss
     monkeypatch.setattr(reft_module.ppo, "policy_loss", lambda *a: (real(*a)[0] * math.inf, real(*a)[1]))

@@ -15,7 +15,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from reftkit.checkpoints import NonFiniteError
+from reftkit.checkpoints import NonFiniteError, RunError
 from reftkit.config import DataOptions, RunOptions, TrainerOptions
 from reftkit.cot import CotStyle
 from reftkit.data.records import Example
@@ -42,7 +42,14 @@ def process_state() -> PartialState:
 
 
 def make_accelerator(cfg: RunOptions) -> Accelerator:
-    """The run's accelerator; `grad_accum` micro-batches make one optimiser step where the command has it."""
+    """The run's accelerator; `grad_accum` micro-batches make one optimiser step where the command has it.
+    FSDP or DeepSpeed asked for on a machine without GPUs is refused: accelerate would quietly run DDP."""
+    if cpu_multiprocess():
+        asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(var, "").lower() in ("1", "true", "yes")]
+        if asked:
+            raise RunError(f"{asked[0]} was asked for (accelerate launch --use_{asked[0].lower()}), but there is no "
+                           "GPU: accelerate would run plain DDP instead. Launch with --multi_gpu for DDP on CPUs")
     use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=cpu_multiprocess(),
