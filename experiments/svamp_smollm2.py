@@ -34,6 +34,8 @@ import time
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from reftkit.report import paired_counts, read_predictions
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "svamp"
 FILES = {"natural": "train_nl.json", "program": "train_python.json"}
 # From the token lengths of the two files (SmolLM2 tokenizer): 99% of N-CoT prompts are <= 87 tokens
@@ -155,16 +157,8 @@ def table(out: Path, results: dict) -> str:
     return "\n".join(lines)
 
 
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar p-value: under "no difference" each discordant question is a fair coin."""
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
 def predictions(eval_dir: Path) -> dict[str, dict]:
-    with open(eval_dir / "predictions.jsonl") as f:
-        return {row["id"]: row for row in map(json.loads, f)}
+    return read_predictions(eval_dir / "predictions.jsonl")
 
 
 def no_answer(eval_dir: Path) -> int:
@@ -174,11 +168,7 @@ def no_answer(eval_dir: Path) -> int:
 
 def compare(eval_a: Path, eval_b: Path) -> tuple[int, int, int, float]:
     """(only a right, only b right, both right, McNemar p) on the same dev questions."""
-    a, b = predictions(eval_a), predictions(eval_b)
-    only_a = sum(a[i]["correct"] and not b[i]["correct"] for i in a)
-    only_b = sum(b[i]["correct"] and not a[i]["correct"] for i in a)
-    both = sum(a[i]["correct"] and b[i]["correct"] for i in a)
-    return only_a, only_b, both, mcnemar_p(only_a, only_b)
+    return paired_counts(predictions(eval_a), predictions(eval_b))
 
 
 def paired(out: Path, results: dict) -> str:

@@ -193,19 +193,31 @@ def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, 
         files.append(write_rows(tmp_path / f"{name}.jsonl", [{"item_id": e.id, "question": e.question,
                                                               "answer_cot": e.cot, "answer_value": e.answer}
                                                              for e in examples]))
-    cfg = reproduce_config(tmp_path, tiny_checkpoint, *files)
+    cfg = reproduce_config(tmp_path, tiny_checkpoint, *files,
+                           methods=["sft", "offline_st", "online_st", "reft", "grpo", "reft_sft"])
     start = time.time()
     results = reproduce.run_reproduce(cfg)
     elapsed = time.time() - start
     out = cfg.output_dir
-    assert list(results) == ["warm-up SFT", "SFT", "Offline-ST", "Online-ST", "ReFT"]
+    assert list(results) == ["warm-up SFT", "SFT", "Offline-ST", "Online-ST", "ReFT", "GRPO", "ReFT + SFT term"]
+    # The RL family shares ReFT's budget (8 questions x 2 samples) and logs what it sampled.
+    assert not (out / "grpo" / "final" / "value_head.safetensors").exists()
+    assert json.loads((out / "reft_sft" / "final" / "trainer_state.json").read_text())["config"]["sft_coef"] == 0.1
+    for method in ("ReFT", "GRPO", "ReFT + SFT term"):
+        assert 0 < results[method]["sampled_tokens"] <= 16 * (LENGTHS["max_length"] - LENGTHS["max_prompt_tokens"])
+    assert results["SFT"]["sampled_tokens"] is None and "vs_reft" not in results["ReFT"]
+    greedy_of = {m: {json.loads(line)["id"]: json.loads(line)["correct"] for line in
+                     (out / "eval" / d / "greedy" / "predictions.jsonl").read_text().splitlines()}
+                 for m, d in (("GRPO", "grpo"), ("ReFT", "reft"))}
+    only_grpo = sum(greedy_of["GRPO"][i] and not greedy_of["ReFT"][i] for i in greedy_of["ReFT"])
+    assert results["GRPO"]["vs_reft"][0] == only_grpo and 0 <= results["GRPO"]["vs_reft"][3] <= 1
     for r in results.values():  # shares of the 8 test questions; a voted or reranked right answer is a pass
         assert r["k"] == 2 and all(r[key] * 8 == pytest.approx(round(r[key] * 8)) for key in ("top1", "vote", "rerank", "pass"))
         assert r["vote"] <= r["pass"] and r["rerank"] <= r["pass"]
     seconds = [results[m]["train_seconds"] for m in results]  # each stage's own training time, to 0.1 s
     assert all(s > 0 for s in seconds) and sum(seconds) <= elapsed + 0.05 * len(seconds)
     table = (out / "results.md").read_text()
-    assert "| ReFT |" in table and "vote@2" in table and "rerank@2" in table
+    assert "| ReFT |" in table and "| GRPO |" in table and "vote@2" in table and "McNemar p" in table
     for png in ("curves.png", "accuracy.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, png

@@ -184,8 +184,7 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions):
     @model_validator(mode="after")
     def _estimator_options(self):
         if self.advantage != "gae":
-            critic_only = {"vf_coef", "value_clip_range", "value_head_lr", "gamma", "lam", "whiten_advantages"}
-            given = sorted(critic_only & self.model_fields_set)
+            given = sorted(set(CRITIC_OPTIONS) & self.model_fields_set)
             if given:
                 raise ValueError(f"{', '.join(given)}: options of the value head and GAE; advantage={self.advantage} has neither")
         if (self.advantage != "gae" or self.drop_uniform_groups) and self.num_samples < 2:
@@ -252,11 +251,21 @@ class SampleConfig(RunOptions, DataOptions, SandboxOptions, EvalData, SamplingOp
     reranker: str | None = Field(None, description="reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k")
 
 
-MethodName = Literal["sft", "offline_st", "online_st", "reft"]
+MethodName = Literal["sft", "offline_st", "online_st", "reft", "grpo", "drgrpo", "rloo", "reft_sft"]
+# The RL family beside the paper's PPO: each is a `reftkit reft` run that takes ReFT's budget (its
+# section's options, less the critic's when it has none) plus these options, then its own section.
+# reft_sft is ReFT + CHORD's SFT term: mu = 0.1, decayed linearly to 0 (a small pull towards the
+# references that fades, so the end of training is pure RL as in CHORD's schedule).
+RL_METHODS: dict[str, dict[str, Any]] = {
+    "grpo": {"advantage": "grpo"}, "drgrpo": {"advantage": "drgrpo"}, "rloo": {"advantage": "rloo"},
+    "reft_sft": {"sft_coef": 0.1, "sft_coef_schedule": "linear"},
+}
+CRITIC_OPTIONS = ("vf_coef", "value_clip_range", "value_head_lr", "gamma", "lam", "whiten_advantages")
 # Stage sections of `reftkit reproduce` and the config each one validates into.
 STAGES: dict[str, type[_Config]] = {
     "warmup": SFTConfig, "sft": SFTConfig, "train_samples": SampleConfig, "offline_st": OfflineSTConfig,
     "online_st": OnlineSTConfig, "reft": ReFTConfig, "reranker": RerankerConfig, "eval": SampleConfig,
+    **dict.fromkeys(RL_METHODS, ReFTConfig),
 }
 DEMO_LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}  # synthetic prompts < 60 tokens, responses < 50
 # The demo's settings per stage, shared by `reftkit demo` and `reftkit reproduce --demo`; a demo
@@ -348,6 +357,10 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
     reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options")
     reranker: dict[str, Any] = Field(default_factory=dict, description="`reftkit train-reranker` options")
     eval: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options on the test set (num_samples = k)")
+    grpo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of GRPO, over ReFT's budget (the reft section less the critic's options) and advantage: grpo")
+    drgrpo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of Dr. GRPO, over ReFT's budget and advantage: drgrpo")
+    rloo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of RLOO, over ReFT's budget and advantage: rloo")
+    reft_sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of ReFT + SFT term, over the reft section and sft_coef 0.1 decayed linearly")
 
     @model_validator(mode="after")
     def _stages_valid(self):
@@ -368,7 +381,12 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
         if self.demo:
             shared |= {"model": "tiny", "data_format": "reft"}
             shared |= {k: v for k, v in DEMO_LENGTHS.items() if k not in self.model_fields_set}
-        defaults = DEMO_STAGES.get(name, {}) if self.demo else {}
-        values = {**only_fields(shared, config), "output_dir": self.output_dir / name, **defaults, **getattr(self, name),
-                  **fixed}
+        base = "reft" if name in RL_METHODS else name  # the RL family starts from ReFT's options
+        options = {**(DEMO_STAGES.get(base, {}) if self.demo else {}), **(self.reft if base == "reft" else {})}
+        if name in RL_METHODS:
+            if "advantage" in RL_METHODS[name]:  # no critic: the value head's options do not apply
+                options = {k: v for k, v in options.items() if k not in CRITIC_OPTIONS}
+            options |= RL_METHODS[name]
+        values = {**only_fields(shared, config), "output_dir": self.output_dir / name, **options,
+                  **getattr(self, name), **fixed}
         return stage_config(name, values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 STRATEGIES = {"top1": "top-1 (greedy)", "vote": "vote@{k}", "rerank": "rerank@{k}", "pass": "pass@{k}"}
@@ -11,14 +12,49 @@ CURVES = {"loss": "training loss", "reward": "reward (ReFT)", "train_accuracy": 
 
 
 def results_table(results: dict[str, dict], k: int) -> str:
-    """Markdown: one row per method, accuracy per inference strategy, and training time."""
+    """Markdown: one row per method, accuracy per inference strategy, training time, tokens the
+    method sampled in training, and (when given) its greedy answers paired against ReFT's."""
     heads = [h.format(k=k) for h in STRATEGIES.values()]
-    lines = ["| method | " + " | ".join(heads) + " | train time (s) |", "|---" * (len(heads) + 2) + "|"]
+    extra = ["train time (s)", "sampled tokens", "vs ReFT: only it / only ReFT right, McNemar p"]
+    lines = ["| method | " + " | ".join(heads + extra) + " |", "|---" * (len(heads) + len(extra) + 1) + "|"]
     for method, r in results.items():
         cells = [f"{r[s]:.1%}" if r.get(s) is not None else "-" for s in STRATEGIES]
-        seconds = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds} |")
+        cells.append(f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-")
+        cells.append(f"{r['sampled_tokens']:,}" if r.get("sampled_tokens") is not None else "-")
+        paired = r.get("vs_reft")
+        cells.append(f"{paired[0]} / {paired[1]}, p = {paired[2]:.2f}" if paired else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: under "no difference" each discordant question is a fair coin."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """predictions.jsonl rows by question id."""
+    with open(path) as f:
+        return {row["id"]: row for row in map(json.loads, f)}
+
+
+def paired_counts(a: dict[str, dict], b: dict[str, dict]) -> tuple[int, int, int, float]:
+    """(only a right, only b right, both right, McNemar p) over the same questions."""
+    if a.keys() != b.keys():
+        raise ValueError("paired comparison needs the same questions on both sides")
+    only_a = sum(a[i]["correct"] and not b[i]["correct"] for i in a)
+    only_b = sum(b[i]["correct"] and not a[i]["correct"] for i in a)
+    both = sum(a[i]["correct"] and b[i]["correct"] for i in a)
+    return only_a, only_b, both, mcnemar_p(only_a, only_b)
+
+
+def sampled_tokens(run_dir: Path) -> int | None:
+    """Response tokens an RL run sampled in training, all processes (the sum of its rollout
+    batches' `sampled_tokens`); None for methods that log no rollouts."""
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "sampled_tokens" in r]
+    return sum(r["sampled_tokens"] for r in rows) if rows else None
 
 
 def read_metrics(path: Path) -> list[dict]:

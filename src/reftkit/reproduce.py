@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
-from reftkit.report import plot_accuracy, plot_curves, results_table
+from reftkit.config import RL_METHODS, DemoConfig, EvalConfig, ReproduceConfig, only_fields
+from reftkit.report import (
+    paired_counts, plot_accuracy, plot_curves, read_predictions, results_table, sampled_tokens,
+)
 from reftkit.writers import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
 from reftkit.checkpoints import STATE_FILE, latest_checkpoint
@@ -30,7 +32,7 @@ from reftkit.runtime import process_state
 
 log = logging.getLogger("reftkit")
 METHOD_NAMES = {"warmup": "warm-up SFT", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST",
-                "reft": "ReFT"}
+                "reft": "ReFT", "grpo": "GRPO", "drgrpo": "Dr. GRPO", "rloo": "RLOO", "reft_sft": "ReFT + SFT term"}
 STAGE_FILE = "stage.json"  # wall-clock seconds of a finished stage
 
 
@@ -133,7 +135,8 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     samples = sample_stage(cfg, "train_samples", cfg.output_dir / "train_samples", model=str(warm),
                            eval_file=train_file) / "samples.jsonl"
     reranker = train_stage(cfg, "reranker", train_reranker, samples_file=str(samples), **start)
-    trainers = {"sft": train_sft, "offline_st": train_offline_st, "online_st": train_online_st, "reft": train_reft}
+    trainers = {"sft": train_sft, "offline_st": train_offline_st, "online_st": train_online_st, "reft": train_reft,
+                **dict.fromkeys(RL_METHODS, train_reft)}
     models = {"warmup": warm}
     for method in cfg.methods:
         extra = {"samples_file": str(samples)} if method == "offline_st" else {}
@@ -142,7 +145,13 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     results = {}
     for method, model in models.items():
         results[METHOD_NAMES[method]] = eval_stage(cfg, method, model, reranker, test_file) | {
-            "train_seconds": stage_seconds(cfg.output_dir / method)}
+            "train_seconds": stage_seconds(cfg.output_dir / method), "sampled_tokens": sampled_tokens(cfg.output_dir / method)}
+    if "reft" in models:  # each method's greedy answers against ReFT's, question by question
+        reft = read_predictions(greedy_predictions(cfg, "reft"))
+        for method in models:
+            if method != "reft":
+                results[METHOD_NAMES[method]]["vs_reft"] = paired_counts(
+                    read_predictions(greedy_predictions(cfg, method)), reft)
     k = next(iter(results.values()))["k"]
     table = results_table(results, k)
     seconds = {str(p.parent.relative_to(cfg.output_dir)): json.loads(p.read_text())["seconds"]
@@ -156,6 +165,10 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         print(table)
     process_state().wait_for_everyone()
     return results
+
+
+def greedy_predictions(cfg: ReproduceConfig, method: str) -> Path:
+    return cfg.output_dir / "eval" / method / "greedy" / "predictions.jsonl"
 
 
 def stage_seconds(directory: Path) -> float | None:

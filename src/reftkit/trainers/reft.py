@@ -126,7 +126,8 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
                           mask.sum().item(), dropped], device=out.sequences.device)
     stats = accelerator.reduce(stats, "sum")  # totals over all processes
     record = {"reward": (stats[0] / stats[2]).item(), "train_accuracy": (stats[1] / stats[2]).item(),
-              "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item()}
+              "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item(),
+              "sampled_tokens": int(stats[4].item())}
     if cfg.drop_uniform_groups:
         record["dropped_groups"] = int(stats[5].item())
     return batch, record

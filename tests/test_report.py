@@ -1,0 +1,33 @@
+"""The reproduce table's read-outs as pure functions: the paired test and sampled tokens."""
+
+import json
+
+import pytest
+
+from reftkit.report import mcnemar_p, paired_counts, results_table, sampled_tokens
+
+
+def test_mcnemar_exact_hand_computed():
+    assert mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 5 discordant questions all one way: 2 * 0.5^5
+    assert mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(1, 4) == pytest.approx(2 * (1 + 5) / 32)
+    assert mcnemar_p(0, 0) == 1.0
+
+
+def test_paired_counts_and_the_table():
+    a = {"q1": {"correct": True}, "q2": {"correct": True}, "q3": {"correct": False}}
+    b = {"q1": {"correct": True}, "q2": {"correct": False}, "q3": {"correct": False}}
+    assert paired_counts(a, b) == (1, 0, 1, 1.0)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_counts(a, {"q1": {"correct": True}})
+    table = results_table({"GRPO": {"top1": 0.5, "train_seconds": 3.0, "sampled_tokens": 1234,
+                                     "vs_reft": (1, 0, 1, 1.0)}}, k=4)
+    assert "| GRPO | 50.0% | - | - | - | 3 | 1,234 | 1 / 0, p = 1.00 |" in table
+
+
+def test_sampled_tokens_sums_the_rollout_batches(tmp_path):
+    rows = [{"step": 1, "sampled_tokens": 100}, {"step": 2, "sampled_tokens": 50}, {"step": 2, "eval_accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sampled_tokens(tmp_path) == 150
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert sampled_tokens(tmp_path) is None
