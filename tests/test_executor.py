@@ -435,6 +435,14 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
+def _ns_pid(pid: int) -> int | None:
+    """The process's pid in its own (innermost) PID namespace."""
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -465,7 +473,7 @@ def test_close_leaves_no_process():
     results = ex.run([BENIGN, LOOP, "import sympy\ndef solution():\n    return sympy.Integer(2)\n"])
     assert [r.status for r in results] == [OK, TIMEOUT, OK]
     tag = ex._tag
-    assert len(_processes_with(tag)) == 4  # two stdlib workers, two sympy workers
+    assert len(_processes_with(tag)) == 8  # two stdlib workers, two sympy workers, each with its PID 1
     ex.close()
     assert _wait_for(lambda: not _processes_with(tag), 2.0)
     with pytest.raises(RuntimeError):
@@ -489,9 +497,9 @@ def test_worker_death_takes_its_program_along():
         results: list[ExecResult] = []
         runner = threading.Thread(target=lambda: results.extend(ex.run([LOOP])))
         runner.start()
-        assert _wait_for(lambda: len(_processes_with(ex._tag)) == 2)
+        assert _wait_for(lambda: len(_processes_with(ex._tag)) == 3)  # the worker, its PID 1, the program
         zygote = ex._workers[0].proc.pid
-        child = next(p for p in _processes_with(ex._tag) if _ppid(p) == zygote)
+        child = next(p for p in _processes_with(ex._tag) if _ppid(p) == zygote and _ns_pid(p) != 1)
         os.kill(zygote, signal.SIGKILL)
         assert _wait_for(lambda: not _alive(child), 2.0)
         runner.join(timeout=20)

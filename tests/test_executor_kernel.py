@@ -116,6 +116,16 @@ def _fill(source: str, names: dict[str, object]) -> str:
     return source
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _ns_init(worker_pid: int) -> int:
+    """The worker's child that is PID 1 of its PID namespace."""
+    return next(c for c in _children(worker_pid)
+                if Path(f"/proc/{c}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1] == "1")
+
+
 def _limits(pid: int | str) -> str:
     return Path(f"/proc/{pid}/limits").read_text()
 
@@ -145,8 +155,8 @@ def kernel_run(request, tmp_path_factory) -> dict:
         suites = {**{f"main:{n}": s for n, (s, _) in ATTACKS.items()}, **{f"esc:{n}": s for n, (s, _) in ESCAPED.items()}}
         results = ex.run([_fill(s, names) for s in suites.values()] + [BENIGN])
         after = {"workers": {pid: _limits(pid) for pid in worker_limits if Path(f"/proc/{pid}").exists()},
-                 "children": [Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split()
-                              for w in ex._workers],
+                 "children": [_children(w.proc.pid) for w in ex._workers],
+                 "ns_inits": [[_ns_init(w.proc.pid)] for w in ex._workers],
                  "next": ex.run([BENIGN])[0], "layers": ex.layers}
     return {"results": dict(zip(suites, results, strict=False)), "benign": results[-1], "before": before,
             "after": after, "worker_limits": worker_limits, "canary": canary, "created": created,
@@ -175,7 +185,7 @@ def test_kernel_alone_leaves_the_host_unharmed(kernel_run):
     assert _sysvipc() == kernel_run["before"]["ipc"]  # no SysV segment, queue or semaphore set left
     assert _own_limits() == kernel_run["before"]["limits"]  # the runner's own limits
     assert kernel_run["after"]["workers"] == kernel_run["worker_limits"]  # the workers' limits, all still there
-    assert kernel_run["after"]["children"] == [[] for _ in kernel_run["after"]["children"]]  # no process left
+    assert kernel_run["after"]["children"] == kernel_run["after"]["ns_inits"]  # no process left but the PID 1s
     assert kernel_run["benign"] == ExecResult(OK, "7")
     assert kernel_run["after"]["next"] == ExecResult(OK, "7")
     layers = kernel_run["after"]["layers"]
@@ -186,21 +196,23 @@ def test_kernel_alone_leaves_the_host_unharmed(kernel_run):
 
 
 def test_pid_namespace_hides_every_other_process(kernel_run):
-    """On its own (calls seccomp allows): the child is PID 1 and cannot even look up the worker or the runner."""
+    """On its own (calls seccomp allows): a child sees only itself and the namespace's PID 1, and cannot even
+    look up the worker or the runner."""
     with ProgramExecutor(dataclasses.replace(KERNEL_CONFIG, workers=1)) as ex:
         ex.run([BENIGN])
         source = prog(f"""
             import os
             def solution():
-                hidden = []
-                for pid in ({ex._workers[0].proc.pid}, {os.getpid()}):
+                visible = []
+                for pid in [*range(1, 4096), {ex._workers[0].proc.pid}, {os.getpid()}]:
                     try:
                         os.getsid(pid)
+                        visible.append(pid)
                     except ProcessLookupError:
-                        hidden.append(pid)
-                return f"{{os.getpid()}} {{os.getppid()}} {{len(hidden)}}"
+                        pass
+                return f"{{visible == [1, os.getpid()]}} {{os.getppid()}}"
             """)
-        assert ex.run([source])[0] == ExecResult(OK, "1 0 2")
+        assert ex.run([source])[0] == ExecResult(OK, "True 0")
 
 
 def test_worker_namespaces_are_not_the_runners(kernel_run):
@@ -247,6 +259,19 @@ def test_a_broken_worker_is_replaced(caplog):
         assert ex.run([BENIGN])[0].value == "7"
 
 
+def test_a_worker_whose_namespace_lost_its_pid_1_is_replaced(caplog):
+    """If the PID namespace's PID 1 dies (killed from outside), the worker can no longer fork: its health
+    check fails and the pool replaces it."""
+    with ProgramExecutor(dataclasses.replace(CONFIG, workers=1)) as ex:
+        assert ex.run([BENIGN])[0].value == "7"
+        worker = ex._workers[0].proc.pid
+        os.kill(_ns_init(worker), 9)
+        with caplog.at_level("WARNING", logger="reftkit.executor"):
+            assert ex.run([BENIGN] * 2) == [ExecResult(OK, "7")] * 2
+        assert "known-good program failed" in caplog.text
+        assert [w.proc.pid for w in ex._workers] != [worker]
+
+
 # --------------------------------------------------------------------------------------------- fallbacks
 
 FALLBACK_SCRIPT = r"""
@@ -254,14 +279,9 @@ import json, os, sys, tempfile
 from reftkit.executor import kernel
 from reftkit.executor.config import ExecutorConfig
 from reftkit.executor.worker import Zygote
-real_fork = kernel.fork
 def no_namespaces(*args):
     raise OSError(1, "simulated: no user namespaces here")
-def fork(raw=True, new_pid_namespace=False):
-    if new_pid_namespace:
-        no_namespaces()
-    return real_fork(raw)
-kernel.unshare_namespaces, kernel.fork = no_namespaces, fork
+kernel.unshare_namespaces = kernel.unshare_pid_namespace = no_namespaces
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 zygote = Zygote(ExecutorConfig(timeout_s=2.0, python_layers=False), ["math"], scratch)
 sources = [s.replace("WORKER_PID", str(os.getpid())) for s in json.loads(sys.argv[1])]
@@ -270,7 +290,7 @@ print(json.dumps({"layers": zygote.layers, "results": zygote.run_chunk(sources)}
 
 
 def test_without_namespaces_seccomp_still_holds():
-    """A container without user namespaces (simulated: unshare and clone(CLONE_NEWPID) fail): the layers are
+    """A container without user namespaces (simulated: every unshare fails): the layers are
     reported off with a reason, programs still run, the worker is visible to the child but out of reach."""
     sources = [BENIGN, ESCAPED["prlimit_worker"][0], ESCAPED["kill_worker"][0], ESCAPED["shmget"][0],
                "import os\ndef solution():\n    return os.getsid(WORKER_PID) > 0\n"]

@@ -31,14 +31,6 @@ if _libc is not None:  # typed once here: calls in the children then stay on cty
     _syscall2.restype = ctypes.c_long
 # PyDLL keeps the GIL across the call: a fork() through it leaves the child with a consistent interpreter.
 _pylibc = ctypes.PyDLL(None, use_errno=True) if IS_LINUX else None
-_pyclone = ctypes.PyDLL(None, use_errno=True).syscall if IS_LINUX else None
-if _pyclone is not None:
-    _pyclone.argtypes = [ctypes.c_long] * 6
-    _pyclone.restype = ctypes.c_long
-    _libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    _libc.signal.restype = ctypes.c_void_p
-    _EXIT_ADDRESS = ctypes.cast(_libc["_exit"], ctypes.c_void_p)
-_SIG_ERR = ctypes.c_void_p(-1).value
 
 PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
@@ -49,8 +41,6 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-_SIGCHLD = 17  # x86_64 and aarch64
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
 
 
 def _fail(what: str) -> OSError:
@@ -78,23 +68,12 @@ def _syscall(nr: int, *args: int | ctypes.c_void_p | None) -> int:
     return ret
 
 
-def fork(raw: bool = True, new_pid_namespace: bool = False) -> int:
+def fork(raw: bool = True) -> int:
     """fork(2), by default without CPython's at-fork bookkeeping (about 100 page faults cheaper per child).
 
     Only for a caller with no other Python thread, whose child never starts threads and leaves with
-    os._exit (the worker checks the first); os.fork otherwise, and off Linux. With new_pid_namespace, a raw
-    clone(CLONE_NEWPID): the child is PID 1 of a namespace of its own, where no other process exists to be
-    signalled, traced or have its limits changed (needs CAP_SYS_ADMIN in the caller's user namespace).
-    The child's getppid() is then 0; glibc's cached thread id in the child is the parent's (it only
-    matters to pthread calls aimed at a thread, which the child never makes).
+    os._exit (the worker checks the first); os.fork otherwise, and off Linux.
     """
-    if new_pid_namespace:
-        if _pyclone is None or ARCH is None:
-            raise OSError(0, "clone(CLONE_NEWPID): Linux x86_64/aarch64 only")
-        pid = _pyclone(_SYS_CLONE[ARCH], CLONE_NEWPID | _SIGCHLD, 0, 0, 0, 0)
-        if pid < 0:
-            raise _fail("clone(CLONE_NEWPID)")
-        return pid
     if _pylibc is None or not raw:
         return os.fork()
     pid = _pylibc.fork()
@@ -103,13 +82,13 @@ def fork(raw: bool = True, new_pid_namespace: bool = False) -> int:
     return pid
 
 
-def exit_on_signal(signum: int) -> None:
-    """Makes `signum` end the calling process at once with exit code `signum` (libc's _exit as the C
-    handler). Needed for timer signals in a child that is PID 1 of its namespace: the kernel drops signals
-    whose action is the default there, so SIGALRM would never end it."""
-    _need_linux("signal")
-    if _libc.signal(signum, _EXIT_ADDRESS) == _SIG_ERR:
-        raise _fail(f"signal({signum})")
+def unshare_pid_namespace() -> None:
+    """The calling process's next children go into a new PID namespace, whose PID 1 is the first of them
+    (needs CAP_SYS_ADMIN in the caller's user namespace). The caller itself stays where it is, so none of
+    those children can see it; if that PID 1 ends, later forks fail (ENOMEM)."""
+    _need_linux("unshare")
+    if _libc.unshare(CLONE_NEWPID) != 0:
+        raise _fail("unshare(CLONE_NEWPID)")
 
 
 def unshare_namespaces() -> tuple[str, str]:

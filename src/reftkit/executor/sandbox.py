@@ -44,11 +44,6 @@ from reftkit.executor.policy import (
 EXIT_MEMORY = 117  # the child ran out of memory where no result could be written
 EXIT_INTERNAL = 118  # the child failed outside the program (e.g. its result pipe was closed)
 EXIT_ORPHAN = 119  # the worker died before the child was set up
-# The CPU limit's signal and a shared child's timers end the child with their signal's number as exit code
-# (kernel.exit_on_signal): as PID 1 of its namespace it would ignore them with their default action.
-EXIT_CPU_LIMIT = int(getattr(signal, "SIGXCPU", 24))
-EXIT_WALL_TIMER = int(signal.SIGALRM)
-EXIT_CPU_TIMER = int(signal.SIGPROF)
 RESULT_FD = 3
 LANDLOCK_FD = 4
 RETIRE_PAYLOAD = b""  # a shared child stops early on purpose: the programs it did not run go to a new child
@@ -112,8 +107,8 @@ def _drop_privileges(ctx: ChildContext) -> None:
 
 def _set_parent_death_signal(ctx: ChildContext) -> None:
     # After the uid change, which clears it. If the worker is already gone, nobody will kill us: leave.
-    # In a PID namespace of its own the child's getppid() is 0: the result pipe tells instead (POLLERR on
-    # the write end once the worker, its only reader, is gone).
+    # In the worker's PID namespace the child's getppid() is 0 (the worker is outside it): the result pipe
+    # tells instead (POLLERR on the write end once the worker, its only reader, is gone).
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if "pid_namespace" in ctx.enabled:
         orphan = any(events & select.POLLERR for _, events in _RESULT_PIPE_POLL.poll(0))
@@ -121,13 +116,6 @@ def _set_parent_death_signal(ctx: ChildContext) -> None:
         orphan = os.getppid() != ctx.worker_pid
     if orphan:
         os._exit(EXIT_ORPHAN)
-
-
-def _limit_signals_exit(ctx: ChildContext) -> None:
-    kernel.exit_on_signal(EXIT_CPU_LIMIT)
-    if ctx.shared:
-        kernel.exit_on_signal(EXIT_WALL_TIMER)
-        kernel.exit_on_signal(EXIT_CPU_TIMER)
 
 
 def _apply_landlock(_ctx: ChildContext) -> None:
@@ -144,7 +132,6 @@ def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
     steps += [
         ("privileges", lambda: _drop_privileges(ctx)),
         ("parent_death_signal", lambda: _set_parent_death_signal(ctx)),
-        ("limit_signals", lambda: _limit_signals_exit(ctx)),
         ("landlock", lambda: _apply_landlock(ctx)),
         ("seccomp", lambda: ctx.seccomp.install()),
     ]
@@ -435,6 +422,27 @@ def _should_retire(ctx: ChildContext, result: dict, peak_kb: int) -> bool:
         return True
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kb
     return grown_kb > ctx.config.memory_mb * 256
+
+
+def namespace_init(ctx: ChildContext) -> NoReturn:
+    """PID 1 of the worker's PID namespace: forked first, it keeps the namespace alive so that every
+    program's child is created in it (and sees no process but itself and this one). It holds no descriptor
+    of the worker's, applies the same layers as a program's child (it runs no program: a failing layer is
+    ignored), reaps any orphan, and dies with the worker (parent-death signal; the namespace and whatever
+    is in it die with it)."""
+    try:
+        _signal.signal(_SIGTERM, _signal.SIG_DFL)
+        _signal.signal(int(signal.SIGCHLD), lambda *_: None)  # wakes the pause below
+        _setup_fds(ctx, os.dup(ctx.devnull_fd))
+        harden(ctx, probe=True)
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                _signal.pause()
+    except BaseException:  # noqa: BLE001, S110 -- nothing to report to; the worker's health check notices
+        pass
+    os._exit(EXIT_INTERNAL)
 
 
 def probe_main(ctx: ChildContext, result_fd: int) -> NoReturn:

@@ -30,16 +30,14 @@ from reftkit.executor import kernel
 from reftkit.executor.config import ExecutorConfig, Status
 from reftkit.executor.policy import AuditPolicy, Importer, safe_builtins
 from reftkit.executor.sandbox import (
-    EXIT_CPU_LIMIT,
-    EXIT_CPU_TIMER,
     EXIT_INTERNAL,
     EXIT_MEMORY,
     EXIT_ORPHAN,
-    EXIT_WALL_TIMER,
     RETIRE_PAYLOAD,
     ChildContext,
     child_main,
     decode_result,
+    namespace_init,
     prepare,
     prepare_steps,
     probe_main,
@@ -50,7 +48,7 @@ from reftkit.executor.sandbox import (
 _ALWAYS_PRELOAD = ("fractions", "decimal", "numbers", "json")
 _LAZY_COMPANIONS = {"datetime": ("_strptime",)}
 # Optional kernel layers in the order a child applies them (the probe suspects the latest first).
-_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "limit_signals", "landlock", "seccomp")
+_PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "landlock", "seccomp")
 # Details of results the worker or the sandbox produced, not the program: after one, the worker checks
 # itself with a known-good program and leaves if that fails too (the pool replaces it).
 _INTERNAL_DETAILS = ("executor internal error", "no result (the sandbox failed)", "sandbox setup failed")
@@ -110,24 +108,25 @@ class Zygote:
             self.layers["ipc_namespace"] = f"off: {why}; SysV and POSIX message-queue calls are refused by seccomp"
 
     def _prepare_pid_namespace(self) -> None:
-        """A PID namespace per child (clone(CLONE_NEWPID)), where a first child shows that it works."""
+        """A PID namespace for the children: unshare(CLONE_NEWPID), then a first child that stays as its PID 1
+        (sandbox.namespace_init). Every program's child is then created in it: it sees itself and that
+        PID 1, never the worker, the trainer or anything else on the host."""
+        self.ns_init_pid: int | None = None
         if not self._raw_fork:
             self.layers["pid_namespace"] = "off: the worker is not single-threaded"
             return
         try:
-            pid = kernel.fork(new_pid_namespace=True)
+            kernel.unshare_pid_namespace()
         except OSError as exc:
             self.layers["pid_namespace"] = (f"off: {exc.strerror or exc}; other processes are out of reach through "
-                                            "seccomp (kill, ptrace, prlimit64 on a pid) and the uid")
+                                            "seccomp (kill, ptrace, prlimit64 on a pid) instead")
             return
+        self.ctx.enabled.add("pid_namespace")  # before the fork: the orphan check must know
+        pid = kernel.fork(self._raw_fork)  # an OSError here fails the worker's start: nothing would work
         if pid == 0:  # pragma: no cover -- child
-            os._exit(0 if os.getpid() == 1 else 1)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            self.ctx.enabled.add("pid_namespace")
-            self.layers["pid_namespace"] = "on: every child is PID 1 of a namespace of its own"
-        else:
-            self.layers["pid_namespace"] = f"off: the test child ended with status {status}"
+            namespace_init(self.ctx)
+        self.ns_init_pid = pid
+        self.layers["pid_namespace"] = f"on: children see only themselves and the namespace's PID 1 (pid {pid} here)"
 
     def _preload(self, preload: list[str]) -> tuple[str, ...]:
         """Imports modules; returns the directories children may read: the standard library and where the
@@ -179,7 +178,6 @@ class Zygote:
         self._prepare_privileges()
         if kernel.IS_LINUX:
             ctx.enabled.add("parent_death_signal")
-            ctx.enabled.add("limit_signals")
             try:
                 kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
                 self.layers["stray_reaper"] = "on: worker is a child subreaper"
@@ -208,7 +206,7 @@ class Zygote:
             "rlimit_fsize": ("RLIMIT_FSIZE", 0, 0),  # no file writes even if everything else failed
             "rlimit_nofile": ("RLIMIT_NOFILE", 16, 16),
             "rlimit_nproc": ("RLIMIT_NPROC", 0, 0),  # no fork/threads once uid or capabilities are dropped
-            "rlimit_cpu": ("RLIMIT_CPU", cpu, cpu + 1),  # SIGXCPU (limit_signals), then SIGKILL
+            "rlimit_cpu": ("RLIMIT_CPU", cpu, cpu + 1),
         }
         base = _address_space_bytes()
         if base is not None:
@@ -383,7 +381,7 @@ class Zygote:
         if random is not None:
             random.seed()  # here, not in the child: children must not share a random stream (os.fork would reseed)
         try:
-            pid = kernel.fork(self._raw_fork, "pid_namespace" in self.ctx.enabled)
+            pid = kernel.fork(self._raw_fork)
         except OSError:
             os.close(read_fd)
             os.close(write_fd)
@@ -399,7 +397,7 @@ class Zygote:
             os.close(read_fd)
         _, status, usage = os.wait4(pid, 0)
         _current_child[0] = None
-        _reap_strays(self._children_fd)
+        _reap_strays(self._children_fd, self.ns_init_pid)
         return {"data": data, "why": why, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
 
     def serve(self) -> None:
@@ -529,7 +527,7 @@ def _kill(pid: int) -> None:
             pass
 
 
-def _reap_strays(children_fd: int | None) -> None:
+def _reap_strays(children_fd: int | None, keep: int | None) -> None:
     """Kills and reaps any process the child left behind: the worker is their subreaper, so orphans land
     here. Only reachable if fork was possible despite RLIMIT_NPROC, seccomp and the audit hook."""
     try:
@@ -537,7 +535,8 @@ def _reap_strays(children_fd: int | None) -> None:
     except OSError:
         strays = []
     for pid in strays:
-        _kill(pid)
+        if pid != keep:  # the PID namespace's PID 1 is the worker's child too, and must live
+            _kill(pid)
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -573,8 +572,6 @@ def _ending(reply: dict, config: ExecutorConfig, ctx: ChildContext) -> dict | No
     code = os.WEXITSTATUS(status)
     if code == EXIT_MEMORY:
         return _res(Status.MEMORY, "MemoryError")
-    if code == EXIT_CPU_LIMIT or (ctx.shared and code in (EXIT_WALL_TIMER, EXIT_CPU_TIMER)):  # limit_signals
-        return _signalled(code, False, config)
     if code != 0:
         why = {EXIT_INTERNAL: "the sandbox failed", EXIT_ORPHAN: "the worker died"}.get(code, f"exit code {code}")
         return _res(Status.ERROR, f"no result ({why})")
