@@ -58,6 +58,29 @@ digest = hashlib.sha256()
 for name, tensor in sorted(policies[-1].state_dict().items()):
     digest.update(name.encode())
     digest.update(tensor.detach().cpu().to(torch.float32).numpy().tobytes())
+# GRPO with dropped uniform groups: each process keeps a different number of rows, padded with
+# empty rows to the same count, so both run the same minibatches and end with the same weights.
+grpo_cfg = ReFTConfig(model=str(warm), output_dir=out / "grpo", epochs=1, batch_size=4, num_samples=2,
+                      mini_batch_size=2, lr=1e-4, progress=False, seed=5, advantage="grpo", drop_uniform_groups=True,
+                      **LENGTHS)
+kept_rows = []  # rows this process kept per rollout (the rest of its minibatch rows are padding)
+real_keep = reft_module._keep_rows
+
+
+def recording_keep(accelerator, batch, keep):
+    kept_rows.append(int(keep.sum()))
+    return real_keep(accelerator, batch, keep)
+
+
+reft_module._keep_rows = recording_keep
+policies.clear()
+reft_module.train_reft(grpo_cfg, train[:16])
+grpo_digest = hashlib.sha256()
+for name, tensor in sorted(policies[-1].state_dict().items()):
+    grpo_digest.update(name.encode())
+    grpo_digest.update(tensor.detach().cpu().to(torch.float32).numpy().tobytes())
+dropped = [json.loads(line).get("dropped_groups") for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+
 # A second fresh run in the same directory is refused on every process (none is left waiting).
 try:
     reft_module.train_reft(cfg, train[:16])
@@ -66,4 +89,5 @@ except RunError as e:
     refused = str(e)
 (out / f"rank{state.process_index}.json").write_text(json.dumps(
     {"world": state.num_processes, "whitened": whitened, "weights_sha256": digest.hexdigest(),
-     "final": str(final), "refused": refused}))
+     "final": str(final), "refused": refused, "grpo_sha256": grpo_digest.hexdigest(), "dropped": dropped,
+     "kept_rows": kept_rows}))

@@ -36,6 +36,12 @@ def test_two_process_reft(tmp_path):
         local_offsets.append(abs(s0 / n0))
     assert max(local_offsets) > 1e-3  # local whitening would make every one of these 0
 
+    # GRPO with dropped groups: the k samples of a question stay on one process (group statistics
+    # are exact), and processes with different numbers of kept rows still end identical.
+    assert ranks[0]["grpo_sha256"] == ranks[1]["grpo_sha256"]
+    assert ranks[0]["dropped"] == ranks[1]["dropped"] and all(d is not None for d in ranks[0]["dropped"])
+    assert ranks[0]["kept_rows"] != ranks[1]["kept_rows"]  # the padding path ran (seed 5 gives uneven groups)
+
     # Reusing the run's directory is refused with the same message on both processes.
     assert ranks[0]["refused"] == ranks[1]["refused"] and "not empty" in ranks[0]["refused"]
 
