@@ -4,8 +4,8 @@ turn), then one length-prefixed result frame per program on a pipe.
 Order matters. Descriptors and the session come first (nothing of the worker's may leak), then resource
 limits, then privileges are dropped, then the irreversible kernel filters (Landlock, seccomp), and only
 then is the program run, with the audit hook installed last so that the hardening itself is not subject
-to it. What a child inherits is set once in the worker: the network namespace, no_new_privs, the working
-directory; the worker also parses, checks and compiles the text before forking (see prepare()). Any
+to it. What a child inherits is set once in the worker: the network, IPC and PID namespaces, no_new_privs,
+the working directory; the worker also parses, checks and compiles the text before forking (see prepare()). Any
 enabled layer that fails makes the child refuse to run the program (fail closed).
 """
 

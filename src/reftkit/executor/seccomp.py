@@ -18,7 +18,8 @@ Everything else is allowed: a deny list keeps CPython and its extension modules 
 of every call they make (an allow list would kill a program the first time a library needs a new one).
 The list was audited against "what could a program with native code execution reach outside its own
 child through this call"; what stays allowed acts on the caller only (memory, its own descriptors, time,
-its own signals and limits), and the PID namespace of each child leaves no other process to name.
+its own signals and limits), and the worker's PID namespace leaves no other process to name but an idle
+PID 1 that the kernel protects from signals sent inside the namespace.
 """
 
 from __future__ import annotations
