@@ -500,8 +500,9 @@ def test_worker_death_takes_its_program_along():
         assert _wait_for(lambda: len(_processes_with(ex._tag)) == 3)  # the worker, its PID 1, the program
         zygote = ex._workers[0].proc.pid
         child = next(p for p in _processes_with(ex._tag) if _ppid(p) == zygote and _ns_pid(p) != 1)
+        ns_init = next(p for p in _processes_with(ex._tag) if _ppid(p) == zygote and _ns_pid(p) == 1)
         os.kill(zygote, signal.SIGKILL)
-        assert _wait_for(lambda: not _alive(child), 2.0)
+        assert _wait_for(lambda: not _alive(child) and not _alive(ns_init), 2.0)  # the namespace's PID 1 too
         runner.join(timeout=20)
         assert [r.status for r in results] == [TIMEOUT]  # rerun on a fresh worker, then timed out there
 

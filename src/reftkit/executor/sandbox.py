@@ -107,11 +107,12 @@ def _drop_privileges(ctx: ChildContext) -> None:
 
 def _set_parent_death_signal(ctx: ChildContext) -> None:
     # After the uid change, which clears it. If the worker is already gone, nobody will kill us: leave.
-    # In the worker's PID namespace the child's getppid() is 0 (the worker is outside it): the result pipe
-    # tells instead (POLLERR on the write end once the worker, its only reader, is gone).
+    # In the worker's PID namespace the child's getppid() is 0 (the worker is outside it): the pipe on fd 3
+    # tells instead (POLLERR on a write end once the worker, its only reader, is gone; POLLHUP on a read
+    # end once the worker, its only writer, is gone).
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if "pid_namespace" in ctx.enabled:
-        orphan = any(events & select.POLLERR for _, events in _RESULT_PIPE_POLL.poll(0))
+        orphan = any(events & (select.POLLERR | select.POLLHUP) for _, events in _RESULT_PIPE_POLL.poll(0))
     else:
         orphan = os.getppid() != ctx.worker_pid
     if orphan:
@@ -424,16 +425,17 @@ def _should_retire(ctx: ChildContext, result: dict, peak_kb: int) -> bool:
     return grown_kb > ctx.config.memory_mb * 256
 
 
-def namespace_init(ctx: ChildContext) -> NoReturn:
+def namespace_init(ctx: ChildContext, worker_alive_fd: int) -> NoReturn:
     """PID 1 of the worker's PID namespace: forked first, it keeps the namespace alive so that every
     program's child is created in it (and sees no process but itself and this one). It holds no descriptor
     of the worker's, applies the same layers as a program's child (it runs no program: a failing layer is
     ignored), reaps any orphan, and dies with the worker (parent-death signal; the namespace and whatever
-    is in it die with it)."""
+    is in it die with it; `worker_alive_fd` is the read end of a pipe only the worker writes to, which
+    closes the race of a worker dying before the parent-death signal is set)."""
     try:
         _signal.signal(_SIGTERM, _signal.SIG_DFL)
         _signal.signal(int(signal.SIGCHLD), lambda *_: None)  # wakes the pause below
-        _setup_fds(ctx, os.dup(ctx.devnull_fd))
+        _setup_fds(ctx, worker_alive_fd)
         harden(ctx, probe=True)
         while True:
             try:

@@ -122,9 +122,11 @@ class Zygote:
                                             "seccomp (kill, ptrace, prlimit64 on a pid) instead")
             return
         self.ctx.enabled.add("pid_namespace")  # before the fork: the orphan check must know
+        alive_r, self._alive_w = os.pipe()  # the write end stays open in the worker, unused, until it dies
         pid = kernel.fork(self._raw_fork)  # an OSError here fails the worker's start: nothing would work
         if pid == 0:  # pragma: no cover -- child
-            namespace_init(self.ctx)
+            namespace_init(self.ctx, alive_r)
+        os.close(alive_r)
         self.ns_init_pid = pid
         self.layers["pid_namespace"] = f"on: children see only themselves and the namespace's PID 1 (pid {pid} here)"
 
