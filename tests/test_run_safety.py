@@ -137,6 +137,16 @@ def test_fsdp_or_deepspeed_without_a_gpu_is_refused_not_run_as_ddp(monkeypatch, 
         make_accelerator(SFTConfig())
 
 
+def test_demo_refuses_an_earlier_demos_directory(tmp_path, monkeypatch):
+    from reftkit import demo
+    from reftkit.config import DemoConfig
+
+    (tmp_path / "results.json").write_text("{}")
+    monkeypatch.setattr(demo, "make_splits", lambda *a: pytest.fail("worked before the check"))
+    with pytest.raises(RunError, match="not empty: rerun the demo with --overwrite_output_dir"):
+        demo.run_demo(DemoConfig(output_dir=tmp_path, progress=False))
+
+
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

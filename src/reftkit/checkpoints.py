@@ -135,23 +135,32 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
     names the run to resume (`resume_from` then loads its checkpoint). Only the main process writes."""
     out = Path(cfg.output_dir)
     reset_truncation_counts()  # this run's summary counts its own cuts (a pipeline runs several in one process)
-    problem = [None]
-    if accelerator.is_main_process:
-        try:
-            check_output_dir(cfg)
-        except RunError as e:
-            problem = [str(e)]
-        if problem[0] is None and not cfg.resume:
+
+    def claim() -> None:
+        check_output_dir(cfg)
+        if not cfg.resume:
             removed = _remove_run_outputs(out)
             if removed:
                 log.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), out)
             write_json(out / RUN_FILE, {"run_id": uuid.uuid4().hex, "command": command, "started": time.time(),
                                         "config": cfg.model_dump(mode="json")})
-    broadcast_object_list(problem)  # every process stops with the main one's message, none is left waiting
+
+    on_main_process(accelerator.is_main_process, claim)
+    return Run(_run_id(out) or "", Progress(), None)
+
+
+def on_main_process(is_main: bool, check) -> None:
+    """Runs `check` on the main process only; a RunError it raises is raised on every process (the
+    message broadcast), so no process is left waiting for one that stopped."""
+    problem = [None]
+    if is_main:
+        try:
+            check()
+        except RunError as e:
+            problem = [str(e)]
+    broadcast_object_list(problem)
     if problem[0] is not None:
         raise RunError(problem[0])
-    accelerator.wait_for_everyone()
-    return Run(_run_id(out) or "", Progress(), None)
 
 
 def _run_id(out: Path) -> str | None:

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.checkpoints import RunError, check_writable
+from reftkit.checkpoints import RunError, check_writable, on_main_process
 from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
@@ -27,11 +27,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from reftkit.config import EvalConfig
 
     out = Path(cfg.output_dir)
-    if process_state().is_main_process:
+
+    def check() -> None:
         check_writable(out)
         if any(out.iterdir()) and not cfg.overwrite_output_dir:
             raise RunError(f"output_dir {out} is not empty: rerun the demo with --overwrite_output_dir to replace "
                            "its runs, or choose another --output_dir")
+
+    on_main_process(process_state().is_main_process, check)
     train, test = make_splits(cfg.n_train, cfg.n_test, cfg.seed, cfg.one_line_fraction, cfg.cot)
     stages = cfg.stage_configs()
     test_file = Path(cfg.output_dir) / "test.jsonl"
