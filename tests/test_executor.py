@@ -378,6 +378,16 @@ def test_killed_workers_are_replaced(executor):
     assert [r.value for r in executor.run([BENIGN] * 5)] == ["7"] * 5
 
 
+def test_numpy_blas_runs_single_threaded():
+    """A BLAS call that would start threads (a 300x300 product) runs in the child's one thread: the workers'
+    environment asks BLAS libraries for one thread, since seccomp kills thread creation."""
+    pytest.importorskip("numpy")
+    config = ExecutorConfig(workers=1, timeout_s=5.0, allowed_imports=(*DEFAULT_ALLOWED_IMPORTS, "numpy"))
+    source = "import numpy as np\ndef solution():\n    a = np.ones((300, 300))\n    return float(np.dot(a, a).sum())\n"
+    with ProgramExecutor(config) as ex:
+        assert ex.run([source])[0] == ExecResult(OK, "27000000.0")
+
+
 def test_threads_share_an_executor(executor):
     out: dict[int, list[str | None]] = {}
 

@@ -66,7 +66,9 @@ class _Worker:
         self.config = config
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         paths = [package_root] + [p for p in sys.path if p and os.path.isdir(p)]
-        env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch}
+        env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
+               # children cannot start threads (seccomp kills clone): BLAS libraries must not try
+               **{f"{lib}_NUM_THREADS": "1" for lib in ("OPENBLAS", "OMP", "MKL", "NUMEXPR", "VECLIB_MAXIMUM")}}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-B", "-c", _BOOT, "reftkit-executor", tag, *paths],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
