@@ -147,6 +147,14 @@ def test_demo_refuses_an_earlier_demos_directory(tmp_path, monkeypatch):
         demo.run_demo(DemoConfig(output_dir=tmp_path, progress=False))
 
 
+def test_reproduce_refuses_a_section_of_a_method_it_does_not_run():
+    from reftkit.config import ReproduceConfig
+
+    with pytest.raises(ValidationError, match="section 'online_st' is given but online_st is not in methods"):
+        ReproduceConfig(demo=True, methods=["sft", "reft"], online_st={"lr": 1e-3})
+    assert ReproduceConfig(demo=True, methods=["grpo"], reft={"lr": 1e-4}).stage("grpo").lr == 1e-4  # RL budget
+
+
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

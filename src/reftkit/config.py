@@ -10,6 +10,7 @@ where it gives a value.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -368,8 +369,12 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
             raise ValueError("demo makes its own data and model: drop model, train_file and eval_file")
         if not self.demo and (self.train_file is None or self.eval_file is None):
             raise ValueError("set train_file and eval_file (the test set), or demo: true")
-        for name in STAGES:
+        for name in ("warmup", "train_samples", "reranker", "eval", *self.methods):
             self.stage(name)  # an unknown or ill-typed stage option fails here, before any training
+        used = set(self.methods) | ({"reft"} if set(RL_METHODS) & set(self.methods) else set())  # RL family: reft's budget
+        unused = sorted(name for name in typing.get_args(MethodName) if getattr(self, name) and name not in used)
+        if unused:
+            raise ValueError(f"section {unused[0]!r} is given but {unused[0]} is not in methods")
         return self
 
     def stage(self, name: str, **fixed: Any) -> _Config:
