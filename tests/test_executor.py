@@ -542,10 +542,12 @@ from reftkit.executor.worker import Zygote
 mode, attacks = sys.argv[1], json.loads(sys.argv[2])
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 shared = mode == "shared"
+restricted = mode == "restricted"  # the static check has fallen; restricted builtins and the hook have not
 config = ExecutorConfig(timeout_s=5.0 if shared else 2.0, cpu_s=1.0 if shared else None,
                         programs_per_child=4 if shared else 1, python_layers=not shared)
 zygote = Zygote(config, ["math"], scratch)
-zygote.ctx.builtins = dict(vars(builtins))  # as if the program had escaped the restricted builtins
+if not restricted:
+    zygote.ctx.builtins = dict(vars(builtins))  # as if the program had escaped the restricted builtins
 out = {"layers": zygote.layers}
 for name, source in attacks.items():
     sources = [source] if isinstance(source, str) else source
@@ -610,6 +612,15 @@ AUDIT_ATTACKS = {
 }
 
 
+IMPORTER = "(lambda: 0).__globals__['__builtins__']['__import__']"
+IMPORTER_ATTACKS = {  # name -> (program, (status, value, detail)), run with the restricted builtins
+    "os_by_list_fromlist": (f"def solution():\n    return {IMPORTER}('os', None, None, ['path']).getcwd()\n",
+                            ("error", None, "AttributeError: 'NoneType' object has no attribute 'getcwd'")),
+    "ctypes_already_loaded": (f"def solution():\n    return {IMPORTER}('ctypes', None, None, ['CDLL']).CDLL\n",
+                              ("error", None, "AttributeError: 'NoneType' object has no attribute 'CDLL'")),
+    "allowed_module_as_proxy": (f"def solution():\n    return {IMPORTER}('math', None, None, ['sqrt']).sqrt(16)\n",
+                                ("ok", "4.0", "")),
+}
 SEGV = "def solution():\n    return __import__('ctypes').string_at(0)\n"  # a crash, as after an escape
 SILENT_EXIT = "def solution():\n    __import__('os')._exit(0)\n"  # ends the child cleanly, without a result
 SHARED_ATTACKS = {name: ([f"def solution():\n    return {k}\n" for k in range(3)], None) for name in ("segv", "exit", "cpu")}
@@ -639,8 +650,17 @@ def layer_runs(tmp_path_factory) -> dict:
     canary, created = workdir / "canary.txt", workdir / "created"
     canary.write_text("precious")
     runs = {mode: _run_layers(mode, attacks, canary, created)
-            for mode, attacks in (("audit", AUDIT_ATTACKS), ("shared", SHARED_ATTACKS))}
+            for mode, attacks in (("audit", AUDIT_ATTACKS), ("shared", SHARED_ATTACKS),
+                                  ("restricted", IMPORTER_ATTACKS))}
     return {"runs": runs, "canary": canary, "created": created}
+
+
+@pytest.mark.parametrize("name", list(IMPORTER_ATTACKS))
+def test_import_function_hands_out_no_module(layer_runs, name):
+    """Issue 15: the sandbox's __import__, reached through a function's __globals__, returned real modules
+    when called with a list fromlist (its branch for C callers). Now: a proxy of an allowed module, or None."""
+    result = layer_runs["runs"]["restricted"][name]
+    assert (result["s"], result["v"], result["d"]) == IMPORTER_ATTACKS[name][1], result
 
 
 @pytest.mark.parametrize("name", list(AUDIT_ATTACKS))
