@@ -195,6 +195,9 @@ def test_config_changes_accepts_only_the_documented_few():
     assert refused == [] and accepted == ["epochs: 1 -> 2", "eval_file: 'a' -> 'b'"]
     refused, _ = config_changes(saved, {**saved, "kl_coef": 0.1, "lr_schedule": "linear", "epochs": 2})
     assert refused == ["epochs: 1 -> 2", "kl_coef: 0.05 -> 0.1", "lr_schedule: 'constant' -> 'linear'"]
+    # A checkpoint of an older reftkit lacks newer options: not comparable, accepted and listed.
+    refused, accepted = config_changes({**saved, "grad_accum": 1}, {**saved, "nonfinite": "stop"})
+    assert refused == [] and accepted == ["grad_accum: 1 -> '(absent)'", "nonfinite: '(absent)' -> 'stop'"]
 
 
 def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path, splits, tiny_checkpoint):

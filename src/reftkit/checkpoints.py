@@ -183,15 +183,16 @@ def _remove_run_outputs(out: Path) -> list[str]:
 def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """(refused, accepted) differences between a checkpoint's config and the resumed run's, each
     as 'key: old -> new'. `epochs` may change only with a constant rate (a linear schedule's length
-    would change under the optimizer's feet)."""
+    would change under the optimizer's feet). An option only one side has (a checkpoint of an
+    older reftkit) cannot be compared: it is accepted, and listed."""
     refused, accepted = [], []
     for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key), now.get(key)
+        old, new = saved.get(key, "(absent)"), now.get(key, "(absent)")
         if old == new:
             continue
         line = f"{key}: {old!r} -> {new!r}"
-        ok = key in RESUMABLE or (key == "epochs" and now.get("lr_schedule") == "constant"
-                                  and not now.get("warmup_ratio"))
+        ok = key in RESUMABLE or key not in saved or key not in now or (
+            key == "epochs" and now.get("lr_schedule") == "constant" and not now.get("warmup_ratio"))
         (accepted if ok else refused).append(line)
     return refused, accepted
 
