@@ -3,9 +3,9 @@
     python benchmarks/executor_profile.py [--programs 300]
 
 This process turns itself into an executor worker (a Zygote, as pool.py starts one: it moves into a new
-network and IPC namespaces where allowed and becomes a child subreaper), so run it on its own, never import
-it. It times, per child, on the same worker: a bare fork + exit + wait4, the same with a PID namespace of
-the child's own (what the worker does); the worker's own fork-and-collect of
+network, IPC and PID namespaces where allowed and becomes a child subreaper), so run it on its own, never
+import it. It times, per child, on the same worker: a bare fork + exit + wait4; the worker's own
+fork-and-collect of
 an empty child (pipe, pidfd wait, stray reaping); each hardening step as the child applies it; and the
 whole path for real template programs (parse, check, compile, fork, harden, run, answer).
 """
@@ -47,8 +47,8 @@ def main() -> None:
     stdlib = [m for m in config.allowed_imports if m.partition(".")[0] in sys.stdlib_module_names]
     zygote = Zygote(config, stdlib, scratch)  # the "lean" worker: what the template programs run in
 
-    def bare_fork(new_pid_namespace: bool = False) -> None:
-        pid = kernel.fork(zygote._raw_fork, new_pid_namespace)
+    def bare_fork() -> None:
+        pid = kernel.fork(zygote._raw_fork)
         if pid == 0:  # pragma: no cover -- child
             os._exit(0)
         os.wait4(pid, 0)
@@ -66,9 +66,7 @@ def main() -> None:
         os._exit(0)
 
     n = args.programs
-    rows = {"bare fork + exit + wait4": _per_call_ms(bare_fork, n),
-            "bare clone(CLONE_NEWPID) + exit + wait4 (what the worker does)": _per_call_ms(
-                lambda: bare_fork(True), n),
+    rows = {"bare fork + exit + wait4 (into the worker's PID namespace)": _per_call_ms(bare_fork, n),
             "worker fork-and-collect of an empty child": _per_call_ms(
                 lambda: zygote._fork_and_collect(lambda fd: os._exit(0)), n)}
     steps: dict[str, float] = {}
