@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from reftkit.config import RL_METHODS, ReproduceConfig
-from reftkit.report import mcnemar_p, paired_counts, read_predictions
+from reftkit.report import mcnemar_p, paired_counts, read_metrics, read_predictions
 from reftkit.reproduce import METHOD_NAMES, run_reproduce
 
 METHODS = ["sft", "offline_st", "online_st", "reft", *RL_METHODS]
@@ -41,6 +41,11 @@ def run_seed(seed: int, out: Path) -> dict:
 def mean_spread(values: list[float], percent: bool = True) -> str:
     fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:,.0f}")
     return f"{fmt(statistics.mean(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def mean_of(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{statistics.mean(values):.3f}" if values else "-"
 
 
 def pooled_vs_reft(out: Path, seeds: list[int], method: str) -> tuple[int, int, float]:
@@ -88,6 +93,13 @@ def summary(out: Path, per_seed: dict[int, dict], command: str) -> str:
             a, b, p = pooled_vs_reft(out, seeds, method)
             cells.append(f"{a} / {b}, p = {p:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "How each RL method trained (mean over seeds of its last 10 rollout batches; `reftkit.report.read_metrics`):",
+              "", "| method | train accuracy of samples | reward | KL to the warm-up | response tokens |", "|---|---|---|---|---|"]
+    for method in ["online_st", "reft", *RL_METHODS]:
+        rows = [r for s in seeds for r in [r for r in read_metrics(out / f"seed{s}" / method / "metrics.jsonl")
+                                           if "train_accuracy" in r][-10:]]
+        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(
+            mean_of(rows, key) for key in ("train_accuracy", "reward", "kl", "response_tokens")) + " |")
     return "\n".join(lines) + "\n"
 
 
