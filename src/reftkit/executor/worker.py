@@ -151,7 +151,11 @@ class Zygote:
         roots = {os.path.realpath(r) for r in roots if r and os.path.isdir(r)}
         sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) in roots]  # lazy imports look only here
         importlib.invalidate_caches()
-        return tuple(sorted(roots))
+        # The system's shared libraries, read (and mapped) by the dynamic loader when a program's import
+        # loads a C extension the worker had not loaded (zlib's libz.so.1 in a venv whose start-up never
+        # imported zlib): public files, and without them such an import fails under Landlock.
+        libraries = {os.path.realpath(d) for d in _SYSTEM_LIBRARY_DIRS if os.path.isdir(d)}
+        return tuple(sorted(roots | libraries))
 
     def _context(self, scratch: str, roots: tuple[str, ...]) -> ChildContext:
         allowed = frozenset(self.config.allowed_imports)
@@ -399,8 +403,31 @@ class Zygote:
             os.close(read_fd)
         _, status, usage = os.wait4(pid, 0)
         _current_child[0] = None
+        # a SIGKILL the worker did not send (its own: the wall clock, the output cap)
+        killed = why not in ("timeout", "output") and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        namespace_died = self._namespace_init_died(wait_s=0.5 if killed else 0.0)
         reap_strays(self._children_fd, self.ns_init_pid)
+        if namespace_died:  # the kernel killed every process of the namespace: not the program's doing
+            raise WorkerBroken("the PID namespace's PID 1 died (killed from outside)")
         return {"data": data, "why": why, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
+
+    def _namespace_init_died(self, wait_s: float) -> bool:
+        """True once the PID namespace's PID 1 has ended (then every child in it was SIGKILLed, which
+        would otherwise read as a program out of memory, and no further fork can succeed there). A dying
+        PID 1 finishes exiting only after its namespace's last process is reaped, so after a SIGKILLed
+        child this waits up to `wait_s` for it."""
+        if self.ns_init_pid is None:
+            return False
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                if os.waitpid(self.ns_init_pid, os.WNOHANG)[0] != 0:
+                    return True
+            except ChildProcessError:
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.005)
 
     def serve(self) -> None:
         stdin = sys.stdin.buffer
@@ -533,6 +560,9 @@ def _nobody_ids() -> tuple[int, int]:
         return entry.pw_uid, entry.pw_gid
     except KeyError:
         return 65534, 65534
+
+
+_SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib")
 
 
 def _world_readable(path: str) -> bool:
