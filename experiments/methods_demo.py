@@ -77,7 +77,7 @@ def summary(out: Path, per_seed: dict[int, dict], command: str) -> str:
         "",
         "| method | " + " | ".join(h.replace("k", str(k)) if h != "top-1" else h for h in READ_OUTS.values())
         + " | train time (s) | sampled tokens | vs ReFT, all seeds: only it / only ReFT right, McNemar p |",
-        "|---" * (len(READ_OUTS) + 5) + "|",
+        "|---" * (len(READ_OUTS) + 4) + "|",
     ]
     for method in ["warmup", *METHODS]:
         name = METHOD_NAMES[method]
