@@ -291,6 +291,7 @@ def attack_run(request, tmp_path_factory) -> dict:
             "created": created, "elapsed": elapsed, "executor": executor}
 
 
+@pytest.mark.slow  # the whole attack suite (its fixture runs every attack once): CI, not the fast loop
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_is_contained(attack_run, name):
     result = attack_run["results"][name]

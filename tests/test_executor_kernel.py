@@ -161,6 +161,7 @@ def kernel_run(request, tmp_path_factory) -> dict:
             "workdir": workdir, "names": names}
 
 
+@pytest.mark.slow  # the whole attack suite (its fixture runs every attack once): CI, not the fast loop
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_main_attack_suite_contained_by_the_kernel_alone(kernel_run, name):
     result = kernel_run["results"][f"main:{name}"]

@@ -27,6 +27,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
 def test_critic_free_estimators_train_without_a_value_head(tmp_path, splits, warm_checkpoint, estimator):
     final = train_reft(config(tmp_path, warm_checkpoint, advantage=estimator), splits[0][:8])
@@ -37,6 +38,7 @@ def test_critic_free_estimators_train_without_a_value_head(tmp_path, splits, war
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_kl_in_the_loss_is_logged_and_kl_coef_zero_skips_the_reference(tmp_path, splits, warm_checkpoint,
                                                                      monkeypatch):
     train_reft(config(tmp_path / "loss", warm_checkpoint, advantage="grpo", kl_in="loss"), splits[0][:4])
@@ -62,6 +64,7 @@ def test_drop_uniform_groups_skips_questions_with_one_reward(tmp_path, splits, t
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sft_term_decays_and_its_forward_matches_the_separate_passes(tmp_path, splits, warm_checkpoint):
     train_reft(config(tmp_path, warm_checkpoint, sft_coef=0.5, sft_coef_schedule="linear"), splits[0][:8])
     logged = [r for r in rows(tmp_path) if "reward" in r]
