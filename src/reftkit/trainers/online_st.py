@@ -8,7 +8,6 @@ references alone. One forward and backward per batch on every process keeps DDP 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -22,9 +21,6 @@ from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import SupervisedRun, greedy_eval_hook, start_lm_run, steps_per_epoch
-
-log = logging.getLogger("reftkit")
-
 
 def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
     """(1 - w) * mean NLL of reference tokens + w * mean NLL of own-sample tokens.

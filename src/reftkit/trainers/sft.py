@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from pathlib import Path
 
@@ -13,9 +12,6 @@ from reftkit.data.records import Example
 from reftkit.prompts import collate_sft, encode_sft_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
-
-log = logging.getLogger("reftkit")
-
 
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
