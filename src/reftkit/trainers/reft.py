@@ -12,6 +12,7 @@ the reference CoTs (`sft_coef`) and DAPO's dropping of groups with one reward (`
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -87,9 +88,13 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
     prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot)  # cuts counted and warned
     # A question's k samples are consecutive rows on this process: group statistics are exact.
+    clock = time.perf_counter()
     out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k)
+    seconds = {"time_generation": time.perf_counter() - clock}
+    clock = time.perf_counter()
     repeated = [ex for ex in examples for _ in range(k)]  # generate keeps prompt order
     grades = grader.grade(out.texts, repeated)
+    seconds["time_grading"], clock = time.perf_counter() - clock, time.perf_counter()
     scores = torch.tensor([reward_from_grade(g, cfg.correct_reward, cfg.partial_reward) for g in grades],
                           device=out.sequences.device)
 
@@ -128,9 +133,11 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
     record = {"reward": (stats[0] / stats[2]).item(), "train_accuracy": (stats[1] / stats[2]).item(),
               "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item(),
               "sampled_tokens": int(stats[4].item())}
+    # old log-probs, values, reference, advantages; measured after `.item()` has synced the device
+    seconds["time_scoring"] = time.perf_counter() - clock
     if cfg.drop_uniform_groups:
         record["dropped_groups"] = int(stats[5].item())
-    return batch, record
+    return batch, {**record, **seconds}
 
 
 def _keep_rows(accelerator, batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
@@ -280,8 +287,10 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                 mu = sft_weight(cfg, progress.step, batches_per_epoch * cfg.epochs)
                 sft = ([references[j] for j in indices.tolist()], tokenizer.pad_token_id, mu)
                 record["sft_coef"] = mu
+            clock = time.perf_counter()
             record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator,
                                      progress.step + 1, sft))
+            record["time_update"] = time.perf_counter() - clock
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
