@@ -389,6 +389,69 @@ def test_seccomp_filter_decisions():
     assert _run_bpf(seccomp.build_filter("x86_64"), 0xC000003E, 0x40000000 + 39) == kill  # x32
 
 
+def _strictest(*returns: int) -> int:
+    """What the kernel does with the answers of all of a process's filters: the action of highest precedence
+    (the lowest as a signed 32-bit number: KILL_PROCESS first, ALLOW last); on a tie, the newest filter's."""
+    signed = [(r & 0xFFFF0000) - (1 << 32) if r & 0x80000000 else r & 0xFFFF0000 for r in returns]
+    return returns[signed.index(min(signed))]
+
+
+def test_seccomp_filter_halves_decide_like_the_whole():
+    """The worker installs one half of the filter and every child adds the other (seccomp.CHILD_CALLS): for
+    every syscall number and the arguments the filter looks at, a child under both gets exactly the whole
+    filter's answer, and the worker's own half allows what the worker needs to fork, wait and kill."""
+    audits = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+    argument_cases = [(), (0, 8, os.O_WRONLY), (0, os.O_WRONLY, os.O_WRONLY), (1, 10, 0), (3, 15), (3, 0x8901),
+                      (4242, 7), (0, 7), (1 << 32, 7), (3, 0x5412)]
+    for arch, audit in audits.items():
+        whole, worker, child = (seccomp.build_filter(arch, part) for part in ("whole", "worker", "child"))
+        assert len(child) < len(whole) // 8  # the per-child install is the small half
+        for nr in [*range(0, 1100), 0x40000000 + 39]:
+            for args in argument_cases:
+                expected = _run_bpf(whole, audit, nr, args)
+                child_view = _strictest(_run_bpf(child, audit, nr, args), _run_bpf(worker, audit, nr, args))
+                assert child_view == expected, (arch, nr, args)
+        assert _strictest(_run_bpf(child, 0x40000003, 0), _run_bpf(worker, 0x40000003, 0)) == seccomp.RET_KILL_PROCESS
+        numbers = seccomp.syscall_numbers(arch, seccomp.KILL_CALLS)
+        for call in ("clone", "kill", "pidfd_open", "prctl", "capset", "setresuid"):  # the worker's own calls
+            assert _run_bpf(worker, audit, numbers[call]) == seccomp.RET_ALLOW, (arch, call)
+            assert _run_bpf(child, audit, numbers[call]) == seccomp.RET_KILL_PROCESS, (arch, call)
+
+
+CAPABILITIES = prog("""
+    import ctypes
+    def solution():
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        sets = (ctypes.c_uint32 * 6)()
+        assert ctypes.CDLL(None).capget(header, sets) == 0
+        return ",".join(str(x) for x in sets)
+    """)
+
+
+def test_layers_applied_in_the_worker_hold_in_every_child():
+    """The capability drop and one half of the seccomp filter are applied once, to the worker itself
+    (docs/executor.md, "Applied once, in the worker"): the worker holds them, and every child of the same
+    worker, program after program, has no capability and still meets both halves of the filter."""
+    with ProgramExecutor(dataclasses.replace(KERNEL_CONFIG, workers=1)) as ex:
+        assert ex.run([BENIGN])[0].value == "7"
+        worker = ex._workers[0].proc.pid
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                      if ":\t" in line)
+        assert (status["Seccomp"], status["Seccomp_filters"]) == ("2", "1")  # the worker's half
+        if ex.layers["privileges"].startswith(("partial", "on: not root")):  # capdrop: done in the worker
+            assert {status[k] for k in ("CapInh", "CapPrm", "CapEff")} == {"0000000000000000"}
+        names = {"WORKER_PID": worker}
+        attacks = [_fill(ESCAPED[n][0], names) for n in ("raw_clone", "kill_worker", "ptrace_attach", "raw_socket",
+                                                          "raw_mount", "shmget", "fork", "socket")]
+        for _ in range(2):  # later children of the same worker are no different
+            results = ex.run([CAPABILITIES, *attacks, "def solution():\n    open('x', 'w')\n", BENIGN])
+            assert results[0] == ExecResult(OK, "0,0,0,0,0,0"), results[0]
+            for result in results[1:-2]:
+                assert result.status == FORBIDDEN and "seccomp" in result.detail, result
+            assert "blocked system call open" in results[-2].detail, results[-2]
+            assert results[-1] == ExecResult(OK, "7")
+
+
 def test_seccomp_filter_is_well_formed():
     for arch in ("x86_64", "aarch64"):
         bpf = seccomp.build_filter(arch)

@@ -82,6 +82,14 @@ def fork(raw: bool = True) -> int:
     return pid
 
 
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere): every fork
+    copies the page-table entries of the caller's memory, so fewer pages make every fork cheaper."""
+    trim = getattr(_libc, "malloc_trim", None) if _libc is not None else None
+    if trim is not None:
+        trim(0)
+
+
 def unshare_pid_namespace() -> None:
     """The calling process's next children go into a new PID namespace, whose PID 1 is the first of them
     (needs CAP_SYS_ADMIN in the caller's user namespace). The caller itself stays where it is, so none of
@@ -210,12 +218,12 @@ def landlock_restrict(ruleset_fd: int) -> None:
 # ----------------------------------------------------------------------------------------------- seccomp
 
 
-def seccomp_filter() -> bytes:
-    """The filter's BPF bytes for this machine (seccomp.py); raises OSError on an architecture without a
-    syscall table."""
+def seccomp_filter(part: str = "whole") -> bytes:
+    """The filter's BPF bytes for this machine, whole or one of its halves (seccomp.py); raises OSError on an
+    architecture without a syscall table."""
     if not IS_LINUX or ARCH is None:
         raise OSError(0, f"seccomp: no syscall table for {sys.platform}/{MACHINE}")
-    return seccomp.build_filter(ARCH)
+    return seccomp.build_filter(ARCH, part)
 
 
 class _SockFprog(ctypes.Structure):
@@ -223,12 +231,12 @@ class _SockFprog(ctypes.Structure):
 
 
 class SeccompProgram:
-    """A prepared filter: built once in the worker, installed in each child with one prctl call."""
+    """A prepared filter: built once in the worker, installed with one prctl call (in each child, or in the
+    worker itself for the half that every child inherits)."""
 
     def __init__(self, bpf: bytes) -> None:
         self._buffer = ctypes.create_string_buffer(bpf, len(bpf))
         self._fprog = _SockFprog(len(bpf) // 8, ctypes.addressof(self._buffer))
-
         self._address = ctypes.addressof(self._fprog)
 
     def install(self) -> None:

@@ -1,7 +1,7 @@
 """Trainer side: starts the workers, feeds them programs, enforces its own deadlines, restarts the dead.
 
 Nothing here executes or even parses a program: sources go to the workers as JSON strings, and only
-JSON strings come back. Each worker is `python -I -B -c <boot>` (a fresh interpreter: nothing of the
+JSON strings come back. Each worker is `python -I -S -B -c <boot>` (a fresh interpreter: nothing of the
 trainer's memory, CUDA state, open files or environment is inherited), in its own session.
 """
 
@@ -68,9 +68,14 @@ class _Worker:
         paths = [package_root] + [p for p in sys.path if p and os.path.isdir(p)]
         env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
                # children cannot start threads (seccomp kills clone): BLAS libraries must not try
-               **{f"{lib}_NUM_THREADS": "1" for lib in ("OPENBLAS", "OMP", "MKL", "NUMEXPR", "VECLIB_MAXIMUM")}}
+               **{f"{lib}_NUM_THREADS": "1" for lib in ("OPENBLAS", "OMP", "MKL", "NUMEXPR", "VECLIB_MAXIMUM")},
+               # every library call resolved once in the worker: a child's first call of a function would
+               # otherwise write the worker's (shared, copy-on-write) linkage table, a page fault per page
+               "LD_BIND_NOW": "1"}
+        # -S: no site module, so no site-packages .pth code runs in the worker (the trainer's sys.path is
+        # passed in argv instead); it leaves the worker several MB smaller, and every fork copies less.
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOT, "reftkit-executor", tag, *paths],
+            [sys.executable, "-I", "-S", "-B", "-c", _BOOT, "reftkit-executor", tag, *paths],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env, cwd=scratch, start_new_session=True, close_fds=True,
         )

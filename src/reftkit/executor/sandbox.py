@@ -75,6 +75,9 @@ class ChildContext:
     landlock_fd: int | None = None
     seccomp: kernel.SeccompProgram | None = None
     steps: list[tuple[str, Callable[[], None]]] | None = None  # the enabled steps, built once in the worker
+    # Enabled layers a child has without a step of its own: applied once to the worker, which every child
+    # inherits, or (the parent-death signal) held through the PID namespace (worker.py, _apply_in_worker).
+    inherited: set[str] = field(default_factory=set)
     shared: bool = False  # programs_per_child > 1: several programs per child, each under in-child timers
     python_layers: bool = True  # static check, restricted builtins and import proxies, audit hook (tests: off)
     decimal_context: decimal.Context = field(default_factory=decimal.Context)  # pristine, for each shared program
@@ -126,7 +129,9 @@ def _apply_landlock(_ctx: ChildContext) -> None:
 
 def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("process_group", os.setsid),
+        # A process group of its own, for the worker's kill. Not setsid: on kernels with scheduler
+        # autogroups, every new session also gets a scheduler group of its own, which costs each child time.
+        ("process_group", lambda: os.setpgid(0, 0)),
     ]
     for name, (res, soft, hard) in ctx.rlimits.items():
         steps.append((name, lambda res=res, soft=soft, hard=hard: resource.setrlimit(res, (soft, hard))))
@@ -140,8 +145,8 @@ def _steps(ctx: ChildContext) -> list[tuple[str, Callable[[], None]]]:
 
 
 def prepare_steps(ctx: ChildContext) -> None:
-    """Builds the list of enabled steps once (in the worker), not in every child."""
-    ctx.steps = [(name, step) for name, step in _steps(ctx) if name in ctx.enabled]
+    """Builds the list of enabled steps once (in the worker), not in every child; an inherited layer has none."""
+    ctx.steps = [(name, step) for name, step in _steps(ctx) if name in ctx.enabled and name not in ctx.inherited]
 
 
 def harden(ctx: ChildContext, probe: bool = False) -> dict[str, str]:

@@ -85,6 +85,18 @@ NAMED_ERRNO_CALLS = {
     "creat": (85, None), "mknod": (133, None), "utime": (132, None), "utimes": (235, None),
     "futimesat": (261, None),
 }
+# The whole filter in two halves. The worker installs the "worker" half once, when it has started (every
+# child inherits it; a filter can never be removed); each child adds the "child" half: the calls below, which
+# the worker itself still makes (forking, and killing and waiting on its children) or which the child makes
+# while hardening itself before its own filter is in place (prctl, capset, the uid change). Each call's rule is
+# in exactly one half and the other half allows it, and the kernel applies the strictest answer of all the
+# filters a process has, so a child decides every call exactly as under the whole filter
+# (test_seccomp_filter_halves_decide_like_the_whole). Installing the small half costs a child far less than
+# the whole filter (the kernel translates and JIT-compiles every filter at install).
+CHILD_CALLS = frozenset({
+    "clone", "clone3", "fork", "vfork", "kill", "tkill", "tgkill", "pidfd_open", "prctl", "capset",
+    "setgroups", "setresuid", "setresgid",
+})
 # Allowed unless an argument says otherwise: (x86_64, aarch64) numbers.
 _OPEN, _OPENAT = (2, None), (257, 56)
 _PRLIMIT64 = (302, 261)  # only pid 0 (the caller itself)
@@ -123,28 +135,16 @@ def kill_list(arch: str) -> list[str]:
     return sorted(syscall_numbers(arch, KILL_CALLS))
 
 
-def build_filter(arch: str) -> bytes:
+def build_filter(arch: str, part: str = "whole") -> bytes:
     """Classic BPF for `arch` ("x86_64" or "aarch64"): the syscall number is looked up in a binary search tree
     of the listed calls, so a call costs about log2(150) comparisons rather than a pass over the list, and so
     does the kernel's emulation of the filter for each syscall number when it builds its cache of always-
-    allowed calls (which happens at every child's filter install)."""
-    column = 0 if arch == "x86_64" else 1
-    leaves: dict[int, list[tuple[int, int, int, int]]] = {}
-    for nr in syscall_numbers(arch, KILL_CALLS).values():
-        leaves[nr] = [(_RET_K, 0, 0, RET_KILL_PROCESS)]
-    for nr in syscall_numbers(arch, NAMED_ERRNO_CALLS).values():
-        leaves[nr] = [(_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr))]
-    for nrs, arg in ((_OPEN, 1), (_OPENAT, 2)):
-        if nrs[column] is not None:
-            nr = nrs[column]
-            leaves[nr] = [(_LD_W_ABS, 0, 0, _arg_low(arg)), (_JSET_K, 0, 1, _OPEN_WRITE_FLAGS),
-                          (_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr)), (_RET_K, 0, 0, RET_ALLOW)]
-    leaves[_PRLIMIT64[column]] = [  # pid (args[0], 64 bits) must be 0
-        (_LD_W_ABS, 0, 0, _arg_low(0)), (_JEQ_K, 0, 2, 0), (_LD_W_ABS, 0, 0, _arg_low(0) + 4),
-        (_JEQ_K, 1, 0, 0), (_RET_K, 0, 0, RET_KILL_PROCESS), (_RET_K, 0, 0, RET_ALLOW),
-    ]
-    leaves[_FCNTL[column]] = _kill_if_arg_in(1, _FCNTL_SIGNAL_CMDS)
-    leaves[_IOCTL[column]] = _kill_if_arg_in(1, _IOCTL_SIGNAL_CMDS)
+    allowed calls (at every filter install).
+
+    `part` is "whole", or "worker" / "child": the two halves of the whole filter (see CHILD_CALLS), each of
+    which keeps the architecture checks and allows every call whose rule is in the other half."""
+    rules = {nr: leaf for nr, (name, leaf) in _rules(arch).items() if part == "whole" or
+             (name in CHILD_CALLS) == (part == "child")}
     prog: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (_JEQ_K, 1, 0, _AUDIT_ARCH[arch]),
@@ -153,8 +153,28 @@ def build_filter(arch: str) -> bytes:
     ]
     if arch == "x86_64":
         prog += [(_JGE_K, 0, 1, 0x40000000), (_RET_K, 0, 0, RET_KILL_PROCESS)]  # x32 ABI numbers
-    prog += _tree(sorted(leaves.items()))
+    prog += _tree(sorted(rules.items()))
     return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
+
+
+def _rules(arch: str) -> dict[int, tuple[str, list[tuple[int, int, int, int]]]]:
+    """Syscall number -> (name, the code deciding it) for every call the filter does not simply allow."""
+    column = 0 if arch == "x86_64" else 1
+    rules = {nr: (name, [(_RET_K, 0, 0, RET_KILL_PROCESS)]) for name, nr in syscall_numbers(arch, KILL_CALLS).items()}
+    for name, nr in syscall_numbers(arch, NAMED_ERRNO_CALLS).items():
+        rules[nr] = (name, [(_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr))])
+    for name, nrs, arg in (("open", _OPEN, 1), ("openat", _OPENAT, 2)):
+        if nrs[column] is not None:
+            nr = nrs[column]
+            rules[nr] = (name, [(_LD_W_ABS, 0, 0, _arg_low(arg)), (_JSET_K, 0, 1, _OPEN_WRITE_FLAGS),
+                                (_RET_K, 0, 0, RET_ERRNO | (ERRNO_BASE + nr)), (_RET_K, 0, 0, RET_ALLOW)])
+    rules[_PRLIMIT64[column]] = ("prlimit64", [  # pid (args[0], 64 bits) must be 0
+        (_LD_W_ABS, 0, 0, _arg_low(0)), (_JEQ_K, 0, 2, 0), (_LD_W_ABS, 0, 0, _arg_low(0) + 4),
+        (_JEQ_K, 1, 0, 0), (_RET_K, 0, 0, RET_KILL_PROCESS), (_RET_K, 0, 0, RET_ALLOW),
+    ])
+    rules[_FCNTL[column]] = ("fcntl", _kill_if_arg_in(1, _FCNTL_SIGNAL_CMDS))
+    rules[_IOCTL[column]] = ("ioctl", _kill_if_arg_in(1, _IOCTL_SIGNAL_CMDS))
+    return rules
 
 
 def _tree(items: list[tuple[int, list[tuple[int, int, int, int]]]]) -> list[tuple[int, int, int, int]]:

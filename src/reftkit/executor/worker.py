@@ -1,7 +1,7 @@
 """The worker ("zygote"): a clean interpreter that pre-imports the allowed modules, prepares every isolation
 layer once, and forks one short-lived child per program (or per programs_per_child programs).
 
-Started by pool.py as `python -I -B -c <boot>`; speaks JSON lines: the first line on stdin is the setup,
+Started by pool.py as `python -I -S -B -c <boot>`; speaks JSON lines: the first line on stdin is the setup,
 then one {"c": [[i, src], ...]} chunk of tasks per line; it answers one {"ready", "layers"} line, then one
 {"r": [result, ...]} line per chunk, in order. It never runs untrusted code itself: that happens only in
 the forked children.
@@ -92,10 +92,14 @@ class Zygote:
         self._prepare_pid_namespace()
         self._probe()
         self._finalise_layers()
-        prepare_steps(self.ctx)
         self._known_good = compile(f"def {config.entry}():\n    return 6 * 7\n", "<health check>", "exec")
+        self._apply_in_worker()
+        prepare_steps(self.ctx)
+        if self.ctx.inherited or self.ctx.seccomp is not self._whole_filter:
+            self.check_health()  # the layers as split between worker and child, once, before any program
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
+        kernel.release_free_memory()
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -268,14 +272,38 @@ class Zygote:
         self.layers["landlock"] = f"on: ABI {abi}, read-only access to {len(ctx.read_roots)} directories"
 
     def _prepare_seccomp(self) -> None:
+        self._whole_filter = None
         try:
-            self.ctx.seccomp = kernel.SeccompProgram(kernel.seccomp_filter())
+            self.ctx.seccomp = self._whole_filter = kernel.SeccompProgram(kernel.seccomp_filter())
         except OSError as exc:
             self.layers["seccomp"] = f"off: {exc.strerror or exc}"
             return
         self.ctx.enabled.add("seccomp")
         self.layers["seccomp"] = ("on: processes, signals, ptrace, other processes' limits, SysV IPC, F_SETOWN, "
                                   "sockets, namespaces kill the program; file writes fail (named errno)")
+
+    def _apply_in_worker(self) -> None:
+        """Once the probe has shown that every layer works in a child: what each child would otherwise do for
+        itself, and what the worker does not need for its own work, the worker does once, to itself, and every
+        child inherits it (docs/executor.md, "Applied once, in the worker"): the capability drop, and the half
+        of the seccomp filter for calls the worker never makes (each child still adds the other half). The
+        namespace's PID 1 and the probe, forked before this, applied every layer themselves."""
+        ctx = self.ctx
+        if ctx.privilege == "capdrop" and "privileges" in ctx.enabled:
+            kernel.drop_capabilities()  # the probe child showed that capset works; an OSError fails the start
+            ctx.inherited.add("privileges")
+        if {"pid_namespace", "parent_death_signal"} <= ctx.enabled:
+            # The namespace's PID 1 has the signal; when it dies, the kernel kills every process in the namespace.
+            ctx.inherited.add("parent_death_signal")
+            self.layers["parent_death_signal"] = ("on: through the PID namespace (its PID 1 dies with the worker, and "
+                                                  "the kernel then kills every process in it)")
+        if "seccomp" in ctx.enabled:
+            try:
+                kernel.SeccompProgram(kernel.seccomp_filter("worker")).install()
+            except OSError:
+                return  # not applied: each child keeps installing the whole filter
+            ctx.seccomp = kernel.SeccompProgram(kernel.seccomp_filter("child"))
+            self.layers["seccomp"] += "; the filter for calls the worker never makes is the worker's, inherited"
 
     def _probe(self) -> None:
         """Forks one child that tries every layer; layers that fail there are disabled (and reported), so
