@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, set_seed
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from reftkit.checkpoints import NonFiniteError, RunError
@@ -51,9 +52,11 @@ def make_accelerator(cfg: RunOptions) -> Accelerator:
             raise RunError(f"{asked[0]} was asked for (accelerate launch --use_{asked[0].lower()}), but there is no "
                            "GPU: accelerate would run plain DDP instead. Launch with --multi_gpu for DDP on CPUs")
     use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
+    mixed_precision = "bf16" if use_bf16 else "no"
+    _allow_precision_change(mixed_precision)
     accelerator = Accelerator(
         cpu=cpu_multiprocess(),
-        mixed_precision="bf16" if use_bf16 else "no",
+        mixed_precision=mixed_precision,
         log_with=list(getattr(cfg, "log_with", [])) or None,  # commands with a Tracking section
         project_dir=str(cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -61,6 +64,17 @@ def make_accelerator(cfg: RunOptions) -> Accelerator:
     )
     set_seed(cfg.seed, device_specific=False)
     return accelerator
+
+
+def _allow_precision_change(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    mixed precision ("restart your runtime"): a process that runs several commands (a notebook, a
+    pipeline, the tests) could then never switch bf16. Only the precision part is dropped; the
+    process group (PartialState) stays. DeepSpeed sets its precision itself and is left alone."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) \
+            and state.get("distributed_type") != DistributedType.DEEPSPEED:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def load_examples_for(path: str | None, cfg: DataOptions, role: str, *,

@@ -1,0 +1,165 @@
+"""bf16 autocast end to end (`bf16: yes`; CPU autocast stands in for a GPU's): sampling, the old
+log-probs and values, the reference, the PPO update and evaluation all run in one precision, so
+before the first update pi / pi_old is exactly 1 and the unchanged policy's KL to its reference
+exactly 0. Any pass left in float32 (or cast differently) breaks the bit-for-bit checks."""
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import LENGTHS
+from reftkit import ppo
+from reftkit.config import ReFTConfig, SFTConfig
+from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
+from reftkit.runtime import make_accelerator, prepare_lm_for_training
+
+
+def bf16_reft_config(tmp_path, model, **kw):
+    base = dict(model=str(model), output_dir=tmp_path, bf16="yes", epochs=1, batch_size=4, num_samples=2,
+                mini_batch_size=8, ppo_epochs=1, lr=1e-3, progress=False, eval_batch_size=8, seed=3, **LENGTHS)
+    return ReFTConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def lm_calls(monkeypatch):
+    """One row per forward of any Llama: (phase, autocast on, logits dtype); phase is "sample" or
+    "greedy" inside `generate`, else "score" (old log-probs, values, reference, update)."""
+    calls, phase = [], []
+    real_generate = LlamaForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        phase.append("sample" if kwargs["generation_config"].do_sample else "greedy")
+        try:
+            return real_generate(self, *args, **kwargs)
+        finally:
+            phase.pop()
+
+    def hook(module, args, output):
+        if isinstance(module, LlamaForCausalLM):
+            calls.append((phase[-1] if phase else "score", torch.is_autocast_enabled("cpu"), output.logits.dtype))
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield calls
+    handle.remove()
+
+
+@pytest.fixture
+def first_objective(monkeypatch):
+    """The arguments and terms of the first `ppo.ppo_objective` call of a run: the first minibatch,
+    computed in the update's context before any optimiser step."""
+    seen = {}
+    real = ppo.ppo_objective
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        if not seen:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                         for k, v in bound.arguments.items()})
+            seen["terms"] = {k: v.detach().clone() for k, v in terms.items()}
+        return loss, terms
+
+    monkeypatch.setattr(ppo, "ppo_objective", spy)
+    return seen
+
+
+# Padded scoring: every row whole, so a row's numbers do not depend on the other rows of its batch.
+# Prompt-shared scoring (`share_prompts`, where this reftkit has it) trims prompts and buckets
+# responses by what else is in the batch: bit for bit only when the minibatch holds the rollout's rows.
+PADDED = {"share_prompts": False} if "share_prompts" in ReFTConfig.model_fields else {}
+
+CASES = {
+    # The first minibatch is 3 of the rollout's 8 rows: another batch shape than the rollout's passes.
+    "reference model, value head, partial minibatch, padded scoring": dict(mini_batch_size=3, **PADDED),
+    "reference model, value head, default scoring": dict(mini_batch_size=8),
+    "LoRA (reference = adapters off), gradient checkpointing, KL in the loss":
+        dict(lora_r=4, lora_alpha=8, gradient_checkpointing=True, kl_in="loss"),
+    "GRPO with the SFT term (one forward over rollout rows and reference CoTs)":
+        dict(advantage="grpo", sft_coef=0.2, mini_batch_size=4),
+}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=list(CASES))
+def test_bf16_run_starts_at_ratio_one_and_zero_kl(tmp_path, splits, tiny_checkpoint, lm_calls, first_objective,
+                                                  options):
+    from reftkit.trainers.reft import train_reft
+
+    train, test = splits
+    cfg = bf16_reft_config(tmp_path / "run", tiny_checkpoint, **options)
+    final = train_reft(cfg, train[:8], test[:4])
+
+    # Every forward ran under bf16 autocast: sampling, scoring/reference/update, greedy evaluation.
+    assert {phase for phase, _, _ in lm_calls} == {"sample", "score", "greedy"}
+    assert all(on and dtype == torch.bfloat16 for _, on, dtype in lm_calls), \
+        sorted({(p, on, str(d)) for p, on, d in lm_calls if not on or d != torch.bfloat16})
+
+    # First minibatch: log-probs (and values, and the reference) recomputed with gradients in the
+    # update equal the rollout's bit for bit, so the ratio is exactly 1 and nothing is clipped.
+    first = first_objective
+    mask = first["mask"].bool()
+    assert mask.any()
+    assert torch.equal(first["logprobs"][mask], first["old_logprobs"][mask])
+    assert torch.equal(torch.exp(first["logprobs"] - first["old_logprobs"])[mask], torch.ones(int(mask.sum())))
+    assert first["terms"]["clip_frac"].item() == 0.0
+    if first["values"] is not None:
+        assert torch.equal(first["values"][mask], first["old_values"][mask])
+    if cfg.kl_in == "loss":
+        assert torch.equal(first["ref_logprobs"][mask], first["old_logprobs"][mask])
+        assert first["terms"]["kl_loss"].item() == 0.0
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in rows if "reward" in r]
+    assert len(updates) == 2  # 8 questions / 4 per rollout batch
+    assert updates[0]["kl"] == 0.0  # the first rollout's policy is its reference
+    for r in updates:
+        assert all(v is not None and math.isfinite(v) for v in r.values() if not isinstance(v, (str, bool)))
+    assert any("eval_accuracy" in r for r in rows)
+
+    # The checkpoint is a plain HF directory, float32 (autocast never touches the weights) and
+    # finite. A random model earns no reward, so only the SFT term is sure to move the weights.
+    lm = AutoModelForCausalLM.from_pretrained(final)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lm.parameters())
+    if cfg.sft_coef:
+        start = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+        assert any(not torch.equal(v, start[k]) for k, v in lm.state_dict().items())
+
+
+def test_gradient_checkpointing_recomputes_in_bf16(tmp_path, tiny_checkpoint):
+    """The backward's recomputation of checkpointed layers runs under the forward's autocast (the
+    backward itself runs outside it): the same gradients, bit for bit, as keeping activations."""
+    accelerator = make_accelerator(bf16_reft_config(tmp_path, tiny_checkpoint))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    grads = []
+    for checkpointing in (False, True):
+        cfg = bf16_reft_config(tmp_path, tiny_checkpoint, gradient_checkpointing=checkpointing)
+        policy = accelerator.prepare(PolicyWithValueHead(prepare_lm_for_training(load_causal_lm(cfg.model), cfg)))
+        torch.manual_seed(1)
+        torch.nn.init.normal_(policy.value_head.weight)  # a zero head sends no gradient into the backbone
+        policy.eval()
+        with accelerator.autocast(), checkpointing_in_eval_mode(policy):
+            logits, values = policy(ids, mask)
+            loss = torch.log_softmax(logits.float(), -1)[..., 7].mean() + values.float().pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_bf16_setting_can_change_between_runs_in_one_process(tmp_path):
+    """accelerate refuses a second Accelerator with another mixed precision in one process; a
+    notebook, a pipeline or this test session switches freely, and each run gets what it asked for."""
+    for bf16, expected in (("yes", True), ("no", False), ("yes", True), ("auto", torch.cuda.is_available())):
+        accelerator = make_accelerator(SFTConfig(model="tiny", output_dir=tmp_path, bf16=bf16))
+        assert accelerator.mixed_precision == ("bf16" if expected else "no")
+        with accelerator.autocast():
+            assert torch.is_autocast_enabled(accelerator.device.type) == expected
