@@ -5,7 +5,8 @@ Order matters. Descriptors and the session come first (nothing of the worker's m
 limits, then privileges are dropped, then the irreversible kernel filters (Landlock, seccomp), and only
 then is the program run, with the audit hook installed last so that the hardening itself is not subject
 to it. What a child inherits is set once in the worker: the network, IPC and PID namespaces, no_new_privs,
-the working directory; the worker also parses, checks and compiles the text before forking (see prepare()). Any
+the working directory, the capability drop, half of the seccomp filter (worker.py, _apply_in_worker); the
+worker also parses, checks and compiles the text before forking (see prepare()). Any
 enabled layer that fails makes the child refuse to run the program (fail closed).
 """
 
