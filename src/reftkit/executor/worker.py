@@ -292,6 +292,7 @@ class Zygote:
         if ctx.privilege == "capdrop" and "privileges" in ctx.enabled:
             kernel.drop_capabilities()  # the probe child showed that capset works; an OSError fails the start
             ctx.inherited.add("privileges")
+            self.layers["privileges"] += "; capabilities dropped once, by the worker, inherited by every child"
         if {"pid_namespace", "parent_death_signal"} <= ctx.enabled:
             # The namespace's PID 1 has the signal; when it dies, the kernel kills every process in the namespace.
             ctx.inherited.add("parent_death_signal")
