@@ -76,9 +76,8 @@ def worker(name: str, data: Path, pool: int) -> dict:
 
     from reftkit.batching import padding_fraction
     from reftkit.lora import add_lora, reference_lm
-    from reftkit.model import (
-        PolicyWithValueHead, enable_gradient_checkpointing, lm_response_logprobs, load_causal_lm, load_tokenizer,
-    )
+    from reftkit.model import PolicyWithValueHead, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+    from reftkit.scoring import lm_response_logprobs
     from reftkit.prompts import collate_sft
 
     use_lora, checkpointing, grouped, reft = CONFIGS[name]

@@ -14,10 +14,8 @@ from conftest import LENGTHS
 from reftkit import runtime as training_module
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.lora import add_lora, lora_layers, merged_state_dict, reference_lm
-from reftkit.model import (
-    PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing, lm_response_logprobs,
-    load_tokenizer, token_logprobs,
-)
+from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing, load_tokenizer
+from reftkit.scoring import lm_response_logprobs, token_logprobs
 from reftkit.prompts import encode_prompt
 from reftkit.rollout import Sampling, generate
 from reftkit.trainers import reft as reft_module

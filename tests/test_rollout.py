@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig
 
-from reftkit.model import PolicyWithValueHead, lm_response_logprobs, response_slice, token_logprobs
+from reftkit.model import PolicyWithValueHead
+from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
 from reftkit.model import load_causal_lm, load_tokenizer
 from reftkit.prompts import collate_prompts, encode_prompt
 from reftkit.rollout import Sampling, generate, response_mask
@@ -46,6 +47,40 @@ def test_training_forward_matches_generate_scores_under_left_padding(checkpoint,
     from_ref = lm_response_logprobs(lm, out.sequences, attention, plen)
     assert torch.allclose(from_policy * mask, from_generate * mask, atol=1e-4)
     assert torch.allclose(from_ref * mask, from_generate * mask, atol=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "gpt2_checkpoint"])
+@pytest.mark.parametrize("do_sample, k", [(False, 1), (True, 3)])
+def test_shared_prefill_samples_exactly_what_plain_generate_samples(checkpoint, do_sample, k, splits, request):
+    """Each prompt prefilled once and the cache grown in place (reftkit.kvcache) changes the cost,
+    not the tokens: the same seed gives the same responses as transformers' own generate call.
+    Responses reach past the cache's first buffer (prompt + max_new_tokens) only if it grows wrong."""
+    path = str(request.getfixturevalue(checkpoint))
+    lm, tok = load_causal_lm(path), load_tokenizer(path)
+    prompts = [encode_prompt(tok, ex, 64) for ex in splits[1][:5]]
+    sampling = Sampling(do_sample=do_sample, max_new_tokens=24)
+    outs = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        outs.append(generate(lm, tok, prompts, sampling, k, share_prompts=share))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.equal(outs[0].attention_mask, outs[1].attention_mask)
+    assert outs[0].texts == outs[1].texts and len(outs[0].texts) == 5 * k
+
+
+def test_the_growing_cache_doubles_and_keeps_what_it_held():
+    from reftkit.kvcache import GrowingLayer
+
+    keys = torch.arange(2 * 3 * 4, dtype=torch.float).view(1, 2, 3, 4)
+    layer = GrowingLayer(keys, -keys, capacity=4)
+    for step in range(6):
+        new = torch.full((1, 2, 1, 4), 100.0 + step)
+        k, v = layer.update(new, -new)
+        assert k.shape == v.shape == (1, 2, 4 + step, 4) and layer.get_seq_length() == 4 + step
+    assert layer._keys.shape[-2] == 16  # 9 positions: 4 -> 8 -> 16, doubled, not grown per token
+    torch.testing.assert_close(k[..., :3, :], keys)
+    torch.testing.assert_close(k[..., 3:, 0], 100.0 + torch.arange(6.0).expand(1, 2, 6))
+    torch.testing.assert_close(v, -k)
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(tiny_checkpoint, splits):

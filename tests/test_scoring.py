@@ -7,7 +7,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from reftkit import ppo
 from reftkit.lora import add_lora
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing
-from reftkit.scoring import can_share_prompts, length_buckets, score_responses
+from reftkit.kvcache import supports_shared_prefix
+from reftkit.scoring import length_buckets, score_responses
 
 PAD, EOS, VOCAB, K = 0, 1, 48, 3
 
@@ -79,7 +80,7 @@ def loss_and_grads(policy, share: bool):
 @pytest.mark.parametrize("use_lora, checkpointing", [(False, False), (True, False), (False, True), (True, True)])
 def test_shared_prompts_give_the_padded_log_probs_values_loss_and_gradients(arch, use_lora, checkpointing):
     policy = policy_for(arch, use_lora, checkpointing)
-    assert can_share_prompts(policy.lm)
+    assert supports_shared_prefix(policy.lm)
     loss_a, logp_a, values_a, grads_a = loss_and_grads(policy, share=False)
     loss_b, logp_b, values_b, grads_b = loss_and_grads(policy, share=True)
     torch.testing.assert_close(logp_b, logp_a, rtol=1e-5, atol=1e-5)
@@ -147,7 +148,7 @@ def test_a_sliding_window_model_falls_back_to_the_padded_way():
     config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     lm = MistralForCausalLM(config).eval()
-    assert not can_share_prompts(lm)
+    assert not supports_shared_prefix(lm)
     sequences, attention, plen, question = rollout()
     with torch.no_grad():
         shared, _ = score_responses(lm, sequences, attention, plen, question, share=True)

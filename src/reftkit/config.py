@@ -137,6 +137,13 @@ class SamplesInput(SamplingOptions):
     num_samples: int = Field(100, gt=0, description="samples per training question when drawing them (the paper: 100)")
 
 
+class EngineOptions(_Config):
+    """Where rollouts are sampled (docs/rollout-engines.md)."""
+
+    rollout_engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers' generate on the policy; vllm = an in-process vLLM engine (installed separately) that gets the policy's weights after every update, its samples rescored by the trainer's own forward")
+    vllm_sleep_mode: bool = Field(False, description="vllm engine, CUDA only: free the engine's weights and KV cache during each update (vLLM's sleep mode)")
+
+
 class TrainerOptions(RunOptions, DataOptions, SandboxOptions, TrainData, RunDirOptions, OptimOptions, MemoryOptions):
     """What every training command honours; each command adds its budget and its own options."""
 
@@ -153,7 +160,7 @@ class SFTConfig(TrainerOptions, EvalData, LoraOptions, AccumulationOptions):
     eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
 
 
-class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions):
+class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineOptions):
     """ReFT: PPO from a warm-up SFT checkpoint (`model`), rewarded by answer correctness.
     No grad_accum: a PPO update's unit is mini_batch_size responses."""
 
@@ -164,6 +171,7 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions):
     lr_schedule: Literal["linear", "constant"] = Field("constant", description="the paper keeps the rate constant")
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
+    share_prompts: bool = Field(True, description="run each question's prompt once for its num_samples responses (cached keys and values) and responses in length buckets; minibatches then hold whole questions. false: every row padded and whole, minibatches of shuffled rows (reftkit <= 0.1's exact numbers)")
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
     kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
     gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")

@@ -13,6 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from reftkit.hub import could_be_hub_id, missing_path_message
 from reftkit.pretrained import resolve
+from reftkit.scoring import position_ids_for, score_responses
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 _MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a peft adapter on one
@@ -62,12 +63,6 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pre
     return load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, exactly as `generate` computes them. Rotary models
-    (Llama) are blind to the shift; absolute-position models (GPT-2, OPT) are not."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class PolicyWithValueHead(nn.Module):
     """A causal LM plus a scalar value head on its last hidden state (the paper's shared backbone).
     With critic=False (GRPO, Dr. GRPO, RLOO) there is no head: no hidden states kept, values None."""
@@ -87,8 +82,15 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(dtype=lm.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits [B, L, V], values [B, L] or None without a critic)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int | None = None,
+                groups: torch.Tensor | None = None, temperature: float = 1.0, share: bool = True):
+        """With `prompt_len`: (log-probs [B, T], values [B, T] or None) of the response tokens, each
+        group's prompt run once (see reftkit.scoring.score_responses). Without: (logits [B, L, V],
+        values [B, L] or None) of every position. Either way one forward call: under DDP one
+        forward per backward."""
+        if prompt_len is not None:
+            return score_responses(self.lm, input_ids, attention_mask, prompt_len, groups, temperature,
+                                   self.value_head, share)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -117,31 +119,6 @@ class PolicyWithValueHead(nn.Module):
             return False
         self.value_head.load_state_dict(load_file(str(path)))
         return True
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token) under logits / temperature. logits [B, T, V], tokens [B, T] -> [B, T]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def response_slice(full: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Outputs at positions that predict the response tokens (position i predicts token i + 1)."""
-    return full[:, prompt_len - 1 : -1]
-
-
-def lm_response_logprobs(
-    lm: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Log-probabilities [B, T] of the response tokens (columns prompt_len:) under a plain LM."""
-    logits = lm(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_for(attention_mask),
-        use_cache=False,
-    ).logits
-    return token_logprobs(response_slice(logits, prompt_len), input_ids[:, prompt_len:], temperature)
 
 
 def enable_gradient_checkpointing(lm: PreTrainedModel) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from reftkit.kvcache import cache_argument, forward_parameters, growing_cache, recording_cache, supports_shared_prefix
 from reftkit.prompts import collate_prompts
+from reftkit.scoring import position_ids_for
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,13 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    lm: PreTrainedModel, tokenizer, prompts: list[list[int]], sampling: Sampling, num_return_sequences: int = 1
+    lm: PreTrainedModel, tokenizer, prompts: list[list[int]], sampling: Sampling, num_return_sequences: int = 1,
+    share_prompts: bool = True,
 ) -> Generated:
-    """Samples (or greedily decodes) `num_return_sequences` responses per prompt, in prompt order."""
+    """Samples (or greedily decodes) `num_return_sequences` responses per prompt, in prompt order,
+    with transformers' `generate`. With `share_prompts` (and a model that allows it) each prompt is
+    prefilled once for its rows and the KV cache grows in place (reftkit.kvcache): the same tokens
+    as the plain call, for less compute and copying."""
     batch = {k: v.to(lm.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
     config = GenerationConfig(
         do_sample=sampling.do_sample,
@@ -56,15 +62,39 @@ def generate(
     )
     was_training = lm.training
     lm.eval()
-    sequences = lm.generate(**batch, generation_config=config, tokenizer=tokenizer)
+    inputs = batch
+    if share_prompts and batch["input_ids"].shape[1] > 1 and supports_shared_prefix(lm):
+        inputs = _prefilled(lm, batch, num_return_sequences, sampling.max_new_tokens)
+        config.num_return_sequences = 1  # the rows are already repeated
+    sequences = lm.generate(**inputs, generation_config=config, tokenizer=tokenizer)
     lm.train(was_training)
+    return assemble(batch, sequences[:, batch["input_ids"].shape[1]:], tokenizer, sampling.stop, num_return_sequences)
+
+
+def _prefilled(lm: PreTrainedModel, batch: dict[str, torch.Tensor], repeats: int, max_new_tokens: int) -> dict:
+    """`generate`'s inputs with every prompt token but the last run here, once per prompt; each
+    prompt's keys are then repeated for its rows, and `generate` runs the last token onwards."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    recorded, name = recording_cache(), cache_argument(lm)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(lm) else {}
+    lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids_for(mask[:, :-1]),
+       use_cache=True, **{name: recorded}, **extra)
+    return {"input_ids": ids.repeat_interleave(repeats, dim=0), "attention_mask": mask.repeat_interleave(repeats, dim=0),
+            name: growing_cache(recorded, repeats, ids.shape[1] + max_new_tokens)}
+
+
+def assemble(batch: dict[str, torch.Tensor], responses: torch.Tensor, tokenizer, stop: str | None,
+             num_return_sequences: int) -> Generated:
+    """The `Generated` of collated prompts and their right-padded responses [N, T] (in prompt order,
+    `num_return_sequences` rows per prompt): masks up to the first EOS, texts decoded and cut at
+    `stop`. `generate` and the vLLM engine (reftkit.engines) both lay out a rollout through it."""
     prompt_len = batch["input_ids"].shape[1]
-    responses = sequences[:, prompt_len:]
+    sequences = torch.cat([batch["input_ids"].repeat_interleave(num_return_sequences, dim=0), responses], dim=1)
     mask = response_mask(responses, tokenizer.eos_token_id)
     prompt_mask = batch["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     texts = tokenizer.batch_decode(responses * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
                                    skip_special_tokens=True)
-    if sampling.stop:
-        texts = [t.split(sampling.stop, 1)[0] for t in texts]
+    if stop:
+        texts = [t.split(stop, 1)[0] for t in texts]
     return Generated(sequences, attention_mask, mask, prompt_len, texts)

@@ -13,14 +13,14 @@ transformers whose checkpointed layers can keep a read-only cache; otherwise the
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from reftkit.kvcache import cache_argument, forward_parameters, prefix_cache, recording_cache, supports_shared_prefix
 
 # A forward call's fixed cost in token-rows: a bucket is split off only when it saves more padding
 # than this (launch overheads dominate a small model's short forward).
@@ -63,54 +63,6 @@ def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -
     return buckets[::-1]
 
 
-class _RecordingLayer(DynamicLayer):
-    """The prompt pass: attention sees this pass's keys only; the first call keeps them. A
-    checkpointed layer replays its forward in the backward pass: the replay changes nothing."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.device, self.keys, self.values, self.is_initialized = key_states.device, key_states, value_states, True
-        return key_states, value_states
-
-
-class _PrefixLayer(DynamicLayer):
-    """The response pass: keys are the recorded prompt's (one row per response) then this pass's.
-    Nothing is stored, so a checkpointed replay computes exactly the same."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.device, self.keys, self.values, self.is_initialized = keys.device, keys, values, True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-def _base_model(lm: nn.Module) -> nn.Module:
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a peft model wraps the LM
-
-
-def _cache_argument(lm: nn.Module) -> str | None:
-    """The forward's name for the KV cache (transformers 5 says `cache`, 4.x `past_key_values`)."""
-    names = inspect.signature(type(_base_model(lm)).forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in names), None)
-
-
-def can_share_prompts(lm: nn.Module) -> bool:
-    """True when `lm` takes a cache argument, its default cache is all plain dynamic layers, and
-    its checkpointed layers (if any) can keep a read-only cache through the backward replay."""
-    base = _base_model(lm)
-    if _cache_argument(lm) is None:
-        return False
-    try:
-        layers = DynamicCache(config=base.config).layers
-    except Exception:  # a config DynamicCache cannot read: leave such models to the padded way
-        return False
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return False
-    checkpointed = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    return not checkpointed or hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
-
-
 @contextmanager
 def _cache_through_checkpointing(lm: nn.Module) -> Iterator[None]:
     """Checkpointed layers drop a cache argument unless told it is only read: ours is (see the layers)."""
@@ -126,7 +78,7 @@ def _cache_through_checkpointing(lm: nn.Module) -> Iterator[None]:
 
 def _forward(lm, input_ids, attention_mask, position_ids, hidden: bool, keep: int = 0, **extra):
     """(logits of the last `keep` positions (0: all), last hidden states or None) of one forward."""
-    if keep and "logits_to_keep" in inspect.signature(type(_base_model(lm)).forward).parameters:
+    if keep and "logits_to_keep" in forward_parameters(lm):
         extra["logits_to_keep"] = keep  # the LM head (often the biggest matmul) runs on those only
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
              output_hidden_states=hidden, **extra)
@@ -141,10 +93,10 @@ def score_responses(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [N, T], values [N, T] or None) of the response tokens (columns prompt_len: of
     `sequences`), T = sequences.shape[1] - prompt_len. Rows with the same `groups` id have the same
-    prompt; with `share` (and a model that allows it, see can_share_prompts) each prompt runs once.
+    prompt; with `share` (and a model that allows it, see kvcache.supports_shared_prefix) each prompt runs once.
     Positions after a response's end hold 0 on the shared way and unmasked garbage on the padded
     way: callers mask them."""
-    if share and groups is not None and can_share_prompts(lm):
+    if share and groups is not None and supports_shared_prefix(lm):
         return _shared(lm, sequences, attention_mask, prompt_len, groups, temperature, value_head)
     return _padded(lm, sequences, attention_mask, prompt_len, temperature, value_head)
 
@@ -160,7 +112,7 @@ def _padded(lm, sequences, attention_mask, prompt_len, temperature, value_head):
 
 def _shared(lm, sequences, attention_mask, prompt_len, groups, temperature, value_head):
     n, width = sequences.shape[0], sequences.shape[1] - prompt_len
-    cache_argument, hidden = _cache_argument(lm), value_head is not None
+    cache_name, hidden = cache_argument(lm), value_head is not None
     # One row per distinct prompt, left padding common to all of them dropped.
     _, group_of_row = torch.unique(groups, return_inverse=True)
     rows = torch.arange(n, device=sequences.device)
@@ -172,10 +124,10 @@ def _shared(lm, sequences, attention_mask, prompt_len, groups, temperature, valu
     responses, response_mask = sequences[:, prompt_len:], attention_mask[:, prompt_len:]
     lengths = response_mask.sum(1).tolist()  # the one host sync: bucket shapes
 
-    recorded = Cache(layer_class_to_replicate=_RecordingLayer)
+    recorded = recording_cache()
     with _cache_through_checkpointing(lm):
         logits, last_hidden = _forward(lm, prompt_ids, prompt_mask, position_ids_for(prompt_mask), hidden, keep=1,
-                                       use_cache=True, **{cache_argument: recorded})
+                                       use_cache=True, **{cache_name: recorded})
         next_logits = logits[:, -1:]  # predicts each response's first token (prompts are left padded)
         next_hidden = last_hidden[:, -1:] if hidden else None
         prompt_tokens = prompt_mask.sum(1)
@@ -189,9 +141,8 @@ def _shared(lm, sequences, attention_mask, prompt_len, groups, temperature, valu
                 inputs = responses[index, : longest - 1]
                 mask = torch.cat([prompt_mask[group], response_mask[index, : longest - 1]], dim=1)
                 positions = prompt_tokens[group, None] + torch.arange(longest - 1, device=inputs.device)
-                prefix = Cache(layers=[_PrefixLayer(layer.keys[group], layer.values[group]) for layer in recorded.layers])
                 more_logits, more_hidden = _forward(lm, inputs, mask, positions, hidden, use_cache=True,
-                                                    **{cache_argument: prefix})
+                                                    **{cache_name: prefix_cache(recorded, group)})
                 step_logits = torch.cat([step_logits, more_logits], dim=1)
                 step_hidden = torch.cat([step_hidden, more_hidden], dim=1) if hidden else None
             logprobs = token_logprobs(step_logits, responses[index, :longest], temperature)

@@ -27,10 +27,11 @@ from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import evaluate_run
 from reftkit.lora import reference_lm
-from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, lm_response_logprobs, load_causal_lm
-from reftkit.model import load_tokenizer, response_slice, token_logprobs
+from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm, load_tokenizer
+from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_prompts, encode_sft_examples
 from reftkit.rollout import Sampling, generate
+from reftkit.engines import check_engine, logprob_gap, make_engine
 from reftkit.checkpoints import (
     NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, weights_finite,
 )
@@ -69,27 +70,39 @@ def _take(value, idx: torch.Tensor):
     return value[idx] if isinstance(value, torch.Tensor) else value
 
 
-def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature):
-    """(log-probs [N, T], values [N, T] or None) of the response tokens under the (wrapped) policy."""
-    logits, values = policy(sequences, attention_mask)
-    logprobs = token_logprobs(response_slice(logits, prompt_len), sequences[:, prompt_len:], temperature)
-    return logprobs, None if values is None else response_slice(values, prompt_len).float()
+def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature, question=None, share=True):
+    """(log-probs [N, T], values [N, T] or None) of the response tokens under the (wrapped) policy;
+    rows of the same `question` run its prompt once when `share` (reftkit.scoring)."""
+    return policy(sequences, attention_mask, prompt_len, question, temperature, share)
+
+
+def minibatch_order(batch: RolloutBatch, generator: torch.Generator, whole_questions: bool) -> torch.Tensor:
+    """A shuffled order of the rollout's rows. With `whole_questions` the questions are shuffled and
+    each keeps its rows together, so a minibatch runs each of its prompts once."""
+    n = batch.sequences.shape[0]
+    if not whole_questions or n == 0:
+        return torch.randperm(n, generator=generator).to(batch.sequences.device)
+    _, group = torch.unique(batch.question.cpu(), return_inverse=True)
+    rank = torch.argsort(torch.randperm(int(group.max()) + 1, generator=generator))  # each question's place
+    return torch.argsort(rank[group], stable=True).to(batch.sequences.device)
 
 
 @torch.no_grad()
-def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader):
+def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader,
+                 engine=None):
     """Samples, grades and scores one batch of questions. Returns (RolloutBatch, stats)."""
     with accelerator.autocast():  # same precision for sampling, pi_old, pi_ref and the update
-        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
+        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine)
 
 
-def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader):
+def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine=None):
     k = cfg.num_samples
     sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
     prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot)  # cuts counted and warned
     # A question's k samples are consecutive rows on this process: group statistics are exact.
     clock = time.perf_counter()
-    out = generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k)
+    out = engine.sample(prompts, sampling, k) if engine else \
+        generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k)
     seconds = {"time_generation": time.perf_counter() - clock}
     clock = time.perf_counter()
     repeated = [ex for ex in examples for _ in range(k)]  # generate keeps prompt order
@@ -98,13 +111,15 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
     scores = torch.tensor([reward_from_grade(g, cfg.correct_reward, cfg.partial_reward) for g in grades],
                           device=out.sequences.device)
 
+    question = torch.arange(len(examples), device=out.sequences.device).repeat_interleave(k)
     old_logprobs, old_values = policy_outputs(policy, out.sequences, out.attention_mask, out.prompt_len,
-                                              cfg.temperature)
+                                              cfg.temperature, question, cfg.share_prompts)
     ref_logprobs = old_logprobs  # kl_coef 0: no reference forward at all
     if cfg.kl_beta > 0:
         with reference_lm(accelerator.unwrap_model(policy).lm, ref_lm) as ref:
             ref_logprobs = lm_response_logprobs(ref, out.sequences, out.attention_mask, out.prompt_len,
-                                                cfg.temperature)
+                                                cfg.temperature, question, cfg.share_prompts)
+    seconds.update(logprob_gap(out, old_logprobs))  # engine_logprob_gap: the engine's numerics vs the trainer's
     mask = out.response_mask
     reward_beta = cfg.kl_beta if cfg.kl_in == "reward" else 0.0
     rewards, kl = ppo.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_beta)
@@ -117,7 +132,6 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
         sequence_rewards = scores - reward_beta * kl.sum(dim=1)
         advantages = ppo.group_advantages(sequence_rewards, k, cfg.advantage).unsqueeze(1) * mask
 
-    question = torch.arange(len(examples), device=mask.device).repeat_interleave(k)
     batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, mask, old_logprobs, advantages, question,
                          old_values, returns, ref_logprobs if cfg.kl_in == "loss" else None)
     dropped = 0
@@ -126,17 +140,16 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader)
         dropped = int(uniform.sum())
         batch = _keep_rows(accelerator, batch, (~uniform).repeat_interleave(k))
 
-    n_correct = sum(g.correct for g in grades)
-    stats = torch.tensor([scores.sum().item(), n_correct, len(grades), (kl.sum(1)).sum().item(),
-                          mask.sum().item(), dropped], device=out.sequences.device)
-    stats = accelerator.reduce(stats, "sum")  # totals over all processes
-    record = {"reward": (stats[0] / stats[2]).item(), "train_accuracy": (stats[1] / stats[2]).item(),
-              "kl": (stats[3] / stats[2]).item(), "response_tokens": (stats[4] / stats[2]).item(),
-              "sampled_tokens": int(stats[4].item())}
-    # old log-probs, values, reference, advantages; measured after `.item()` has synced the device
+    counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped], device=mask.device)
+    stats = torch.cat([torch.stack([scores.sum(), kl.sum(), mask.sum()]).float(), counts.float()])
+    # Totals over all processes, read in one device-to-host copy per rollout batch.
+    reward, kl_sum, tokens, n_correct, n, dropped = accelerator.reduce(stats, "sum").tolist()
+    record = {"reward": reward / n, "train_accuracy": n_correct / n, "kl": kl_sum / n, "response_tokens": tokens / n,
+              "sampled_tokens": int(tokens)}
+    # old log-probs, values, reference, advantages; measured after `.tolist()` has synced the device
     seconds["time_scoring"] = time.perf_counter() - clock
     if cfg.drop_uniform_groups:
-        record["dropped_groups"] = int(stats[5].item())
+        record["dropped_groups"] = int(dropped)
     return batch, {**record, **seconds}
 
 
@@ -189,17 +202,17 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
     (skipped, or the run stopped, when its loss or gradient is non-finite: `cfg.nonfinite`).
     `sft` = (reference features of the batch's questions, pad id, mu) adds the SFT term."""
     n = batch.sequences.shape[0]
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # summed on the device: read once per rollout batch, not per minibatch
     updates = skipped = 0
     norm_length = cfg.max_length - cfg.max_prompt_tokens if cfg.advantage == "drgrpo" else None
     for ppo_epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=generator).to(batch.sequences.device)
+        order = minibatch_order(batch, generator, cfg.share_prompts and sft is None)
         for start in range(0, n, cfg.mini_batch_size):
             rows = batch.rows(order[start : start + cfg.mini_batch_size])
             with accelerator.autocast(), checkpointing_in_eval_mode(policy):
                 if sft is None:
                     logprobs, values = policy_outputs(policy, rows.sequences, rows.attention_mask, rows.prompt_len,
-                                                      cfg.temperature)
+                                                      cfg.temperature, rows.question, cfg.share_prompts)
                 else:
                     references, pad_id, mu = sft
                     logprobs, values, sft_loss = outputs_with_references(policy, rows, references, pad_id,
@@ -216,12 +229,13 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
             skipped += not stepped
             scheduler.step()
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
             updates += 1
     if not weights_finite(policy):
         raise NonFiniteError(f"non-finite weights after rollout batch {step}: run stopped, nothing of this batch "
                              "saved; the last checkpoint is intact (lower lr)")
-    return {**{k: v / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
+    means = (torch.stack(list(sums.values())) / max(updates, 1)).tolist() if sums else []
+    return {**dict(zip(sums, means, strict=True)), "skipped_updates": skipped}
 
 
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
@@ -232,6 +246,7 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
 
 def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator = make_accelerator(cfg)
+    check_engine(cfg.rollout_engine, accelerator.num_processes)  # installed? before the run directory is claimed
     run = claim_output_dir(accelerator, cfg, "reft")
     # PPO needs questions and gold answers only; the SFT term (sft_coef) also the reference CoTs.
     train = training_examples(train, cfg, require_cot=cfg.sft_coef > 0)
@@ -262,6 +277,10 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     progress = run.progress
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
     metrics = Metrics(accelerator, cfg, "reft", run.resumed_at)
+    engine = make_engine(cfg.rollout_engine, accelerator.unwrap_model(policy).lm, tokenizer, seed=cfg.seed,
+                         max_model_len=cfg.max_length, bf16=accelerator.mixed_precision == "bf16",
+                         sleep_mode=cfg.vllm_sleep_mode, num_processes=accelerator.num_processes)
+    engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)  # the resumed weights, if any
 
     def run_eval(tag: str) -> None:
         if not eval_set:
@@ -279,7 +298,8 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     for epoch in range(progress.epoch, cfg.epochs):
         for i, indices in epoch_batches(accelerator, loader, progress, epoch):
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
-                                           [train[j] for j in indices.tolist()], cfg, grader)
+                                           [train[j] for j in indices.tolist()], cfg, grader, engine)
+            engine.sleep()  # vLLM sleep mode: the engine's memory is free for the update
             # Minibatch order: a function of (seed, step), identical on every process and after --resume.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
             sft = None
@@ -292,6 +312,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                                      progress.step + 1, sft))
             record["time_update"] = time.perf_counter() - clock
             progress.step += 1
+            engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
             bar.update(1)
@@ -306,6 +327,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
             run_eval(f"epoch{epoch + 1}")
         checkpoint()
     bar.close()
+    engine.close()
     final = save_final(accelerator, policy, _lm, tokenizer, cfg, run)
     metrics.close()
     return final
