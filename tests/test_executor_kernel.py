@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_executor import ATTACKS, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, prog
+from test_executor import ATTACKS, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, _wait_for, prog
 
 from reftkit.executor import ExecResult, ExecutorConfig, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import Importer
@@ -122,6 +122,14 @@ def _ns_init(worker_pid: int) -> int:
     """The worker's child that is PID 1 of its PID namespace."""
     return next(c for c in _children(worker_pid)
                 if Path(f"/proc/{c}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1] == "1")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process has exited (a zombie not yet reaped, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def _limits(pid: int | str) -> str:
@@ -264,7 +272,11 @@ def test_a_worker_whose_namespace_lost_its_pid_1_is_replaced(caplog):
     with ProgramExecutor(dataclasses.replace(CONFIG, workers=1)) as ex:
         assert ex.run([BENIGN])[0].value == "7"
         worker = ex._workers[0].proc.pid
-        os.kill(_ns_init(worker), 9)
+        ns_init = _ns_init(worker)
+        os.kill(ns_init, 9)
+        # Until the kernel has torn the namespace down, a fork into it still works (and a program may finish
+        # there first, rightly answered): wait for that PID 1 to have exited, so the next fork must fail.
+        assert _wait_for(lambda: _exited(ns_init))
         with caplog.at_level("WARNING", logger="reftkit.executor"):
             assert ex.run([BENIGN] * 2) == [ExecResult(OK, "7")] * 2
         # Either the next fork fails (the health check's known-good program then fails), or a child

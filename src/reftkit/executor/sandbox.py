@@ -1,7 +1,7 @@
 """The child: hardening right after fork, then its program (or, with programs_per_child > 1, several in
 turn), then one length-prefixed result frame per program on a pipe.
 
-Order matters. Descriptors and the session come first (nothing of the worker's may leak), then resource
+Order matters. Descriptors and the process group come first (nothing of the worker's may leak), then resource
 limits, then privileges are dropped, then the irreversible kernel filters (Landlock, seccomp), and only
 then is the program run, with the audit hook installed last so that the hardening itself is not subject
 to it. What a child inherits is set once in the worker: the network, IPC and PID namespaces, no_new_privs,

@@ -93,10 +93,10 @@ class Zygote:
         self._probe()
         self._finalise_layers()
         self._known_good = compile(f"def {config.entry}():\n    return 6 * 7\n", "<health check>", "exec")
-        self._apply_in_worker()
+        moved = self._apply_in_worker()
         prepare_steps(self.ctx)
-        if self.ctx.inherited or self.ctx.seccomp is not self._whole_filter:
-            self.check_health()  # the layers as split between worker and child, once, before any program
+        if moved:
+            self.check_health()  # the layers as now split between worker and child, once, before any program
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
         kernel.release_free_memory()
@@ -272,9 +272,8 @@ class Zygote:
         self.layers["landlock"] = f"on: ABI {abi}, read-only access to {len(ctx.read_roots)} directories"
 
     def _prepare_seccomp(self) -> None:
-        self._whole_filter = None
         try:
-            self.ctx.seccomp = self._whole_filter = kernel.SeccompProgram(kernel.seccomp_filter())
+            self.ctx.seccomp = kernel.SeccompProgram(kernel.seccomp_filter())
         except OSError as exc:
             self.layers["seccomp"] = f"off: {exc.strerror or exc}"
             return
@@ -282,12 +281,13 @@ class Zygote:
         self.layers["seccomp"] = ("on: processes, signals, ptrace, other processes' limits, SysV IPC, F_SETOWN, "
                                   "sockets, namespaces kill the program; file writes fail (named errno)")
 
-    def _apply_in_worker(self) -> None:
+    def _apply_in_worker(self) -> bool:
         """Once the probe has shown that every layer works in a child: what each child would otherwise do for
         itself, and what the worker does not need for its own work, the worker does once, to itself, and every
         child inherits it (docs/executor.md, "Applied once, in the worker"): the capability drop, and the half
-        of the seccomp filter for calls the worker never makes (each child still adds the other half). The
-        namespace's PID 1 and the probe, forked before this, applied every layer themselves."""
+        of the seccomp filter for calls the worker never makes (each child still adds the other half); with
+        the PID namespace, its PID 1's parent-death signal stands for each child's. The namespace's PID 1 and
+        the probe, forked before this, applied every layer themselves. Returns whether anything moved."""
         ctx = self.ctx
         if ctx.privilege == "capdrop" and "privileges" in ctx.enabled:
             kernel.drop_capabilities()  # the probe child showed that capset works; an OSError fails the start
@@ -302,9 +302,11 @@ class Zygote:
             try:
                 kernel.SeccompProgram(kernel.seccomp_filter("worker")).install()
             except OSError:
-                return  # not applied: each child keeps installing the whole filter
+                return bool(ctx.inherited)  # not applied: each child keeps installing the whole filter
             ctx.seccomp = kernel.SeccompProgram(kernel.seccomp_filter("child"))
             self.layers["seccomp"] += "; the filter for calls the worker never makes is the worker's, inherited"
+            return True
+        return bool(ctx.inherited)
 
     def _probe(self) -> None:
         """Forks one child that tries every layer; layers that fail there are disabled (and reported), so
