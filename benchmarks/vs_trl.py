@@ -66,6 +66,7 @@ DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 TOOLS = {
     "reftkit-ppo": "reftkit reft (PPO, value head, GAE)",
     "reftkit-grpo": "reftkit reft --advantage grpo --kl_in loss",
+    "reftkit-ppo-padded": "reftkit reft --no-share_prompts (PPO, every row padded and whole)",
     "trl-grpo": "TRL GRPOTrainer (loss_type grpo)",
 }
 # Per model: questions per step, samples per question, max new tokens, minibatch, timed steps (after 1 warm-up).
@@ -215,6 +216,8 @@ def _reftkit_worker(spec: dict) -> dict:
             "--bf16", "no", "--no-progress", "--quiet", "--save_every", "0"]
     if spec["tool"] == "reftkit-grpo":
         argv += ["--advantage", "grpo", "--kl_in", "loss"]
+    if spec["tool"] == "reftkit-ppo-padded":  # the saving of prompt sharing, measured beside it
+        argv += ["--no-share_prompts"]
     if main(argv) != 0:
         raise SystemExit(f"reftkit reft failed: {' '.join(argv)}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -102,7 +102,7 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
     # A question's k samples are consecutive rows on this process: group statistics are exact.
     clock = time.perf_counter()
     out = engine.sample(prompts, sampling, k) if engine else \
-        generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k)
+        generate(accelerator.unwrap_model(policy).lm, tokenizer, prompts, sampling, k, cfg.share_prompts)
     seconds = {"time_generation": time.perf_counter() - clock}
     clock = time.perf_counter()
     repeated = [ex for ex in examples for _ in range(k)]  # generate keeps prompt order
