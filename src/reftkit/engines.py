@@ -57,11 +57,11 @@ class EngineGenerated(Generated):
 class HFEngine:
     """transformers' `generate` on the policy last pushed (the live model: pushing is free)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.lm = tokenizer, None
+    def __init__(self, tokenizer, share_prompts: bool = True):
+        self.tokenizer, self.lm, self.share_prompts = tokenizer, None, share_prompts
 
     def sample(self, prompts: list[list[int]], sampling: Sampling, k: int) -> Generated:
-        return generate(self.lm, self.tokenizer, prompts, sampling, k)
+        return generate(self.lm, self.tokenizer, prompts, sampling, k, self.share_prompts)
 
     def push_weights(self, lm: PreTrainedModel, version: int) -> None:
         self.lm = lm
@@ -243,12 +243,13 @@ def check_engine(name: str, num_processes: int = 1) -> None:
 
 
 def make_engine(name: str, lm: PreTrainedModel, tokenizer, *, seed: int, max_model_len: int, bf16: bool = False,
-                sleep_mode: bool = False, num_processes: int = 1, **engine_options: Any) -> RolloutEngine:
+                sleep_mode: bool = False, num_processes: int = 1, share_prompts: bool = True,
+                **engine_options: Any) -> RolloutEngine:
     """The rollout engine `name` ("hf" or "vllm"), not yet loaded with weights (call push_weights);
     `engine_options` go to `vllm.LLM` (e.g. enforce_eager=True: no compilation, a faster start)."""
     check_engine(name, num_processes)
     if name == "hf":
-        return HFEngine(tokenizer)
+        return HFEngine(tokenizer, share_prompts)
     dtype = "bfloat16" if bf16 else str(next(lm.parameters()).dtype).removeprefix("torch.")
     return VLLMEngine(lm, tokenizer, seed=seed, max_model_len=max_model_len, dtype=dtype, sleep_mode=sleep_mode,
                       **engine_options)

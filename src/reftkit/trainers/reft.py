@@ -279,7 +279,8 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     metrics = Metrics(accelerator, cfg, "reft", run.resumed_at)
     engine = make_engine(cfg.rollout_engine, accelerator.unwrap_model(policy).lm, tokenizer, seed=cfg.seed,
                          max_model_len=cfg.max_length, bf16=accelerator.mixed_precision == "bf16",
-                         sleep_mode=cfg.vllm_sleep_mode, num_processes=accelerator.num_processes)
+                         sleep_mode=cfg.vllm_sleep_mode, num_processes=accelerator.num_processes,
+                         share_prompts=cfg.share_prompts)
     engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)  # the resumed weights, if any
 
     def run_eval(tag: str) -> None:
