@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from reftkit import ppo
 from reftkit.lora import add_lora
@@ -80,7 +81,9 @@ def loss_and_grads(policy, share: bool):
 @pytest.mark.parametrize("use_lora, checkpointing", [(False, False), (True, False), (False, True), (True, True)])
 def test_shared_prompts_give_the_padded_log_probs_values_loss_and_gradients(arch, use_lora, checkpointing):
     policy = policy_for(arch, use_lora, checkpointing)
-    assert supports_shared_prefix(policy.lm)
+    # transformers < 5.1x drops any cache in a checkpointed layer: then the padded way runs (and is compared)
+    assert supports_shared_prefix(policy.lm) == (not checkpointing or hasattr(GradientCheckpointingLayer,
+                                                                              "_can_checkpoint_with_cache"))
     loss_a, logp_a, values_a, grads_a = loss_and_grads(policy, share=False)
     loss_b, logp_b, values_b, grads_b = loss_and_grads(policy, share=True)
     torch.testing.assert_close(logp_b, logp_a, rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ class RecordingLayer(DynamicLayer):
     """Attention sees this pass's keys only; the first call keeps them (a replay changes nothing)."""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
+        if self.keys is None:  # (is_initialized is transformers >= 5's flag; older ones test keys)
             self.device, self.keys, self.values, self.is_initialized = key_states.device, key_states, value_states, True
         return key_states, value_states
 
