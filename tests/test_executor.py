@@ -381,6 +381,32 @@ def test_killed_workers_are_replaced(executor):
     assert [r.value for r in executor.run([BENIGN] * 5)] == ["7"] * 5
 
 
+def test_warm_up_programs_are_ordinary_allowed_programs():
+    """The worker runs its own warm-up programs (executor/warm.py) before forking any child: constants that
+    the static check would accept from anyone, importing only default-allowed modules."""
+    import ast
+
+    from reftkit.executor import warm
+    from reftkit.executor.policy import check_program
+
+    for imports, source in warm._PROGRAMS:
+        assert set(imports) <= set(DEFAULT_ALLOWED_IMPORTS)
+        assert check_program(ast.parse(source), frozenset(DEFAULT_ALLOWED_IMPORTS)) is None, source
+
+
+def test_warm_up_leaves_no_trace():
+    """The first programs a fresh worker runs see nothing of its warm-up: not its printed output, not a
+    policy violation, and the warm-up follows the configured entry point."""
+    config = dataclasses.replace(CONFIG, workers=1, entry="main")
+    printer = "def main():\n    print('mine')\n    return 1\n"
+    with ProgramExecutor(config) as ex:
+        first, forbidden, benign = ex.run([printer, "import os\ndef main():\n    return 1\n",
+                                           "import math\ndef main():\n    return math.floor(7.5)\n"])
+    assert first == ExecResult(OK, "1", "", "mine\n")
+    assert forbidden.status == FORBIDDEN
+    assert benign == ExecResult(OK, "7")
+
+
 def test_numpy_blas_runs_single_threaded():
     """A BLAS call that would start threads (a 300x300 product) runs in the child's one thread: the workers'
     environment asks BLAS libraries for one thread, since seccomp kills thread creation."""

@@ -9,6 +9,11 @@ import select
 import signal
 import time
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover -- not on this platform: pipes keep their default size
+    fcntl = None
+
 
 def collect(pid: int, fd: int, deadline: float, cap: int, roomy: bool) -> tuple[bytes, str | None]:
     """Waits for the child and reads its result pipe; kills it on timeout or past the output cap.
@@ -71,11 +76,11 @@ def _collect_while_running(pid: int, fd: int, deadline: float, cap: int, pidfd: 
 
 def grow_pipe(fd: int, size: int) -> bool:
     """Whether the pipe could be made to hold `size` bytes (Linux F_SETPIPE_SZ)."""
+    if fcntl is None:
+        return False
     try:
-        import fcntl
-
         return fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size) >= size
-    except (ImportError, OSError):
+    except OSError:
         return False
 
 

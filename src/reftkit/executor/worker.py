@@ -28,6 +28,7 @@ import warnings
 from reftkit.executor import kernel
 from reftkit.executor.collect import children_list, collect, grow_pipe, kill_group, reap_strays
 from reftkit.executor.config import ExecutorConfig, Status
+from reftkit.executor.warm import warm_child_path
 from reftkit.executor.policy import AuditPolicy, Importer, safe_builtins
 from reftkit.executor.sandbox import (
     EXIT_INTERNAL,
@@ -52,6 +53,7 @@ _PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "landlock", "s
 # Details of results the worker or the sandbox produced, not the program: after one, the worker checks
 # itself with a known-good program and leaves if that fails too (the pool replaces it).
 _INTERNAL_DETAILS = ("executor internal error", "no result (the sandbox failed)", "sandbox setup failed")
+_STATUSES = {status.value: status for status in Status}
 _SHARED_SLACK_S = 0.1  # per program, on top of timeout_s, before the worker kills a shared child itself
 
 
@@ -97,6 +99,7 @@ class Zygote:
         prepare_steps(self.ctx)
         if moved:
             self.check_health()  # the layers as now split between worker and child, once, before any program
+        warm_child_path(self.ctx)  # its code specialised once here, not written (and copied) by every child
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
         kernel.release_free_memory()
@@ -521,11 +524,8 @@ def _signalled(sig: int, cpu_spent: bool, config: ExecutorConfig) -> dict:
 
 def _parse_child_result(data: bytes, config: ExecutorConfig) -> dict | None:
     """Validates what the child wrote; the child is untrusted, so anything malformed is no result."""
-    msg = decode_result(data)
-    try:
-        status = Status(msg["s"]) if msg is not None else None
-    except ValueError:
-        return None
+    msg = decode_result(data)  # five strings, or None
+    status = _STATUSES.get(msg["s"]) if msg is not None else None  # not Status(...): enum machinery
     if status is None:
         return None
     value, detail, output = msg["v"], msg["d"], msg["o"]
