@@ -1,7 +1,7 @@
 """Throughput of reftkit's sandboxed executor vs the paper's naive process pools, on the same programs.
 
     python benchmarks/executor_speed.py [--programs 1000] [--batch 4 100] [--programs-per-child 16] [--svamp]
-                                        [--naive paper fork spawn] [--doc docs/executor-speed.md]
+                                        [--naive paper fork spawn] [--doc report.md]
 
 Programs: P-CoT programs like the SVAMP/GSM8K training data (`def solution(): ... return result`), made
 by a small template generator (some use math, fractions or statistics); with --svamp, the `answer_cot`
@@ -284,7 +284,8 @@ def main() -> None:
     parser.add_argument("--trainer-memory-gb", type=float, default=1.0,
                         help="touched memory the process holds in the second phase (model weights, optimizer)")
     parser.add_argument("--trainer-rounds", type=int, default=1)
-    parser.add_argument("--doc", default="docs/executor-speed.md", help="markdown report path; '' to skip writing")
+    parser.add_argument("--doc", default="", help="also write the markdown report to this path (docs/executor-speed.md "
+                                                  "keeps every run's report: paste, do not overwrite)")
     args = parser.parse_args()
 
     programs = svamp_programs(args.programs) if args.svamp else template_programs(args.programs)
