@@ -122,7 +122,7 @@ def _shared(lm, sequences, attention_mask, prompt_len, groups, temperature, valu
     start = int(prompt_mask.any(0).long().argmax())
     prompt_ids, prompt_mask = sequences[first, start:prompt_len], prompt_mask[:, start:]
     responses, response_mask = sequences[:, prompt_len:], attention_mask[:, prompt_len:]
-    lengths = response_mask.sum(1).tolist()  # the one host sync: bucket shapes
+    lengths = response_mask.sum(1).tolist()  # host syncs (here, `start`, `first`): shapes only, once per call
 
     recorded = recording_cache()
     with _cache_through_checkpointing(lm):
