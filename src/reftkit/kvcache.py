@@ -15,6 +15,7 @@ recurrent state): `supports_shared_prefix` says so; other models take transforme
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -83,7 +84,18 @@ def base_model(lm: nn.Module) -> nn.Module:
 
 
 def forward_parameters(lm: nn.Module):
-    return inspect.signature(type(base_model(lm)).forward).parameters
+    return _parameters(type(base_model(lm)))
+
+
+@functools.cache
+def _parameters(model_class: type):  # read once per class: scoring asks at every minibatch
+    return inspect.signature(model_class.forward).parameters
+
+
+def logits_to_keep(lm: nn.Module, positions: int) -> dict:
+    """The forward option that runs the LM head (often the biggest matmul) on the last `positions`
+    positions only, where the model has it; {} where it does not (callers then slice)."""
+    return {"logits_to_keep": positions} if "logits_to_keep" in forward_parameters(lm) else {}
 
 
 def cache_argument(lm: nn.Module) -> str | None:

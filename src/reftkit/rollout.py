@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from reftkit.kvcache import cache_argument, forward_parameters, growing_cache, recording_cache, supports_shared_prefix
+from reftkit.kvcache import cache_argument, growing_cache, logits_to_keep, recording_cache, supports_shared_prefix
 from reftkit.prompts import collate_prompts
 from reftkit.scoring import position_ids_for
 
@@ -76,9 +76,8 @@ def _prefilled(lm: PreTrainedModel, batch: dict[str, torch.Tensor], repeats: int
     prompt's keys are then repeated for its rows, and `generate` runs the last token onwards."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     recorded, name = recording_cache(), cache_argument(lm)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(lm) else {}
     lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids_for(mask[:, :-1]),
-       use_cache=True, **{name: recorded}, **extra)
+       use_cache=True, **{name: recorded}, **logits_to_keep(lm, 1))
     return {"input_ids": ids.repeat_interleave(repeats, dim=0), "attention_mask": mask.repeat_interleave(repeats, dim=0),
             name: growing_cache(recorded, repeats, ids.shape[1] + max_new_tokens)}
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.kvcache import cache_argument, forward_parameters, prefix_cache, recording_cache, supports_shared_prefix
+from reftkit.kvcache import cache_argument, logits_to_keep, prefix_cache, recording_cache, supports_shared_prefix
 
 # A forward call's fixed cost in token-rows: a bucket is split off only when it saves more padding
 # than this (launch overheads dominate a small model's short forward).
@@ -78,8 +78,8 @@ def _cache_through_checkpointing(lm: nn.Module) -> Iterator[None]:
 
 def _forward(lm, input_ids, attention_mask, position_ids, hidden: bool, keep: int = 0, **extra):
     """(logits of the last `keep` positions (0: all), last hidden states or None) of one forward."""
-    if keep and "logits_to_keep" in forward_parameters(lm):
-        extra["logits_to_keep"] = keep  # the LM head (often the biggest matmul) runs on those only
+    if keep:
+        extra.update(logits_to_keep(lm, keep))
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
              output_hidden_states=hidden, **extra)
     logits = out.logits if not keep or out.logits.shape[1] == keep else out.logits[:, -keep:]
