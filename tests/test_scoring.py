@@ -157,3 +157,29 @@ def test_a_sliding_window_model_falls_back_to_the_padded_way():
         shared, _ = score_responses(lm, sequences, attention, plen, question, share=True)
         padded, _ = score_responses(lm, sequences, attention, plen, question, share=False)
     assert torch.equal(shared, padded)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_trainer_honours_share_prompts(tmp_path, splits, tiny_checkpoint, monkeypatch, share):
+    """`share_prompts` reaches sampling's prefill, the rollout's scoring and every update (and
+    false reaches none of them): counted at the shared paths themselves."""
+    from conftest import LENGTHS
+    from reftkit import rollout, scoring
+    from reftkit.config import ReFTConfig
+    from reftkit.trainers.reft import train_reft
+
+    calls = {"prefill": 0, "scoring": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(rollout, "_prefilled", counting("prefill", rollout._prefilled))
+    monkeypatch.setattr(scoring, "_shared", counting("scoring", scoring._shared))
+    cfg = ReFTConfig(model=str(tiny_checkpoint), output_dir=tmp_path, epochs=1, batch_size=4, num_samples=2,
+                     mini_batch_size=4, ppo_epochs=1, lr=1e-4, progress=False, share_prompts=share, **LENGTHS)
+    train_reft(cfg, splits[0][:4])
+    # one rollout batch: one prefill; scoring = old log-probs + reference + 2 minibatches
+    assert calls == ({"prefill": 1, "scoring": 4} if share else {"prefill": 0, "scoring": 0})

@@ -171,7 +171,7 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
     lr_schedule: Literal["linear", "constant"] = Field("constant", description="the paper keeps the rate constant")
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
-    share_prompts: bool = Field(True, description="run each question's prompt once for its num_samples responses (sampling's prefill, old log-probs, values, reference, every update: cached keys and values) and responses in length buckets; minibatches then hold whole questions. false: every row padded and whole, minibatches of shuffled rows (the numbers of reftkit before this option)")
+    share_prompts: bool = Field(True, description="run each question's prompt once for its num_samples responses (sampling's prefill, old log-probs, values, reference, every update: cached keys and values) and responses in length buckets; minibatches then hold whole questions. Not in the updates with sft_coef > 0 (they run padded), nor in a vLLM engine's sampling (vLLM shares prefixes itself). false: every row padded and whole, minibatches of shuffled rows (the numbers of reftkit before this option)")
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
     kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
     gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")
