@@ -173,6 +173,28 @@ def test_order_and_values_over_many_programs(executor):
     assert executor.run([]) == []
 
 
+@pytest.mark.parametrize(("programs", "chunks"), [
+    (1, [[[0]], []]),
+    (3, [[[0, 1]], [[2]]]),  # not both on the first worker: a call waits for its slowest worker
+    (4, [[[0, 1]], [[2, 3]]]),  # a share in one chunk: parsed and compiled before the first fork
+    (40, [[list(range(0, 10)), list(range(20, 30))], [list(range(10, 20)), list(range(30, 40))]]),
+    (100, [[list(range(0, 16)), list(range(32, 48))], [list(range(16, 32)), list(range(48, 64))]]),
+])
+def test_a_call_is_spread_over_the_workers(executor, programs, chunks):
+    """What the first dispatch of a call sends to each of the 2 workers: a fair share each, in one chunk when
+    it fits, else in chunks of at most 16 with the next one queued behind; the rest waits for answers."""
+    from reftkit.executor.pool import _Batch
+
+    batch = _Batch([BENIGN] * programs)
+    batch.queues["lean"].extend(range(programs))
+    executor._dispatch(batch)
+    assert [list(w.inflight) for w in executor._pool("lean")] == chunks
+    while batch.left:  # let the workers answer, so that the executor stays in step for the next test
+        executor._pump(batch)
+        executor._dispatch(batch)
+    assert [r.value for r in batch.results] == ["7"] * programs
+
+
 # -------------------------------------------------------------------------------------- attack suite
 # name -> (program, accepted statuses). CANARY and CREATED are replaced with paths under tmp_path.
 
@@ -314,8 +336,8 @@ def test_attacks_leave_the_host_unharmed(attack_run):
 
 # ------------------------------------------------------------------------------- programs_per_child > 1
 
-# (program, status, value) in submission order. With one worker and 4 programs per child, the first chunk
-# is programs 0-9 (a fair share of 20), run by children for 0-3, 4-7 and 8-9; the second is 10-14.
+# (program, status, value) in submission order. With one worker and 4 programs per child, the 20 programs go
+# in two chunks of 10 (more than the 16 of one chunk), run by children for 0-3, 4-7 and 8-9, then 10-13, ...
 SHARED_CASES = [
     ("import math\ndef solution():\n    math.pi = 3\n    return 1\n", OK, "1"),  # group 1
     ("import math\ndef solution():\n    return math.pi\n", OK, repr(3.141592653589793)),  # fresh proxy

@@ -240,12 +240,13 @@ def test_shared_child_lets_an_escaped_program_forge_the_next_answer():
     result frames for itself and the program after it in its chunk, which then gets the forged answer.
     With a child per program the same program only decides its own result."""
     forged = frame(encode_result({"s": "ok", "v": "999", "d": "", "o": ""}))
-    sources = [FORGER.replace("FORGED", repr(forged * 2)), "def solution():\n    return 17\n", BENIGN, BENIGN]
+    sources = [FORGER.replace("FORGED", repr(forged * 2)), "def solution():\n    return 17\n"]
     shared = dataclasses.replace(KERNEL_CONFIG, workers=1, programs_per_child=8)
-    with ProgramExecutor(shared) as ex:  # chunks of 2 here: the forger and its victim share a child
-        assert [r.value for r in ex.run(sources)] == ["999", "999", "7", "7"]
+    with ProgramExecutor(shared) as ex:  # one chunk, one child: the forger and its victim share it
+        assert [r.value for r in ex.run(sources)] == ["999", "999"]
+        assert [r.value for r in ex.run([BENIGN, BENIGN])] == ["7", "7"]  # the next child is clean
     with ProgramExecutor(dataclasses.replace(shared, programs_per_child=1)) as ex:
-        assert [r.value for r in ex.run(sources)] == ["999", "17", "7", "7"]
+        assert [r.value for r in ex.run(sources)] == ["999", "17"]
 
 
 # ---------------------------------------------------------------------------------------- health check

@@ -301,19 +301,29 @@ class ProgramExecutor:
             if not queue:
                 continue
             self._ensure_pool(kind)
-            pool = self._pool(kind)
-            for worker in pool:
-                while queue and len(worker.inflight) < _DEPTH and not worker.dead:
-                    chunk = self._next_chunk(queue, batch, len(pool))
-                    worker.send_chunk(chunk, [batch.sources[i] for i in chunk])
+            pool = [w for w in self._pool(kind) if not w.dead]
+            size = self._chunk_size(len(queue), len(pool))
+            for _ in range(_DEPTH):  # round-robin, so that a small batch is spread over every worker
+                for worker in pool:
+                    if queue and len(worker.inflight) < _DEPTH:
+                        chunk = self._next_chunk(queue, batch, size)
+                        worker.send_chunk(chunk, [batch.sources[i] for i in chunk])
         for worker in self._workers:
             worker.flush()
             self._want_write(worker, bool(worker.sendbuf) and not worker.dead)
 
-    def _next_chunk(self, queue: deque[int], batch: _Batch, workers: int) -> list[int]:
-        """The next programs for one worker: a fair share of the queue, so that the workers finish together,
-        of at most max(_CHUNK, programs_per_child); a program whose worker died is sent alone."""
-        size = min(max(_CHUNK, self.config.programs_per_child), -(-len(queue) // (workers * _DEPTH)))
+    def _chunk_size(self, queued: int, workers: int) -> int:
+        """Programs per chunk: a fair share each, so that the workers finish together. A share that fits in one
+        chunk goes in one: the worker then parses and compiles them all before its first fork, and every
+        page it writes in between costs a copy-on-write fault. Larger shares are cut into _DEPTH chunks or
+        more, so that a worker always has its next chunk queued while it answers one."""
+        cap = max(_CHUNK, self.config.programs_per_child)
+        share = -(-queued // max(1, workers))
+        return share if share <= cap else min(cap, -(-share // _DEPTH))
+
+    @staticmethod
+    def _next_chunk(queue: deque[int], batch: _Batch, size: int) -> list[int]:
+        """The next `size` programs at most; a program whose worker died is sent alone."""
         chunk = [queue.popleft()]
         while len(chunk) < size and queue and not batch.attempts.get(chunk[0]) and not batch.attempts.get(queue[0]):
             chunk.append(queue.popleft())
