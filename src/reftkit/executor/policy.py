@@ -49,6 +49,7 @@ SELF_MATCHING_CLASSES = frozenset(
 )
 _DUNDER_TEXT = re.compile(r"\s*__\w+__\s*")  # a string naming a dunder: type(..., {'__match_args__': ...})
 _FORMAT_FIELD_PRIVATE = re.compile(r"\{[^{}]*\.\s*_")  # "{0.__class__}".format(x) walks attributes
+_TRY_NODES = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))  # may have a finally
 
 # Builtins a program keeps. Missing on purpose: open, eval, exec, compile, input, breakpoint, globals,
 # locals, vars, getattr/setattr/delattr, help, exit/quit, memoryview; __import__ is replaced.
@@ -82,8 +83,58 @@ def is_allowed_module(name: str, allowed: frozenset[str]) -> bool:
 
 def check_program(tree: ast.AST, allowed: frozenset[str]) -> str | None:
     """The first reason to refuse a program before running it, or None. Strict: no attribute starting with
-    an underscore (bar `__init__`), no dunder name (bar `__name__`), no forbidden name, only allowed imports."""
-    return next(_violations(tree, strict=True, allowed=allowed), None)
+    an underscore (bar `__init__`), no dunder name (bar `__name__`), no forbidden name, only allowed imports,
+    and nothing the compiler would blow up in the worker (compile_violation: only a `finally` can, so the
+    estimate is made only for a program that has one)."""
+    finals: list[ast.AST] = []
+    reason = next(_violations(tree, strict=True, allowed=allowed, finals=finals), None)
+    return reason if reason is not None or not finals else compile_violation(tree)
+
+
+# What the worker's compile of one program may cost, in AST nodes after the compiler's copies of `finally`
+# bodies. A program of the 100,000-character cap without such copies is at most ~100,000 (a list of 33,000
+# numbers: 33,000); 16 nested `try/finally` blocks (2 KB of text) are ~590,000 units, 0.9 s and 200 MB of
+# the worker's CPU and memory (CPython 3.11), and each further level doubles that: 20 levels, 3 KB of text,
+# took 16 s and 3 GB, and nothing bounds the worker's memory.
+COMPILE_COST_LIMIT = 250_000
+
+
+def compile_cost(tree: ast.AST) -> int:
+    """An upper estimate of the size of what CPython compiles `tree` into, in AST nodes. Linear in the text
+    except where the compiler copies code: the body of a `finally` is emitted once for the normal path, once
+    for the exceptional path and once more at every `return`, `break` and `continue` that leaves its `try`
+    (counted here wherever they are inside it), so nested `try/finally` blocks grow it exponentially.
+    Iterative: the tree may be deeper than the recursion limit."""
+    cost: dict[int, int] = {}
+    exits: dict[int, int] = {}
+    stack: list[tuple[ast.AST, bool]] = [(tree, False)]
+    while stack:
+        node, done = stack.pop()
+        children = list(ast.iter_child_nodes(node))
+        if not done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+            continue
+        own_exit = int(isinstance(node, (ast.Return, ast.Break, ast.Continue)))
+        exits[id(node)] = own_exit + sum(exits[id(c)] for c in children)
+        finalbody = getattr(node, "finalbody", None) if isinstance(node, _TRY_NODES) else None
+        if finalbody:
+            final_ids = {id(c) for c in finalbody}
+            guarded = [c for c in children if id(c) not in final_ids]
+            copies = 2 + sum(exits[id(c)] for c in guarded)
+            cost[id(node)] = 1 + sum(cost[id(c)] for c in guarded) + copies * sum(cost[id(c)] for c in finalbody)
+        else:
+            cost[id(node)] = 1 + sum(cost[id(c)] for c in children)
+    return cost[id(tree)]
+
+
+
+def compile_violation(tree: ast.AST) -> str | None:
+    """Why compiling `tree` in the worker would cost too much (compile_cost over COMPILE_COST_LIMIT), or None."""
+    cost = compile_cost(tree)
+    if cost > COMPILE_COST_LIMIT:
+        return f"program too costly to compile (~{min(cost, 10**12):,} nodes once `finally` bodies are copied; limit {COMPILE_COST_LIMIT:,})"
+    return None
 
 
 def check_library_code(source: object) -> str | None:
@@ -97,9 +148,11 @@ def check_library_code(source: object) -> str | None:
     return next(_violations(tree, strict=False, allowed=frozenset()), None)
 
 
-def _violations(tree: ast.AST, strict: bool, allowed: frozenset[str]) -> Iterator[str]:
+def _violations(tree: ast.AST, strict: bool, allowed: frozenset[str], finals: list | None = None) -> Iterator[str]:
     module_level = {id(n) for n in getattr(tree, "body", [])}
     for node in ast.walk(tree):
+        if finals is not None and isinstance(node, _TRY_NODES) and node.finalbody:
+            finals.append(node)
         yield from _node_violations(node, strict, allowed, id(node) in module_level)
 
 
