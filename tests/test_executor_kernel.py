@@ -140,6 +140,14 @@ def _sysvipc() -> dict[str, list[str]]:
     return {kind: Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:] for kind in ("shm", "msg", "sem")}
 
 
+def _ready_limits(ex: ProgramExecutor) -> dict[int, str]:
+    """Every started worker's limits, once each is ready (a worker sets its own address-space limit at the end
+    of its start-up, which may still be under way for a worker the first programs did not need)."""
+    for kind in {w.kind for w in ex._workers}:
+        ex._wait_ready(kind)
+    return {w.proc.pid: _limits(w.proc.pid) for w in ex._workers}
+
+
 def _own_limits() -> dict[str, tuple[int, int]]:
     return {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
 
@@ -155,7 +163,7 @@ def kernel_run(request, tmp_path_factory) -> dict:
     with ProgramExecutor(config) as ex:
         assert [r.value for r in ex.run([BENIGN, SYMPY])] == ["7", "7"]  # both pools started before the batch
         worker_pid = ex._workers[0].proc.pid
-        worker_limits = {w.proc.pid: _limits(w.proc.pid) for w in ex._workers}
+        worker_limits = _ready_limits(ex)
         names = {"CANARY": canary, "CREATED": created, "WORKER_PID": worker_pid, "RUNNER_PID": os.getpid(),
                  "NR_PRLIMIT": seccomp.syscall_numbers(kernel.ARCH, {"p": (302, 261)})["p"]}
         suites = {**{f"main:{n}": s for n, (s, _) in ATTACKS.items()}, **{f"esc:{n}": s for n, (s, _) in ESCAPED.items()}}

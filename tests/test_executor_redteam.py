@@ -10,8 +10,9 @@ kernel, and a program text whose compilation would blow up the worker. After the
 the canary's content, mode and attributes, the inode flags of a file inside a read root, no new file, no
 SysV object, no process left, the runner's and the workers' limits, the next benign program.
 
-Each probe asserts a specific contained outcome, so each can fail. Two holes that need changes in worker.py
-and sandbox.py (not made here) are strict xfails at the end, named after what they show.
+Each probe asserts a specific contained outcome, so each can fail. The tests at the end are for holes in the
+worker's side found the same way: a forged "ok" without a value, a worker descriptor left open without
+Landlock, /dev/null's open file shared between children, and the worker's own limits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from test_executor import BEHAVIOUR, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, OK, TIMEOUT, prog
-from test_executor_kernel import _children, _limits, _ns_init, _own_limits, _run_bpf, _strictest, _sysvipc
+from test_executor_kernel import _children, _limits, _ns_init, _own_limits, _ready_limits, _run_bpf, _strictest, _sysvipc
 
 from reftkit.executor import ExecResult, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import COMPILE_COST_LIMIT, check_program, compile_cost
@@ -227,7 +229,7 @@ def redteam_run(request, tmp_path_factory) -> dict:
             assert ex.run([BENIGN])[0] == ExecResult(OK, "7")
             scratch = Path(ex._scratch[0])
             before["scratch"] = _inode_flags(scratch)
-            worker_limits = {w.proc.pid: _limits(w.proc.pid) for w in ex._workers}
+            worker_limits = _ready_limits(ex)
             names = {"CANARY": canary, "VICTIM": victim, "WORKDIR": workdir, "RUNNER_PID": os.getpid(),
                      **{f"NR_{n.upper()}": _nr(n) for n in PROBE_CALLS}}
             start = time.monotonic()
@@ -379,11 +381,13 @@ def _finally_bomb(levels: int) -> str:
     return "\n".join([*lines, f"{indent}x = 2", "    return 1"]) + "\n"
 
 
-@pytest.mark.parametrize("per_child", [1, 8], ids=["per_program", "shared_8"])
-def test_compile_bomb_is_refused_before_the_worker_compiles_it(per_child):
-    """With the default layers, the static check refuses a program whose compilation would grow the worker
-    (which has no memory limit) without bound, before the compiler sees it; the worker stays and answers."""
-    config = dataclasses.replace(CONFIG, workers=1, programs_per_child=per_child)
+@pytest.mark.parametrize(("per_child", "python_layers"), [(1, True), (8, True), (1, False)],
+                         ids=["per_program", "shared_8", "python_layers_off"])
+def test_compile_bomb_is_refused_before_the_worker_compiles_it(per_child, python_layers):
+    """A program whose compilation would grow the worker without bound is refused before the compiler sees
+    it, by the static check, or with the in-Python layers off by the same bound alone (it protects the
+    worker, not the child); the worker stays and answers."""
+    config = dataclasses.replace(CONFIG, workers=1, programs_per_child=per_child, python_layers=python_layers)
     with ProgramExecutor(config) as ex:
         assert ex.run([BENIGN])[0].value == "7"
         worker = ex._workers[0].proc.pid
@@ -432,9 +436,9 @@ def test_compile_cost_of_ordinary_programs_is_far_below_the_limit():
 # ------------------------------------------------------- holes that need worker.py / sandbox.py changes
 
 
-@pytest.mark.xfail(strict=True, reason="worker.py _parse_child_result passes status 'ok' with no value: an escaped "
-                   "program makes ExecResult(ok, None), and the trainer's grader (cot.py) then raises TypeError")
 def test_forged_ok_without_a_value_is_not_ok():
+    """An escaped program's frame "ok, no value" would reach the grader as ExecResult(ok, None), where reading
+    the answer raises (the trainer crashed): the worker takes it for no result."""
     forged = frame(b"2:ok0:1:00:0:")  # status ok, has_value 0
     with ProgramExecutor(dataclasses.replace(REDTEAM_CONFIG, workers=1, allowed_imports=CONFIG.allowed_imports)) as ex:
         result = ex.run([f"import os\ndef solution():\n    os.write(3, {forged!r})\n    os._exit(0)\n"])[0]
@@ -458,9 +462,8 @@ print(json.dumps({"layers": zygote.layers, "results": zygote.run_chunk([source])
 """
 
 
-@pytest.mark.xfail(strict=True, reason="sandbox.py _setup_fds closes from fd 5 up whether or not Landlock is on: "
-                   "without Landlock the worker's own fd 4 (its /proc children list) stays open in every child")
 def test_without_landlock_a_child_holds_no_descriptor_of_the_worker():
+    """Without Landlock, fd 4 (the ruleset's place) is the worker's own next descriptor: it is closed too."""
     proc = subprocess.run([sys.executable, "-c", NO_LANDLOCK_SCRIPT], capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 0, proc.stderr
@@ -468,3 +471,35 @@ def test_without_landlock_a_child_holds_no_descriptor_of_the_worker():
     assert out["layers"]["landlock"].startswith("off: simulated"), out["layers"]
     assert [(r["s"], r["v"]) for r in out["results"]] == [("ok", "3")]  # the result pipe, nothing else
 
+
+
+FLAGS_SETTER = "import fcntl, os\ndef solution():\n    fcntl.fcntl(0, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)\n    return 1\n"
+FLAGS_READER = "import fcntl, os\ndef solution():\n    return fcntl.fcntl(0, fcntl.F_GETFL) & (os.O_APPEND | os.O_NONBLOCK)\n"
+
+
+def test_a_program_cannot_leave_flags_on_the_next_ones_standard_streams():
+    """Each child opens /dev/null for itself: status flags set on its stdin (an open file shared with the
+    worker and every later child, before) are gone for the next program."""
+    config = dataclasses.replace(REDTEAM_CONFIG, workers=1, allowed_imports=CONFIG.allowed_imports)
+    with ProgramExecutor(config) as ex:
+        assert [(r.status, r.value) for r in ex.run([FLAGS_SETTER, FLAGS_READER])] == [(OK, "1"), (OK, "0")]
+
+
+def test_worker_limits_its_own_memory_and_is_not_dumpable():
+    """The worker, which parses and compiles program text, has a soft address-space limit of its own (the
+    backstop behind the compile-cost bound), and is not dumpable (no core dump of it or of a child, even
+    through a core_pattern pipe); children still set their own, lower, limits."""
+    with ProgramExecutor(dataclasses.replace(CONFIG, workers=1)) as ex:
+        assert ex.run([BENIGN])[0].value == "7"
+        pid = ex._workers[0].proc.pid
+        soft, _ = resource.prlimit(pid, resource.RLIMIT_AS)
+        size = int(Path(f"/proc/{pid}/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+        assert size < soft <= size + 2**30 + 2**28, (size, soft)
+        assert ex.layers["worker_rlimit_as"] == f"on: {soft}"
+        assert ex.layers["not_dumpable"].startswith("on")
+        script = ("import ctypes, json; from reftkit.executor.config import ExecutorConfig; "
+                  "from reftkit.executor.worker import Zygote; import tempfile, os; d = tempfile.mkdtemp(); "
+                  "os.chmod(d, 0o555); Zygote(ExecutorConfig(timeout_s=2.0), ['math'], d); "
+                  "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")  # PR_GET_DUMPABLE
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "0"), proc.stderr

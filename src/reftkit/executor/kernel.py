@@ -33,6 +33,7 @@ if _libc is not None:  # typed once here: calls in the children then stay on cty
 _pylibc = ctypes.PyDLL(None, use_errno=True) if IS_LINUX else None
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38

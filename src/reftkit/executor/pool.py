@@ -474,7 +474,9 @@ def _to_result(msg: dict) -> ExecResult:
     except ValueError:
         return ExecResult(Status.ERROR, detail="malformed result from worker")
     value = msg.get("v")
-    return ExecResult(status, value if isinstance(value, str) else None, str(msg.get("d", "")), str(msg.get("o", "")))
+    if (status is Status.OK) != isinstance(value, str):  # ok has a text value, nothing else has one
+        return ExecResult(Status.ERROR, detail="malformed result from worker")
+    return ExecResult(status, value, str(msg.get("d", "")), str(msg.get("o", "")))
 
 
 def _make_scratch() -> str:

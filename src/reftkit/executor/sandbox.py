@@ -40,6 +40,7 @@ from reftkit.executor.policy import (
     Importer,
     OutputLimitExceeded,
     check_program,
+    compile_violation,
 )
 
 EXIT_MEMORY = 117  # the child ran out of memory where no result could be written
@@ -61,7 +62,6 @@ class ChildContext:
     config: ExecutorConfig
     scratch: str
     worker_pid: int
-    devnull_fd: int
     read_roots: tuple[str, ...]
     allowed: frozenset[str]
     importer: Importer
@@ -89,15 +89,21 @@ class ChildContext:
 
 def _setup_fds(ctx: ChildContext, result_fd: int) -> None:
     """0, 1, 2 -> /dev/null (the worker's protocol pipes must not be reachable), 3 -> result pipe,
-    4 -> Landlock ruleset, everything else closed."""
+    4 -> Landlock ruleset (when applied), everything else closed. /dev/null is opened by each child: an open
+    file shared with the worker and the other children would carry the flags one program sets (fcntl
+    F_SETFL) to the next. Read-only, as the inherited seccomp half refuses opens for writing: a write to fd 1
+    or 2 fails (EBADF) instead of vanishing, which changes nothing (sys.stdout and sys.stderr are replaced)."""
     if result_fd != RESULT_FD:
         os.dup2(result_fd, RESULT_FD)
         os.close(result_fd)
+    null = os.open(os.devnull, os.O_RDONLY)
     for fd in (0, 1, 2):
-        os.dup2(ctx.devnull_fd, fd)
-    if ctx.landlock_fd is not None and "landlock" in ctx.enabled:
+        os.dup2(null, fd)
+    landlock = ctx.landlock_fd is not None and "landlock" in ctx.enabled
+    if landlock:
         os.dup2(ctx.landlock_fd, LANDLOCK_FD)
-    os.closerange(LANDLOCK_FD + 1, ctx.max_fd)  # one close_range(2) call on current Linux and Python
+    # one close_range(2) call on current Linux and Python; `null` is above 2 (0-2 were open), so it goes too
+    os.closerange(LANDLOCK_FD + 1 if landlock else LANDLOCK_FD, ctx.max_fd)
 
 
 def _drop_privileges(ctx: ChildContext) -> None:
@@ -195,7 +201,8 @@ def prepare(ctx: ChildContext, source: str) -> CodeType | dict:
         return _result(Status.ERROR, detail=f"SyntaxError: {exc.msg} (line {exc.lineno})")
     except (ValueError, RecursionError, OverflowError, UnicodeError, MemoryError) as exc:
         return _result(Status.ERROR, detail=f"cannot parse: {_describe(exc)}")
-    reason = check_program(tree, ctx.allowed) if ctx.python_layers else None
+    # The compile-cost bound protects the worker itself, so it holds with the in-Python layers off too.
+    reason = check_program(tree, ctx.allowed) if ctx.python_layers else compile_violation(tree)
     if reason is not None:
         return _result(Status.FORBIDDEN, detail=reason)
     try:

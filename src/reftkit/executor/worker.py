@@ -54,6 +54,7 @@ _PROBE_ORDER = ("rlimit_as", "privileges", "parent_death_signal", "landlock", "s
 # itself with a known-good program and leaves if that fails too (the pool replaces it).
 _INTERNAL_DETAILS = ("executor internal error", "no result (the sandbox failed)", "sandbox setup failed")
 _STATUSES = {status.value: status for status in Status}
+_WORKER_HEADROOM = 2**30  # address space the worker may add to its start-up size (parsing, compiling, results)
 _SHARED_SLACK_S = 0.1  # per program, on top of timeout_s, before the worker kills a shared child itself
 
 
@@ -103,6 +104,7 @@ class Zygote:
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
         kernel.release_free_memory()
+        self._limit_own_memory()
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -171,14 +173,13 @@ class Zygote:
         for name in sorted(allowed):
             if name in sys.modules:  # build proxies now, not in every child
                 importer.proxy(sys.modules[name])
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         layers_on = self.config.python_layers
         return ChildContext(
             shared=self.config.programs_per_child > 1, decimal_context=decimal.getcontext().copy(),
             python_layers=layers_on,
             max_fd=max_fd if 0 < max_fd < 2**20 else 2**20,
-            config=self.config, scratch=scratch, worker_pid=os.getpid(), devnull_fd=devnull,
+            config=self.config, scratch=scratch, worker_pid=os.getpid(),
             read_roots=policy.read_roots, allowed=allowed, importer=importer, policy=policy,
             builtins=safe_builtins(importer) if layers_on else dict(vars(builtins)),
         )
@@ -210,6 +211,28 @@ class Zygote:
             self.layers["no_new_privs"] = "on: set in the worker"
         except OSError as exc:
             self.layers["no_new_privs"] = f"off: {exc.strerror or exc}"
+        try:  # RLIMIT_CORE=0 does not stop a core dump piped to a helper (core_pattern "|..."); this does
+            kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
+            self.layers["not_dumpable"] = "on: set in the worker (no core dump of a child, whatever core_pattern says)"
+        except OSError as exc:
+            self.layers["not_dumpable"] = f"off: {exc.strerror or exc}"
+
+    def _limit_own_memory(self) -> None:
+        """A soft address-space limit on the worker itself, the one process here that reads program text with no
+        limit of its own: parsing and compiling (the static check bounds what compiling costs, see
+        policy.compile_violation; this is the backstop) then end in a MemoryError, reported as the program's
+        error, not in the host running out of memory. Soft only, so that each child can still set its own."""
+        base = _address_space_bytes()
+        if base is None or not hasattr(resource, "RLIMIT_AS"):
+            self.layers["worker_rlimit_as"] = "off: cannot read this process's address-space size"
+            return
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = base + _WORKER_HEADROOM
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        self.layers["worker_rlimit_as"] = f"on: {min(limit, soft) if soft != resource.RLIM_INFINITY else limit}"
 
     def _prepare_rlimits(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -526,7 +549,7 @@ def _parse_child_result(data: bytes, config: ExecutorConfig) -> dict | None:
     """Validates what the child wrote; the child is untrusted, so anything malformed is no result."""
     msg = decode_result(data)  # five strings, or None
     status = _STATUSES.get(msg["s"]) if msg is not None else None  # not Status(...): enum machinery
-    if status is None:
+    if status is None or (status is Status.OK) != (msg["v"] is not None):  # ok has a value, nothing else has
         return None
     value, detail, output = msg["v"], msg["d"], msg["o"]
     limit = config.max_output_bytes
