@@ -393,6 +393,28 @@ def test_shared_child_shares_class_state(one_shared_worker, executor):
     assert [r.status for r in executor.run([tag, read])] == [OK, ERROR]  # a child per program: no leak
 
 
+AFFINITY = "import os\ndef solution():\n    return len(os.sched_getaffinity(0))\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="2+ CPUs, Linux")
+def test_workers_cover_every_cpu_then_each_stays_on_one():
+    """With a worker per CPU this process may use (made 2 here), each worker is pinned to a CPU of its own,
+    which its children inherit; with fewer workers, or pin_workers=False, the kernel places them."""
+    own = os.sched_getaffinity(0)
+    two = set(sorted(own)[:2])
+    os.sched_setaffinity(0, two)
+    try:
+        cases = {(2, True): 1, (2, False): 2, (1, True): 2}  # (workers, pin_workers) -> CPUs a child may use
+        for (workers, pin), child_cpus in cases.items():
+            config = dataclasses.replace(CONFIG, workers=workers, pin_workers=pin, python_layers=False)
+            with ProgramExecutor(config) as ex:
+                assert [r.value for r in ex.run([AFFINITY] * 4)] == [str(child_cpus)] * 4, (workers, pin)
+                pinned = [os.sched_getaffinity(w.proc.pid) for w in ex._workers]
+                assert pinned == ([{c} for c in sorted(two)] if child_cpus == 1 else [two] * workers), (workers, pin)
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 def test_killed_workers_are_replaced(executor):
     hogs = ["def solution():\n    while True:\n        pass\n", "def solution():\n    return len(bytearray(10**11))\n"]
     loop, memory = hogs
@@ -578,6 +600,8 @@ def test_config_validation():
         ExecutorConfig(entry="not an identifier")
     with pytest.raises(ValueError):
         ExecutorConfig(workers=0)
+    with pytest.raises(ValueError, match="pin_workers must be a bool"):
+        ExecutorConfig(pin_workers="no")
     assert ExecutorConfig(timeout_s=1.5).cpu_limit_s == 2
 
 

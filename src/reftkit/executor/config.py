@@ -106,6 +106,11 @@ class ExecutorConfig:
         one forked process run up to N programs in turn, each in a fresh namespace under the same checks and
         its own wall-clock and CPU limits; they share one interpreter, so one program can change module
         state the later ones see (docs/executor.md, "Several programs per child").
+    pin_workers: True (default) keeps each worker, and so each of its children, on one CPU when the pool has a
+        worker for every CPU this process may use (os.sched_getaffinity; Linux): a child then runs where its
+        worker waits for it, and neither wakes the other across CPUs nor needs TLB flushes sent to another CPU
+        at every fork and copy-on-write fault (docs/executor-speed.md). With fewer workers than CPUs, or False,
+        the kernel places them.
     python_layers: True (default) keeps the in-Python layers: the static check, the restricted builtins with
         the import allow-list and module proxies, the audit hook. False is for tests only: it switches them
         off so that the tests can show what the kernel layers contain on their own (any import, open, eval
@@ -121,6 +126,7 @@ class ExecutorConfig:
     entry: str = "solution"
     startup_timeout_s: float = 60.0
     programs_per_child: int = 1
+    pin_workers: bool = True
     python_layers: bool = True
 
     def __post_init__(self) -> None:
@@ -133,6 +139,7 @@ class ExecutorConfig:
         _require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         _require(self.programs_per_child >= 1, "programs_per_child must be >= 1")
         _require(type(self.python_layers) is bool, "python_layers must be a bool")
+        _require(type(self.pin_workers) is bool, "pin_workers must be a bool")
         _require(self.entry.isidentifier() and not keyword.iskeyword(self.entry), "entry must be an identifier")
         _require(not self.entry.startswith("_"), "entry must not start with an underscore")
         for name in self.allowed_imports:

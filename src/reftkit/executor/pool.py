@@ -90,6 +90,7 @@ class _Worker:
         self.recvbuf = bytearray()
         self.stderr_tail = bytearray()
         self.dead = False
+        self.cpu: int | None = None  # the CPU it is pinned to, if any
         setup = {"config": config.to_dict(), "preload": preload, "scratch": scratch}
         self.queue_line(setup)
 
@@ -407,11 +408,29 @@ class ProgramExecutor:
             self._scratch.append(_make_scratch())
         while len(self._pool(kind)) < self.config.workers:
             worker = _Worker(kind, self.config, self._preload[kind], self._scratch[0], self._tag)
+            self._pin(worker, self._pool(kind))
             self._workers.append(worker)
             self._selector.register(worker.proc.stdout, selectors.EVENT_READ, (worker, "out"))
             self._selector.register(worker.proc.stderr, selectors.EVENT_READ, (worker, "err"))
             worker.flush()
             self._want_write(worker, bool(worker.sendbuf))
+
+    def _pin(self, worker: _Worker, pool: list[_Worker]) -> None:
+        """Puts a new worker on a CPU of its own in its pool when the pool has a worker for every CPU (see
+        ExecutorConfig.pin_workers): its children inherit the CPU at fork."""
+        if not self.config.pin_workers or not hasattr(os, "sched_setaffinity"):
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        if self.config.workers < len(cpus):
+            return  # pinned, fewer workers than CPUs could leave a CPU unused while another is busy
+        taken = {w.cpu for w in pool}
+        free = [c for c in cpus if c not in taken]
+        cpu = free[0] if free else cpus[len(pool) % len(cpus)]
+        try:
+            os.sched_setaffinity(worker.proc.pid, {cpu})
+            worker.cpu = cpu
+        except OSError:  # the worker is already gone, or a container forbids it: the kernel places it
+            pass
 
     def _wait_ready(self, kind: str) -> None:
         idle = _Batch([])
