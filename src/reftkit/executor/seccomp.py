@@ -13,7 +13,7 @@ Two tiers, both decided by the kernel, so that they hold when every in-Python la
   The child dies with SIGSYS, which the worker sees and reports as `forbidden`: the program cannot catch
   it, retry, or hide the attempt (it cannot forge a status it is not alive to write).
 * **named error** (SECCOMP_RET_ERRNO with errno ERRNO_BASE + syscall number): file-system mutations, data
-  and metadata (Landlock governs neither chmod/chown/utime nor extended attributes, ACLs or inode flags),
+  and metadata, writeback of other processes' data (sync, syncfs, fsync, fdatasync, sync_file_range, msync) (Landlock governs neither chmod/chown/utime nor extended attributes, ACLs or inode flags),
   `open`/`openat` with a write, create, truncate or append flag, and `ioctl` with any request but a few
   harmless ones that CPython makes (so no FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR... on a file opened for
   reading, which needs no write access, only ownership). Libraries that try to write a cache fail
@@ -105,6 +105,12 @@ NAMED_ERRNO_CALLS = {
     "symlink": (88, None), "chmod": (90, None), "chown": (92, None), "lchown": (94, None),
     "creat": (85, None), "mknod": (133, None), "utime": (132, None), "utimes": (235, None),
     "futimesat": (261, None),
+    # Writeback of other processes' data: a child cannot dirty a page of any file (no write access, RLIMIT_FSIZE
+    # 0, no writable shared mapping), so these only ever flush what the trainer and the rest of the host wrote,
+    # host-wide for sync, and wait in uninterruptible sleep while they do (a SIGKILLed child then outlives the
+    # worker's deadline). msync(MS_SYNC) on a shared mapping of a file opened for reading is an fsync too.
+    "sync": (162, 81), "syncfs": (306, 267), "fsync": (74, 82), "fdatasync": (75, 83),
+    "sync_file_range": (277, 84), "msync": (26, 227),
 }
 # The whole filter in two halves. The worker installs the "worker" half once, when it has started (every
 # child inherits it; a filter can never be removed); each child adds the "child" half: the calls below, which
