@@ -473,6 +473,42 @@ def test_layers_applied_in_the_worker_hold_in_every_child():
             assert results[-1] == ExecResult(OK, "7")
 
 
+CONFINED_WORKER_SCRIPT = r"""
+import json, os, tempfile
+from reftkit.executor.config import ExecutorConfig
+from reftkit.executor.worker import Zygote
+scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
+zygote = Zygote(ExecutorConfig(timeout_s=2.0), ["math"], scratch)
+def reads(path):
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return "read"
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps({"layer": zygote.layers["landlock"], "etc": reads("/etc/hostname"), "proc": reads("/proc/self/status"),
+                  "lib": reads(os.__file__),
+                  "results": zygote.run_chunk(["def solution():\n    return 6 * 7\n"])}))
+"""
+
+
+@pytest.mark.skipif(not LINUX, reason="Landlock")
+def test_the_worker_is_confined_by_landlock_too():
+    """Landlock is applied once, to the worker itself, before it forks anything (docs/executor.md, "Applied
+    once, in the worker"): the process that parses program text cannot read outside the read roots either,
+    its children inherit the domain, and the namespace's PID 1 is inside it (so the worker's death still
+    reaches it: test_close_leaves_no_process)."""
+    proc = subprocess.run([sys.executable, "-c", CONFINED_WORKER_SCRIPT], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    if not out["layer"].startswith("on"):
+        pytest.skip(f"no Landlock here: {out['layer']}")
+    assert out["layer"].endswith("applied once, to the worker itself, inherited by every child"), out
+    assert (out["etc"], out["proc"], out["lib"]) == ("PermissionError", "PermissionError", "read"), out
+    assert [(r["s"], r["v"]) for r in out["results"]] == [("ok", "42")]
+
+
 def test_seccomp_filter_is_well_formed():
     for arch in ("x86_64", "aarch64"):
         bpf = seccomp.build_filter(arch)

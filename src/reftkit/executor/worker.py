@@ -91,6 +91,8 @@ class Zygote:
         roots = self._preload(preload)
         self.ctx = self._context(scratch, roots)
         self._prepare_kernel_layers()
+        self._limit_own_memory()  # before Landlock: it reads /proc/self/status
+        self._confine_self()
         self._raw_fork = len(sys._current_frames()) == 1  # no other Python thread to leave half-copied
         self._prepare_pid_namespace()
         self._probe()
@@ -104,7 +106,6 @@ class Zygote:
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
         kernel.release_free_memory()
-        self._limit_own_memory()
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -288,14 +289,14 @@ class Zygote:
 
     def _prepare_landlock(self) -> None:
         ctx = self.ctx
-        try:
-            fd, abi = kernel.landlock_ruleset(list(ctx.read_roots))
+        try:  # /dev/null: each child opens it for its standard streams (sandbox._setup_fds)
+            fd, abi = kernel.landlock_ruleset([*ctx.read_roots, os.devnull])
         except OSError as exc:
             self.layers["landlock"] = f"off: {exc.strerror or exc}; reads are confined by the audit hook only"
             return
         ctx.landlock_fd = fd
         ctx.enabled.add("landlock")
-        self.layers["landlock"] = f"on: ABI {abi}, read-only access to {len(ctx.read_roots)} directories"
+        self.layers["landlock"] = f"on: ABI {abi}, read-only access to {len(ctx.read_roots)} directories and /dev/null"
 
     def _prepare_seccomp(self) -> None:
         try:
@@ -306,6 +307,28 @@ class Zygote:
         self.ctx.enabled.add("seccomp")
         self.layers["seccomp"] = ("on: processes, signals, ptrace, other processes' limits, SysV IPC, F_SETOWN, "
                                   "sockets, namespaces kill the program; file writes fail (named errno)")
+
+    def _confine_self(self) -> None:
+        """Landlock on the worker itself, before it forks anything: every process it forks then starts in its
+        domain (the namespace's PID 1 and the probe nest their own inside it, so that the worker's death
+        still reaches them: Landlock's signal scoping stops signals to processes outside the sender's domain,
+        the parent-death signal included), and each program's child inherits the domain instead of applying
+        the ruleset itself. From here on the worker opens no file: its children list and pipes are open
+        already, and each child opens /dev/null, which the ruleset allows. The process that parses program
+        text is confined too."""
+        ctx = self.ctx
+        if "landlock" not in ctx.enabled or ctx.landlock_fd is None:
+            return
+        try:
+            kernel.landlock_restrict(ctx.landlock_fd)
+        except OSError as exc:
+            ctx.enabled.discard("landlock")
+            self.layers["landlock"] = f"off: {exc.strerror or exc}; reads are confined by the audit hook only"
+            return
+        os.close(ctx.landlock_fd)
+        ctx.landlock_fd = None  # no child needs it: each child's descriptor 4 is closed like the rest
+        ctx.inherited.add("landlock")
+        self.layers["landlock"] += "; applied once, to the worker itself, inherited by every child"
 
     def _apply_in_worker(self) -> bool:
         """Once the probe has shown that every layer works in a child: what each child would otherwise do for
