@@ -310,10 +310,9 @@ class Zygote:
 
     def _confine_self(self) -> None:
         """Landlock on the worker itself, before it forks anything: every process it forks then starts in its
-        domain (the namespace's PID 1 and the probe nest their own inside it, so that the worker's death
-        still reaches them: Landlock's signal scoping stops signals to processes outside the sender's domain,
-        the parent-death signal included), and each program's child inherits the domain instead of applying
-        the ruleset itself. From here on the worker opens no file: its children list and pipes are open
+        domain, the namespace's PID 1 included (the worker's death must still reach it: Landlock's signal
+        scoping stops signals to processes outside the sender's domain, the parent-death signal included),
+        and each program's child inherits the domain instead of applying the ruleset itself. From here on the worker opens no file: its children list and pipes are open
         already, and each child opens /dev/null, which the ruleset allows. The process that parses program
         text is confined too."""
         ctx = self.ctx
