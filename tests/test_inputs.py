@@ -276,8 +276,90 @@ def test_the_data_layer_has_no_import_cycle(module):
     assert cycle_through(module) is None
 
 
-def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_hub_check():
+    """hub_unreachable asks once per process: each test asks anew, and leaves no answer behind."""
+    from reftkit.hub import hub_unreachable
+
+    hub_unreachable.cache_clear()
+    yield hub_unreachable
+    hub_unreachable.cache_clear()
+
+
+def test_hub_unreachable_says_why_or_nothing(monkeypatch, fresh_hub_check):
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    def no_dns(host, port, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert fresh_hub_check() == "huggingface.co does not resolve here"
+    fresh_hub_check.cache_clear()
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org:8443")
+    assert fresh_hub_check() == "hub.example.org does not resolve here"
+    fresh_hub_check.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy resolves names, not this machine
+    assert fresh_hub_check() is None
+    fresh_hub_check.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fresh_hub_check() == "HF_HUB_OFFLINE is set"
+    assert asked == ["huggingface.co", "hub.example.org"]
+    fresh_hub_check.cache_clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])  # resolves: the Hub client decides
+    assert fresh_hub_check() is None
+
+
+def test_an_unreachable_hub_reads_the_cache_only_and_says_so(monkeypatch, tmp_path):
+    """No network retries for a Hub id when the Hub cannot be reached (they took 25-55 s here before the same
+    error): the model comes from the local cache or not at all, at once."""
+    import reftkit.model
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reftkit.model, "hub_unreachable", lambda: "huggingface.co does not resolve here")
+    calls = []
+
+    def not_cached(source, **kwargs):
+        calls.append((source, kwargs))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.\nCheck your internet connection.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", not_cached)
+    with pytest.raises(ValueError) as info:
+        load_causal_lm("someone/model")
+    assert calls and calls[0][0] == "someone/model" and calls[0][1]["local_files_only"] is True
+    assert str(info.value) == ("cannot load model 'someone/model' (no such local path; read from the local Hugging "
+                               "Face cache only, since huggingface.co does not resolve here): We couldn't connect to "
+                               "'https://huggingface.co' to load the files, and couldn't find them in the cached files.")
+
+
+def test_an_unreachable_hub_reads_datasets_from_the_cache_only(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import reftkit.data.readers as readers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(readers, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    before = datasets.config.HF_HUB_OFFLINE
+    start = time.monotonic()
+    with pytest.raises(readers.DataError) as info:
+        load_examples("someone/no-such-dataset")
+    assert time.monotonic() - start < 20  # no network back-off (it took 25 s offline before)
+    assert ("someone/no-such-dataset: cannot load Hugging Face dataset (no such local path; read from the local "
+            "Hugging Face cache only, since HF_HUB_OFFLINE is set) (split 'train')") in str(info.value)
+    assert datasets.config.HF_HUB_OFFLINE == before  # offline for that call only
+
+
+def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
+    import reftkit.model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reftkit.model, "hub_unreachable", lambda: None)  # the Hub may be there: it is asked
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")

@@ -5,11 +5,20 @@ it has the shape of a Hub id, `name` or `owner/name` (letters, digits, '-', '_',
 '..'), and its owner part is not a directory here. Everything else can only be a local path that
 is missing, and is reported at once without touching the network: `./x`, `../x`, `/x`, `~/x`,
 `a/b/c`, `x/`, `C:\\x`, `runs/sft` when `runs/` exists.
+
+A Hub id is read from the local Hugging Face cache only when the Hub certainly cannot be reached
+(hub_unreachable): huggingface_hub would otherwise retry the network with back-off for 25-55 s before
+the same error.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 
 # huggingface_hub's repo-id pattern: an optional owner, then a name of up to 96 characters.
@@ -30,3 +39,42 @@ def missing_path_message(what: str, name: str) -> str:
     """`what 'name': no such file or directory`, saying where a relative path was looked for."""
     where = "" if Path(name).expanduser().is_absolute() else f" (looked in {Path.cwd()})"
     return f"{what} {name!r}: no such file or directory{where}"
+
+
+_TRUE = {"1", "on", "yes", "true"}
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_RESOLVE_WAIT_S = 3.0  # a resolver that neither answers nor fails by then: leave the question to the Hub client
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why this process certainly cannot reach the Hugging Face Hub, or None when it may: HF_HUB_OFFLINE
+    is set, or the endpoint's host name (HF_ENDPOINT, huggingface.co by default) does not resolve. With a
+    proxy configured, resolving is the proxy's business, so the answer is None. Asked once per process."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    if not host:
+        return None
+    outcome: list[str | None] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            outcome.append(None)
+        except socket.gaierror:
+            outcome.append(f"{host} does not resolve here")
+        except OSError:
+            outcome.append(None)
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(_RESOLVE_WAIT_S)
+    return outcome[0] if outcome else None
+
+
+def cache_only_note(reason: str) -> str:
+    """The words an error adds when a Hub id was looked up in the local cache only."""
+    return f"no such local path; read from the local Hugging Face cache only, since {reason}"

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.hub import could_be_hub_id, missing_path_message
+from reftkit.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
 from reftkit.pretrained import resolve
 from reftkit.scoring import position_ids_for, score_responses
 
@@ -40,13 +40,18 @@ def model_source(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_pretrained(auto_class, name_or_path: str, **kwargs):
-    """`auto_class.from_pretrained` of `name_or_path` (see model_source); a failure is one line."""
+    """`auto_class.from_pretrained` of `name_or_path` (see model_source); a failure is one line. A Hub id is
+    read from the local cache only when the Hub cannot be reached (reftkit.hub.hub_unreachable)."""
     source, options = model_source(name_or_path)
+    how = ""
+    if not options:
+        offline = hub_unreachable()
+        how = f" ({cache_only_note(offline)})" if offline else " (no such local path, so it was looked up as a Hugging Face Hub id)"
+        options = {"local_files_only": True} if offline else {}
     try:
         return auto_class.from_pretrained(source, **options, **kwargs)
     except OSError as error:  # transformers' "not a valid model identifier", "couldn't connect", ...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        how = "" if options else " (no such local path, so it was looked up as a Hugging Face Hub id)"
         raise ValueError(f"cannot load model {name_or_path!r}{how}: {first}") from None
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from reftkit.data.numbers import format_number, parse_number
 from reftkit.data.records import Example
-from reftkit.hub import could_be_hub_id, missing_path_message
+from reftkit.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
 
 FORMATS = ("reft", "gsm8k", "svamp", "mathqa", "mathqa-numeric", "hf")
 FIELD_KEYS = ("question", "cot", "answer", "id", "options")
@@ -458,17 +458,32 @@ def _read_hf_rows(source: str | Path, split: str) -> _Rows:
                     raise DataError(f"{source}: no split {split!r}; available: {sorted(loaded)}")
                 loaded = loaded[split]
         else:
-            loaded = datasets.load_dataset(str(source), split=split)
+            loaded = _load_hub_dataset(datasets, str(source), split)
     except DataError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFound, ConnectionError, ...)
-        how = "" if path.exists() else " (no such local path, so it was looked up on the Hugging Face Hub)"
+        offline = None if path.exists() else hub_unreachable()
+        how = ("" if path.exists() else f" ({cache_only_note(offline)})" if offline else
+               " (no such local path, so it was looked up on the Hugging Face Hub)")
         raise DataError(f"{source}: cannot load Hugging Face dataset{how} (split {split!r}): {error}") from None
     if len(loaded) == 0:
         raise DataError(f"{source}: dataset split {split!r} is empty")
     name = path.name or str(source)
     origin = _Origin(str(source), name, name)
     return [(origin, f"row {i}", row) for i, row in enumerate(loaded)]
+
+
+def _load_hub_dataset(datasets, name: str, split: str):
+    """load_dataset of a Hub name; from the local cache only when the Hub cannot be reached (datasets' offline
+    mode, switched on for this call alone: its local_files_only option still retries the network)."""
+    if hub_unreachable() is None:
+        return datasets.load_dataset(name, split=split)
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split=split)
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 def _read_rows(source: str | Path, fmt: str, split: str) -> _Rows:
