@@ -42,6 +42,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -382,7 +383,8 @@ def report(args, programs, phases, layers, startup, loads) -> None:
     n = len(programs)
     source = f"SVAMP answer_cot ({SVAMP.name})" if args.svamp else "template generator (benchmarks/executor_speed.py)"
     off = {k: v for k, v in layers.items() if not v.startswith("on")}
-    command = " ".join(["python", "benchmarks/executor_speed.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/executor_speed.py", *sys.argv[1:]])  # quoted: --trainer-imports ''
+
     lines = [
         "# Program executor speed",
         "",
