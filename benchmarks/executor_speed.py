@@ -384,7 +384,6 @@ def report(args, programs, phases, layers, startup, loads) -> None:
     source = f"SVAMP answer_cot ({SVAMP.name})" if args.svamp else "template generator (benchmarks/executor_speed.py)"
     off = {k: v for k, v in layers.items() if not v.startswith("on")}
     command = shlex.join(["python", "benchmarks/executor_speed.py", *sys.argv[1:]])  # quoted: --trainer-imports ''
-
     lines = [
         "# Program executor speed",
         "",
