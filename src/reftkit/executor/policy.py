@@ -20,15 +20,20 @@ FORBIDDEN_NAMES = frozenset(
     {
         "eval", "exec", "compile", "open", "input", "breakpoint", "globals", "locals", "vars", "getattr",
         "setattr", "delattr", "help", "exit", "quit", "memoryview", "copyright", "credits", "license",
-        "import_module", "attrgetter", "methodcaller", "get_field",
+        "import_module", "attrgetter", "methodcaller", "get_field", "get_class",
     }
 )
+# Library functions that hand out any attribute of any loaded module by a string ("os.getcwd", "sys"): sympy's
+# external.import_module and utilities.source.get_class (red team, third pass: get_class('sys._getframe') led
+# to the audit policy's frame). Refused as names, as attributes, as imported names (`from m import x as y`),
+# and never handed out by a module proxy.
+GADGET_NAMES = frozenset({"import_module", "get_class", "attrgetter", "methodcaller", "get_field"})
 # Frame, code and generator internals: the usual first step from any object to a module's globals.
 INTROSPECTION_ATTRS = frozenset(
     {
         "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
         "ag_await", "tb_frame", "tb_next", "f_back", "f_globals", "f_locals", "f_builtins", "f_code", "f_trace",
-        "co_code", "co_consts", "co_names", "import_module", "attrgetter", "methodcaller", "get_field",
+        "co_code", "co_consts", "co_names", *GADGET_NAMES,
     }
 )
 SAFE_DUNDER_ATTRS = frozenset({"__init__"})  # super().__init__(...) in a program's own classes
@@ -49,6 +54,20 @@ SELF_MATCHING_CLASSES = frozenset(
 )
 _DUNDER_TEXT = re.compile(r"\s*__\w+__\s*")  # a string naming a dunder: type(..., {'__match_args__': ...})
 _FORMAT_FIELD_PRIVATE = re.compile(r"\{[^{}]*\.\s*_")  # "{0.__class__}".format(x) walks attributes
+# Code compiled by a library on the program's behalf (non-strict check) may not name these as attributes or
+# import them: lambdify prints a symbol's name verbatim into the code it compiles, so Symbol('builtins.getattr')
+# or Symbol('libmp.backend.os') reached the real builtins and os (red team, third pass).
+LIBRARY_FORBIDDEN_MODULES = frozenset(
+    {
+        "os", "posix", "nt", "sys", "builtins", "importlib", "io", "_io", "pathlib", "shutil", "subprocess",
+        "_posixsubprocess", "socket", "_socket", "ctypes", "_ctypes", "cffi", "multiprocessing", "threading",
+        "_thread", "signal", "_signal", "resource", "fcntl", "mmap", "gc", "inspect", "types", "marshal", "pickle",
+        "_pickle", "code", "codeop", "runpy", "pkgutil", "zipimport", "site", "sysconfig", "linecache", "traceback",
+        "warnings", "tempfile", "glob", "select", "selectors", "asyncio", "pty", "codecs", "reftkit", "operator",
+        "_operator", "string", "copyreg", "weakref", "_weakref", "faulthandler", "pdb", "bdb", "_imp",
+        "_frozen_importlib", "_frozen_importlib_external",
+    }
+)
 _TRY_NODES = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))  # may have a finally
 
 # Builtins a program keeps. Missing on purpose: open, eval, exec, compile, input, breakpoint, globals,
@@ -158,8 +177,8 @@ def _violations(tree: ast.AST, strict: bool, allowed: frozenset[str], finals: li
 
 def _node_violations(node: ast.AST, strict: bool, allowed: frozenset[str], top: bool) -> Iterator[str]:
     line = getattr(node, "lineno", "?")
-    if isinstance(node, (ast.Import, ast.ImportFrom)) and strict:
-        yield from _import_violations(node, allowed)
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield from _import_violations(node, allowed) if strict else _library_import_violations(node)
     yield from (f"forbidden attribute .{a} (line {line})" for a in _attributes(node) if _bad_attr(a, strict))
     yield from (f"forbidden name {n} (line {line})" for n in _names(node, top) if _bad_name(n, strict))
     if isinstance(node, ast.Constant) and isinstance(node.value, str) and _format_reaches_private(node.value):
@@ -211,8 +230,8 @@ def _names(node: ast.AST, top: bool) -> list[str]:
 def _bad_attr(attr: str, strict: bool) -> bool:
     if attr in INTROSPECTION_ATTRS:
         return True
-    if not strict:
-        return attr in ESCAPE_DUNDERS
+    if not strict:  # library code: `re.compile` is fine, `builtins.getattr`, `x.os`, `x.sys` are not
+        return attr in ESCAPE_DUNDERS or (attr in FORBIDDEN_NAMES and attr != "compile") or attr in LIBRARY_FORBIDDEN_MODULES
     return attr.startswith("_") and attr not in SAFE_DUNDER_ATTRS
 
 
@@ -232,11 +251,26 @@ def _import_violations(node: ast.Import | ast.ImportFrom, allowed: frozenset[str
         return
     else:
         modules = [node.module]
-        private = [a.name for a in node.names if a.name.startswith("_")]
-        yield from (f"ImportError: {name} not allowed (line {node.lineno})" for name in private)
+        # `from m import import_module as im` binds only `im`: the imported name itself is checked here
+        refused = [a.name for a in node.names if a.name.startswith("_") or a.name in FORBIDDEN_NAMES or
+                   a.name in INTROSPECTION_ATTRS]
+        yield from (f"ImportError: {name} not allowed (line {node.lineno})" for name in refused)
     for module in modules:
         if not is_allowed_module(module, allowed):
             yield f"ImportError: {module} not allowed"
+
+
+def _library_import_violations(node: ast.Import | ast.ImportFrom) -> Iterator[str]:
+    """Imports in code a library compiles (lambdify's `from math import *`): not of the interpreter's internals."""
+    if isinstance(node, ast.Import):
+        modules = [a.name for a in node.names]
+    else:
+        modules = [node.module or ""] if not node.level else ["relative import"]
+        if any(a.name in FORBIDDEN_NAMES or a.name in INTROSPECTION_ATTRS for a in node.names):
+            modules.append("forbidden name")
+    for module in modules:
+        if module.partition(".")[0] in LIBRARY_FORBIDDEN_MODULES or module in ("", "relative import", "forbidden name"):
+            yield f"import of {module or 'a module'} in library code"
 
 
 # ----------------------------------------------------------------------------------- imports, builtins
@@ -258,7 +292,7 @@ class ModuleProxy(types.ModuleType):
         return twin
 
     def __getattr__(self, name: str) -> object:
-        if name.startswith("_"):
+        if name.startswith("_") or name in GADGET_NAMES:
             raise AttributeError(name)
         value = getattr(sys.modules[self.__name__], name)
         if isinstance(value, types.ModuleType):
@@ -272,7 +306,7 @@ def _public_names(module: types.ModuleType) -> list[str]:
     names = getattr(module, "__all__", None)
     if names is None:
         names = [n for n in vars(module) if not n.startswith("_")]
-    return [n for n in names if isinstance(n, str) and not n.startswith("_")]
+    return [n for n in names if isinstance(n, str) and not n.startswith("_") and n not in GADGET_NAMES]
 
 
 class Importer:
