@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterator
 
 # Names a program may not mention at all, whether as a builtin or as its own variable.
@@ -20,14 +21,18 @@ FORBIDDEN_NAMES = frozenset(
     {
         "eval", "exec", "compile", "open", "input", "breakpoint", "globals", "locals", "vars", "getattr",
         "setattr", "delattr", "help", "exit", "quit", "memoryview", "copyright", "credits", "license",
-        "import_module", "attrgetter", "methodcaller", "get_field", "get_class",
+        "import_module", "attrgetter", "methodcaller", "get_field", "get_class", "eval_expr", "stringify_expr",
     }
 )
 # Library functions that hand out any attribute of any loaded module by a string ("os.getcwd", "sys"): sympy's
 # external.import_module and utilities.source.get_class (red team, third pass: get_class('sys._getframe') led
 # to the audit policy's frame). Refused as names, as attributes, as imported names (`from m import x as y`),
 # and never handed out by a module proxy.
-GADGET_NAMES = frozenset({"import_module", "get_class", "attrgetter", "methodcaller", "get_field"})
+# sympy.parsing.sympy_parser's eval_expr and stringify_expr (fourth pass) run code or call the program's
+# transformations with a namespace dict: eval puts the real builtins into a dict the program passed, and
+# parse_expr's own global namespace holds the real builtin functions (getattr, eval, open, __import__).
+GADGET_NAMES = frozenset({"import_module", "get_class", "attrgetter", "methodcaller", "get_field", "eval_expr",
+                          "stringify_expr"})
 # Frame, code and generator internals: the usual first step from any object to a module's globals.
 INTROSPECTION_ATTRS = frozenset(
     {
@@ -68,6 +73,9 @@ LIBRARY_FORBIDDEN_MODULES = frozenset(
         "_frozen_importlib", "_frozen_importlib_external",
     }
 )
+# Attributes library code may not read either (fourth pass: a symbol's name printed by lambdify read a module
+# proxy's private state and re-initialised the import function with a larger allow-list).
+LIBRARY_FORBIDDEN_DUNDERS = frozenset({"__init__"})
 _TRY_NODES = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))  # may have a finally
 
 # Builtins a program keeps. Missing on purpose: open, eval, exec, compile, input, breakpoint, globals,
@@ -164,7 +172,50 @@ def check_library_code(source: object) -> str | None:
         tree = source if isinstance(source, ast.AST) else ast.parse(source)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None  # compile() itself will fail on it
-    return next(_violations(tree, strict=False, allowed=frozenset()), None)
+    reason = next(_violations(tree, strict=False, allowed=frozenset()), None)
+    return reason if reason is not None else _library_name_violation(tree)
+
+
+def _library_name_violation(tree: ast.AST) -> str | None:
+    """A free name of library code that names a module: lambdify runs its code in a namespace holding the real
+    `builtins` and whatever `from mpmath import *` binds (`libmp`, `ctx_mp`, ...: real modules), and prints a
+    symbol's name verbatim (fourth pass: `Symbol('builtins')`, `Symbol('libmp.backend')`). Names the code binds
+    itself (the lambdified function's parameters) are not free."""
+    bound = {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+    bound |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    modules = _module_valued_names()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound:
+            if node.id in LIBRARY_FORBIDDEN_MODULES or node.id in modules:
+                return f"forbidden name {node.id} (a module) (line {getattr(node, 'lineno', '?')})"
+    return None
+
+
+_module_names_cache: list = [0, frozenset()]
+
+
+def module_valued_names() -> frozenset[str]:
+    """Names that `from m import *` binds to a module, for any loaded module m, less names it binds to something
+    else for another one (mpmath's `zeta` is a function, mpmath.functions' `zeta` a module). Cached while no
+    module is loaded; the worker computes it once before forking."""
+    if _module_names_cache[0] == len(sys.modules):
+        return _module_names_cache[1]
+    modules, others = set(), set()
+    for module in list(sys.modules.values()):
+        try:
+            names = _public_names(module) if isinstance(module, types.ModuleType) else []
+            namespace = vars(module)
+        except Exception:  # noqa: BLE001 -- a module with an odd __all__ or namespace exports nothing here
+            continue
+        for name in names:
+            value = namespace.get(name)
+            (modules if isinstance(value, types.ModuleType) else others).add(name)
+    result = frozenset(modules - others)
+    _module_names_cache[:] = [len(sys.modules), result]
+    return result
+
+
+_module_valued_names = module_valued_names
 
 
 def _violations(tree: ast.AST, strict: bool, allowed: frozenset[str], finals: list | None = None) -> Iterator[str]:
@@ -185,8 +236,16 @@ def _node_violations(node: ast.AST, strict: bool, allowed: frozenset[str], top: 
         yield f"format string reaching a private attribute (line {line})"
     if strict and isinstance(node, ast.Constant) and isinstance(node.value, str) and _names_dunder(node.value):
         yield f"string naming a dunder attribute (line {line})"
+    if strict and isinstance(node, ast.Attribute) and node.attr in SAFE_DUNDER_ATTRS and not _on_super(node.value):
+        yield f"forbidden attribute .{node.attr} other than super().{node.attr} (line {line})"
     if strict and isinstance(node, ast.MatchClass) and node.patterns and not _self_matching(node):
         yield f"positional class pattern on a class other than a builtin type (line {line})"
+
+
+def _on_super(node: ast.AST) -> bool:
+    """`super()` or `super(C, self)`: re-running a library object's __init__ (a module proxy's, fourth pass)
+    re-pointed it at another module and importer."""
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
 
 
 def _names_dunder(text: str) -> bool:
@@ -231,7 +290,9 @@ def _bad_attr(attr: str, strict: bool) -> bool:
     if attr in INTROSPECTION_ATTRS:
         return True
     if not strict:  # library code: `re.compile` is fine, `builtins.getattr`, `x.os`, `x.sys` are not
-        return attr in ESCAPE_DUNDERS or (attr in FORBIDDEN_NAMES and attr != "compile") or attr in LIBRARY_FORBIDDEN_MODULES
+        private = attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+        return (attr in ESCAPE_DUNDERS or (attr in FORBIDDEN_NAMES and attr != "compile") or private
+                or attr in LIBRARY_FORBIDDEN_MODULES or attr in LIBRARY_FORBIDDEN_DUNDERS)
     return attr.startswith("_") and attr not in SAFE_DUNDER_ATTRS
 
 
@@ -276,30 +337,67 @@ def _library_import_violations(node: ast.Import | ast.ImportFrom) -> Iterator[st
 # ----------------------------------------------------------------------------------- imports, builtins
 
 
+# Each proxy's module name and importer, kept here, not on the proxy: anything on the proxy instance can be
+# rewritten by code that reaches object.__setattr__ or the proxy's __init__ (fourth pass: `math.__init__(M(),
+# fake)` with M().__name__ == 'sys' made `math.modules` the real sys.modules).
+_PROXIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ModuleProxy(types.ModuleType):
     """What `import x` gives a program: the public, non-module attributes of x, plus submodules that are
     themselves allowed (also proxied). So `fractions.sys` or `statistics.random._os` lead nowhere."""
 
     def __init__(self, module: types.ModuleType, importer: Importer) -> None:
-        super().__init__(module.__name__, getattr(module, "__doc__", None))
-        self._importer_ = importer  # underscore attributes are out of a program's reach
+        if self in _PROXIED or not isinstance(module, types.ModuleType):
+            raise TypeError("a module proxy is initialised once, with a module")
+        name = types.ModuleType.__getattribute__(module, "__name__")
+        if type(name) is not str or sys.modules.get(name) is not module:
+            raise TypeError("a module proxy is initialised with a loaded module")
+        super().__init__(name, getattr(module, "__doc__", None))
+        _PROXIED[self] = (name, importer)
         self.__all__ = [n for n in _public_names(module) if importer.exposes(module, n)]
 
     def copy(self) -> ModuleProxy:
         """A pristine twin: attributes a program sets on it are not seen through this one."""
         twin = ModuleProxy.__new__(ModuleProxy)
         vars(twin).update(vars(self))
+        _PROXIED[twin] = _PROXIED[self]
         return twin
 
     def __getattr__(self, name: str) -> object:
         if name.startswith("_") or name in GADGET_NAMES:
             raise AttributeError(name)
-        value = getattr(sys.modules[self.__name__], name)
+        module_name, importer = _PROXIED[self]  # KeyError: a proxy made without __init__
+        value = getattr(sys.modules[module_name], name)
         if isinstance(value, types.ModuleType):
-            if not self._importer_.allows(value.__name__):
-                raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-            return self._importer_.proxy(value)
+            if not importer.allows(value.__name__):
+                raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+            return importer.proxy(value)
+        return _checked_library_function(value, importer)
+
+
+def _checked_library_function(value: object, importer: Importer) -> object:
+    """sympy's parse_expr (and so sympy.parse_expr) as handed to a program: without a global_dict of the
+    program's (eval puts the real builtins into it) and with sympy's own transformations only (each is called with
+    parse_expr's global namespace, which holds the real getattr, eval, open and __import__). Fourth pass."""
+    parser = sys.modules.get("sympy.parsing.sympy_parser")
+    if parser is None or value is not getattr(parser, "parse_expr", None):
         return value
+    real, deny = value, importer._on_violation
+    home = real.__globals__
+
+    def parse_expr(s, local_dict=None, transformations=parser.standard_transformations, global_dict=None,
+                   evaluate=True):
+        if global_dict is not None:
+            deny("blocked: parse_expr with a global_dict (eval puts the real builtins into it)")
+        if not isinstance(transformations, str):
+            for t in transformations:
+                if type(t) is not types.FunctionType or t.__globals__ is not home:
+                    deny("blocked: parse_expr with a transformation that is not sympy's")
+        return real(s, local_dict, transformations, None, evaluate)
+
+    parse_expr.__doc__ = real.__doc__
+    return parse_expr
 
 
 def _public_names(module: types.ModuleType) -> list[str]:
@@ -313,6 +411,8 @@ class Importer:
     """The program's __import__: allow-listed modules only, returned as ModuleProxy objects."""
 
     def __init__(self, allowed: frozenset[str], on_violation: Callable[[str], None]) -> None:
+        if "allowed" in vars(self):  # never re-initialised (with a larger allow-list)
+            raise TypeError("an importer is initialised once")
         self.allowed = allowed
         self._on_violation = on_violation
         self._proxies: dict[str, ModuleProxy] = {}

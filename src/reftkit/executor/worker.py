@@ -29,7 +29,7 @@ from reftkit.executor import kernel
 from reftkit.executor.collect import children_list, collect, grow_pipe, kill_group, reap_strays
 from reftkit.executor.config import ExecutorConfig, Status
 from reftkit.executor.warm import warm_child_path
-from reftkit.executor.policy import AuditPolicy, Importer, safe_builtins
+from reftkit.executor.policy import AuditPolicy, Importer, module_valued_names, safe_builtins
 from reftkit.executor.sandbox import (
     EXIT_INTERNAL,
     EXIT_MEMORY,
@@ -174,6 +174,7 @@ class Zygote:
         for name in sorted(allowed):
             if name in sys.modules:  # build proxies now, not in every child
                 importer.proxy(sys.modules[name])
+        module_valued_names()  # cached before forking: checking library code needs it
         max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         layers_on = self.config.python_layers
         return ChildContext(
