@@ -155,7 +155,6 @@ def compile_cost(tree: ast.AST) -> int:
     return cost[id(tree)]
 
 
-
 def compile_violation(tree: ast.AST) -> str | None:
     """Why compiling `tree` in the worker would cost too much (compile_cost over COMPILE_COST_LIMIT), or None."""
     cost = compile_cost(tree)
@@ -183,7 +182,7 @@ def _library_name_violation(tree: ast.AST) -> str | None:
     itself (the lambdified function's parameters) are not free."""
     bound = {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
     bound |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    modules = _module_valued_names()
+    modules = module_valued_names()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound:
             if node.id in LIBRARY_FORBIDDEN_MODULES or node.id in modules:
@@ -214,8 +213,6 @@ def module_valued_names() -> frozenset[str]:
     _module_names_cache[:] = [len(sys.modules), result]
     return result
 
-
-_module_valued_names = module_valued_names
 
 
 def _violations(tree: ast.AST, strict: bool, allowed: frozenset[str], finals: list | None = None) -> Iterator[str]:
@@ -324,14 +321,15 @@ def _import_violations(node: ast.Import | ast.ImportFrom, allowed: frozenset[str
 def _library_import_violations(node: ast.Import | ast.ImportFrom) -> Iterator[str]:
     """Imports in code a library compiles (lambdify's `from math import *`): not of the interpreter's internals."""
     if isinstance(node, ast.Import):
-        modules = [a.name for a in node.names]
+        refused = [a.name for a in node.names if a.name.partition(".")[0] in LIBRARY_FORBIDDEN_MODULES]
+    elif node.level or not node.module:
+        refused = ["relative import" if node.level else "a module"]
     else:
-        modules = [node.module or ""] if not node.level else ["relative import"]
-        if any(a.name in FORBIDDEN_NAMES or a.name in INTROSPECTION_ATTRS for a in node.names):
-            modules.append("forbidden name")
-    for module in modules:
-        if module.partition(".")[0] in LIBRARY_FORBIDDEN_MODULES or module in ("", "relative import", "forbidden name"):
-            yield f"import of {module or 'a module'} in library code"
+        refused = [node.module] if node.module.partition(".")[0] in LIBRARY_FORBIDDEN_MODULES else []
+    if isinstance(node, ast.ImportFrom) and any(a.name in FORBIDDEN_NAMES or a.name in INTROSPECTION_ATTRS
+                                                for a in node.names):
+        refused.append("forbidden name")
+    yield from (f"import of {what} in library code" for what in refused)
 
 
 # ----------------------------------------------------------------------------------- imports, builtins

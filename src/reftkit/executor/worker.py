@@ -234,7 +234,7 @@ class Zygote:
             limit = min(limit, hard)
         if soft == resource.RLIM_INFINITY or soft > limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-        self.layers["worker_rlimit_as"] = f"on: {min(limit, soft) if soft != resource.RLIM_INFINITY else limit}"
+        self.layers["worker_rlimit_as"] = f"on: {resource.getrlimit(resource.RLIMIT_AS)[0]}"
 
     def _prepare_rlimits(self) -> None:
         cfg, ctx = self.config, self.ctx
