@@ -461,18 +461,25 @@ def test_numpy_blas_runs_single_threaded():
         assert ex.run([source])[0] == ExecResult(OK, "27000000.0")
 
 
-def test_threads_share_an_executor(executor):
+def run_from_threads(executor: ProgramExecutor, threads: int, programs: int) -> dict[int, list[str | None]]:
+    """Each of `threads` threads runs `programs` programs at once on one executor; thread k's i-th program
+    returns k * 1000 + i. Returns each thread's values, in order."""
     out: dict[int, list[str | None]] = {}
 
     def work(k: int) -> None:
-        out[k] = [r.value for r in executor.run([f"def solution():\n    return {k} + {i}\n" for i in range(20)])]
+        sources = [f"def solution():\n    return {k * 1000 + i}\n" for i in range(programs)]
+        out[k] = [r.value for r in executor.run(sources)]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
-        t.join()
-    assert out == {k: [str(k + i) for i in range(20)] for k in range(3)}
+    for t in workers:
+        t.join(timeout=60)
+    return out
+
+
+def test_threads_share_an_executor(executor):
+    assert run_from_threads(executor, 3, 20) == {k: [str(k * 1000 + i) for i in range(20)] for k in range(3)}
 
 
 def test_layers_reported(executor):

@@ -39,6 +39,7 @@ from test_executor import (
     _processes_with,
     _wait_for,
     prog,
+    run_from_threads,
 )
 
 from reftkit.executor import ExecutorConfig, ProgramExecutor, kernel
@@ -200,17 +201,7 @@ def test_threads_close_and_interrupt_each_program_one_result():
     ex = ProgramExecutor(config)
     try:
         # several threads at once: each gets its own values, in order
-        out: dict[int, list] = {}
-
-        def call(t: int) -> None:
-            out[t] = [r.value for r in ex.run([f"def solution():\n    return {t * 100 + i}\n" for i in range(6)])]
-
-        threads = [threading.Thread(target=call, args=(t,)) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert out == {t: [str(t * 100 + i) for i in range(6)] for t in range(4)}
+        assert run_from_threads(ex, 4, 6) == {t: [str(t * 1000 + i) for i in range(6)] for t in range(4)}
 
         # KeyboardInterrupt mid-batch: raised, the busy workers killed, and the next call answers everything
         def interrupt(*_):
