@@ -1,7 +1,12 @@
 """bf16 autocast end to end (`bf16: yes`; CPU autocast stands in for a GPU's): sampling, the old
-log-probs and values, the reference, the PPO update and evaluation all run in one precision, so
-before the first update pi / pi_old is exactly 1 and the unchanged policy's KL to its reference
-exactly 0. Any pass left in float32 (or cast differently) breaks the bit-for-bit checks."""
+log-probs and values, the reference, the PPO update and evaluation all run in one precision.
+
+What the first minibatch's ratio promises depends on what the kernels promise. When that minibatch
+is the whole rollout, the update's forward is the scoring pass's very computation (same rows in the
+same order, same shapes), so pi / pi_old is exactly 1 and the unchanged policy's KL exactly 0, on
+any CPU or GPU. Another batch shape (a partial minibatch, the SFT term's wider forward) may pick other
+kernels or blockings (AMX, AVX-512, cuBLAS by shape) that round bf16 differently: the claim there is
+a tolerance, far inside the clip range, not bit-equality."""
 
 import inspect
 import json
@@ -75,24 +80,38 @@ def first_objective(monkeypatch):
 # responses by what else is in the batch: bit for bit only when the minibatch holds the rollout's rows.
 PADDED = {"share_prompts": False} if "share_prompts" in ReFTConfig.model_fields else {}
 
+# A bf16 log-prob may round differently under another batch shape: about 2.5e-4 measured on the tiny
+# model (AMX CPU, 2026-12-07). 1e-2 bounds it with room for other kernels and is 20x inside the 0.2 clip.
+BF16_SHAPE_TOLERANCE = 1e-2
+
+# name: (options, exact): exact when the first minibatch is the whole rollout scored in the same shapes.
 CASES = {
     # The first minibatch is 3 of the rollout's 8 rows: another batch shape than the rollout's passes.
-    "reference model, value head, partial minibatch, padded scoring": dict(mini_batch_size=3, **PADDED),
-    "reference model, value head, default scoring": dict(mini_batch_size=8),
+    "reference model, value head, partial minibatch, padded scoring": (dict(mini_batch_size=3, **PADDED), False),
+    "reference model, value head, default scoring": (dict(mini_batch_size=8), True),
     "LoRA (reference = adapters off), gradient checkpointing, KL in the loss":
-        dict(lora_r=4, lora_alpha=8, gradient_checkpointing=True, kl_in="loss"),
+        (dict(lora_r=4, lora_alpha=8, gradient_checkpointing=True, kl_in="loss"), True),
+    # One forward over 4 rollout rows and their questions' reference CoTs, right-padded to the widest.
     "GRPO with the SFT term (one forward over rollout rows and reference CoTs)":
-        dict(advantage="grpo", sft_coef=0.2, mini_batch_size=4),
+        (dict(advantage="grpo", sft_coef=0.2, mini_batch_size=4), False),
 }
 
 
-@pytest.mark.parametrize("options", CASES.values(), ids=list(CASES))
+def assert_same(new: torch.Tensor, old: torch.Tensor, exact: bool):
+    if exact:
+        assert torch.equal(new, old)
+    else:
+        assert (new - old).abs().max().item() <= BF16_SHAPE_TOLERANCE
+
+
+@pytest.mark.parametrize(("options", "exact"), CASES.values(), ids=list(CASES))
 def test_bf16_run_starts_at_ratio_one_and_zero_kl(tmp_path, splits, tiny_checkpoint, lm_calls, first_objective,
-                                                  options):
+                                                  options, exact):
     from reftkit.trainers.reft import train_reft
 
     train, test = splits
     cfg = bf16_reft_config(tmp_path / "run", tiny_checkpoint, **options)
+    assert exact == (cfg.mini_batch_size >= 8 and not cfg.sft_coef)  # 4 questions x 2 samples per rollout
     final = train_reft(cfg, train[:8], test[:4])
 
     # Every forward ran under bf16 autocast: sampling, scoring/reference/update, greedy evaluation.
@@ -101,18 +120,21 @@ def test_bf16_run_starts_at_ratio_one_and_zero_kl(tmp_path, splits, tiny_checkpo
         sorted({(p, on, str(d)) for p, on, d in lm_calls if not on or d != torch.bfloat16})
 
     # First minibatch: log-probs (and values, and the reference) recomputed with gradients in the
-    # update equal the rollout's bit for bit, so the ratio is exactly 1 and nothing is clipped.
+    # update against the rollout's: bit for bit for the same computation, else within the tolerance;
+    # either way nothing is clipped.
     first = first_objective
     mask = first["mask"].bool()
     assert mask.any()
-    assert torch.equal(first["logprobs"][mask], first["old_logprobs"][mask])
-    assert torch.equal(torch.exp(first["logprobs"] - first["old_logprobs"])[mask], torch.ones(int(mask.sum())))
+    assert_same(first["logprobs"][mask], first["old_logprobs"][mask], exact)
+    if exact:
+        assert torch.equal(torch.exp(first["logprobs"] - first["old_logprobs"])[mask], torch.ones(int(mask.sum())))
     assert first["terms"]["clip_frac"].item() == 0.0
     if first["values"] is not None:
-        assert torch.equal(first["values"][mask], first["old_values"][mask])
+        assert_same(first["values"][mask], first["old_values"][mask], exact)
     if cfg.kl_in == "loss":
-        assert torch.equal(first["ref_logprobs"][mask], first["old_logprobs"][mask])
-        assert first["terms"]["kl_loss"].item() == 0.0
+        assert_same(first["ref_logprobs"][mask], first["old_logprobs"][mask], exact)
+        if exact:
+            assert first["terms"]["kl_loss"].item() == 0.0
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in rows if "reward" in r]

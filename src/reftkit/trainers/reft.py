@@ -207,6 +207,11 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
     norm_length = cfg.max_length - cfg.max_prompt_tokens if cfg.advantage == "drgrpo" else None
     for ppo_epoch in range(cfg.ppo_epochs):
         order = minibatch_order(batch, generator, cfg.share_prompts and sft is None)
+        if cfg.mini_batch_size >= n and sft is None:
+            # One minibatch holds the rollout: its rows in the rollout's order make the update's first
+            # forward the scoring pass's very computation (same shapes, same kernels), so the first
+            # ratio is exactly 1 on any CPU or GPU. The shuffle above still runs: the RNG stream is unchanged.
+            order = torch.arange(n, device=order.device)
         for start in range(0, n, cfg.mini_batch_size):
             rows = batch.rows(order[start : start + cfg.mini_batch_size])
             with accelerator.autocast(), checkpointing_in_eval_mode(policy):
