@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import LENGTHS
+from conftest import LENGTHS, REAL_CPU_BF16_UNITS
 from reftkit import ppo
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
@@ -185,3 +185,22 @@ def test_bf16_setting_can_change_between_runs_in_one_process(tmp_path):
         assert accelerator.mixed_precision == ("bf16" if expected else "no")
         with accelerator.autocast():
             assert torch.is_autocast_enabled(accelerator.device.type) == expected
+
+
+@pytest.mark.parametrize(("capability", "cuda", "expected"), [
+    ({"amx_bf16": True, "avx512_bf16": True}, False, True),  # Sapphire Rapids and later
+    ({"amx_bf16": False, "avx512_bf16": True}, False, True),  # Cooper Lake, Zen 4
+    ({"amx_bf16": False, "avx512_bf16": False, "architecture": "x86_64"}, False, False),  # AVX2-only: emulated
+    ({}, True, True),
+])
+def test_bf16_auto_follows_the_hardware(monkeypatch, capability, cuda, expected):
+    """auto is on for CUDA and for CPUs whose matrix units run bf16 natively, read from torch's report."""
+    from reftkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_units", REAL_CPU_BF16_UNITS)  # undo conftest's pin
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    on, why = runtime.bf16_choice("auto")
+    assert on == expected and why.startswith("--bf16 auto")
+    assert ("amx_bf16" in why) == bool(capability.get("amx_bf16") and not cuda)
+    assert runtime.bf16_choice("yes") == (True, "--bf16 yes") and runtime.bf16_choice("no") == (False, "--bf16 no")

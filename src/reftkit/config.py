@@ -36,7 +36,7 @@ class RunOptions(_Config):
     model: str = Field("tiny", description="HF model name or directory; 'tiny' builds a small Llama and tokenizer in code from the training data")
     output_dir: LaxPath = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
     seed: int = Field(42, description="seed for data order, sampling and initialisation")
-    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast: auto = on for CUDA, off on CPU")
+    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast (weights, optimiser state and checkpoints stay float32): auto = on for CUDA and for CPUs with bf16 matrix units (AMX, AVX-512 BF16, Arm BF16), else off")
     progress: bool = Field(True, description="show progress bars")
 
 

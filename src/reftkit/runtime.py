@@ -51,8 +51,9 @@ def make_accelerator(cfg: RunOptions) -> Accelerator:
         if asked:
             raise RunError(f"{asked[0]} was asked for (accelerate launch --use_{asked[0].lower()}), but there is no "
                            "GPU: accelerate would run plain DDP instead. Launch with --multi_gpu for DDP on CPUs")
-    use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
+    use_bf16, why = bf16_choice(cfg.bf16)
     mixed_precision = "bf16" if use_bf16 else "no"
+    log.info("precision: %s (%s)", "bf16 autocast, float32 weights and optimiser" if use_bf16 else "float32", why)
     _allow_precision_change(mixed_precision)
     accelerator = Accelerator(
         cpu=cpu_multiprocess(),
@@ -64,6 +65,39 @@ def make_accelerator(cfg: RunOptions) -> Accelerator:
     )
     set_seed(cfg.seed, device_specific=False)
     return accelerator
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's native bf16 matrix units (AMX, AVX-512 BF16, Arm BF16), or None. Read from torch's own
+    CPU capability report: what its kernels can use, the OS's permission for AMX tiles included."""
+    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    found = [name for name in ("amx_bf16", "avx512_bf16") if capability.get(name)]
+    if not found and capability.get("architecture", "") in ("aarch64", "arm64"):
+        found = ["bf16"] if "bf16" in _cpu_flags() else []
+    return " and ".join(found) or None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {word for line in text.splitlines() if line.lower().startswith(("flags", "features"))
+            for word in line.split(":", 1)[1].split()}
+
+
+def bf16_choice(setting: str) -> tuple[bool, str]:
+    """(bf16 on?, why) for `--bf16 auto|yes|no`: auto is on for CUDA and for CPUs whose matrix units
+    run bf16 natively (there a bf16 matmul is several times a float32 one); elsewhere bf16 is emulated
+    and slower, so auto stays float32."""
+    if setting != "auto":
+        return setting == "yes", f"--bf16 {setting}"
+    if torch.cuda.is_available():
+        return True, "--bf16 auto: CUDA"
+    units = cpu_bf16_units()
+    if units:
+        return True, f"--bf16 auto: the CPU has bf16 matrix units ({units})"
+    return False, "--bf16 auto: no CUDA, and the CPU has no bf16 matrix units"
 
 
 def _allow_precision_change(mixed_precision: str) -> None:
