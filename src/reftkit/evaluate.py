@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from reftkit.answers import Grader
 from reftkit.config import DataOptions
-from reftkit.cot import CotStyle, response_prefix
+from reftkit.cot import CotStyle, response_prefix, status_counts, warn_if_sandbox_limited
 from reftkit.data.records import Example
 from reftkit.faithfulness import consistency_summary, prediction_consistency
 from reftkit.prompts import FEW_SHOT_STOP, encode_prompts
@@ -92,22 +92,39 @@ def evaluate(
 ) -> float:
     """Top-1 (greedy) accuracy over all processes; with `shots`, a response ends where the model
     starts a new question. `read_outs`, when given, is filled with the multiple-choice consistency
-    counts (`reftkit.faithfulness.consistency_summary`; nothing for numeric data)."""
+    counts (`reftkit.faithfulness.consistency_summary`; nothing for numeric data) and, for program
+    CoT, the programs' exit statuses (`reftkit.cot.status_counts`)."""
     greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens, stop=FEW_SHOT_STOP if shots else None)
     rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, greedy, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress, shots=shots)
     if predictions_path is not None and accelerator.is_main_process:
         write_jsonl(predictions_path, ({k: v for k, v in r.items() if k not in ("index", "sample")} for r in rows))
     if read_outs is not None:
-        read_outs.update(consistency_summary(rows))
+        read_outs.update(consistency_summary(rows) | row_status_counts(rows))
     return sum(r["correct"] for r in rows) / max(len(rows), 1)
+
+
+def row_status_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """`status_counts` of prediction or sample rows (program CoT; {} for natural CoT)."""
+    return status_counts(r["detail"] for r in rows if r.get("detail"))
+
+
+def eval_record(accuracy: float, read_outs: dict) -> dict:
+    """A training run's eval row: the accuracy and `evaluate`'s read-outs, named eval_* so that they
+    are not mistaken for the same counts over training samples (programs_* of a rollout batch)."""
+    return {"eval_accuracy": accuracy} | {f"eval_{key}": value for key, value in read_outs.items()}
 
 
 def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
                  cfg: DataOptions, predictions_path: Path, shots: Sequence[Example] = (),
                  read_outs: dict | None = None) -> float:
-    """`evaluate` with a run config's batch size, lengths and progress setting."""
-    return evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
-                    max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
-                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots,
-                    read_outs=read_outs)
+    """`evaluate` with a run config's batch size, lengths and progress setting; warns when the
+    sandbox's limits stopped a noticeable share of the programs (program CoT)."""
+    read_outs = {} if read_outs is None else read_outs
+    acc = evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
+                   max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
+                   progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots,
+                   read_outs=read_outs)
+    if accelerator.is_main_process:
+        warn_if_sandbox_limited(read_outs, cfg, f"eval ({predictions_path.name})")
+    return acc
