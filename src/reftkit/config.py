@@ -85,7 +85,7 @@ class TrainData(_Config):
 
 class EvalData(_Config):
     eval_file: str | None = Field(None, description="evaluation data (a question and a gold answer per row)")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N examples only")
 
 
@@ -246,7 +246,7 @@ class RerankerConfig(TrainerOptions, AccumulationOptions, SamplesInput):
     batch_size: int = Field(16, gt=0, description="samples per process per micro-batch")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch when drawing samples")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size), when drawing samples")
 
 
 class EvalConfig(RunOptions, DataOptions, SandboxOptions, EvalData, Tracking):
@@ -362,7 +362,7 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
 
     train_file: str | None = Field(None, description="training data of every training stage")
     eval_file: str | None = Field(None, description="the test set, read by the evaluation stages only")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N test examples only")
     demo: bool = Field(False, description="synthetic data and the tiny model, with the demo's settings as stage defaults")
     methods: list[MethodName] = Field(default_factory=lambda: ["sft", "offline_st", "online_st", "reft"],
