@@ -168,12 +168,12 @@ def test_programs_stopped_by_the_time_limit_are_counted_and_warned_about(caplog)
 
 
 class HalfTimeouts:
-    """Stands in for the sandbox: every other program 'times out', the rest return 1."""
+    """Stands in for the sandbox: every other program 'times out', the rest return a wrong answer."""
 
     def run(self, programs):
         from reftkit.executor import ExecResult, Status
 
-        return [ExecResult(Status.OK, value="1") if i % 2 == 0 else ExecResult(Status.TIMEOUT, detail="wall-clock")
+        return [ExecResult(Status.OK, value="-0.5151") if i % 2 == 0 else ExecResult(Status.TIMEOUT, detail="wall-clock")
                 for i in range(len(programs))]
 
 
@@ -238,3 +238,18 @@ def test_natural_cot_reports_no_program_statuses(tmp_path, splits, tiny_checkpoi
     summary = run_sample(SampleConfig(model=str(tiny_checkpoint), eval_file=str(tmp_path / "test.jsonl"),
                                       output_dir=tmp_path, num_samples=2, progress=False, **LENGTHS))
     assert not any(key.startswith("programs_") for key in summary)
+
+
+def test_online_st_reports_the_programs_statuses_per_batch(tmp_path, monkeypatch):
+    from conftest import LENGTHS, tiny_model_dir
+    from reftkit.config import OnlineSTConfig
+    from reftkit.trainers import online_st
+
+    monkeypatch.setattr(online_st, "open_grader", _half_timeout_grader)
+    train, _ = make_splits(8, 1, seed=4, cot="program")
+    model = tiny_model_dir(tmp_path / "model", train)
+    online_st.train_online_st(OnlineSTConfig(model=str(model), output_dir=tmp_path / "run", cot="program",
+                                             batch_size=4, num_samples=2, progress=False, **LENGTHS), train)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["programs_ok"], r["programs_timeout"], r["programs_error"]) for r in steps if "own_samples" in r] \
+        == [(4, 4, 0), (4, 4, 0)]
