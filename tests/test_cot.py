@@ -139,3 +139,117 @@ def test_few_shot_prompt_tokenizes_each_worked_example_as_sft_does(cot):
     assert ids[: len(first_shot)] == first_shot
     assert tokenizer.decode(ids) == prompt_text(test[0], cot, shots=train[:2])
     assert encode_prompt(tokenizer, test[0], 5, cot, shots=train[:2]) == ids[-5:]
+
+
+# ----------------------------------------------------------------------------- issue 22 item 16: the sandbox's
+# own limits are reported (per-status counts, a warning when they stop a noticeable share of the programs)
+
+def test_programs_stopped_by_the_time_limit_are_counted_and_warned_about(caplog):
+    """The real sandbox: 4 programs that return their answer, 4 that never return; only the limit stops them."""
+    from reftkit.cot import status_counts, warn_if_sandbox_limited
+
+    train, _ = make_splits(4, 1, seed=5, cot="program")
+    completions = [program_body(ex.cot) for ex in train] + ["    while True:\n        pass\n"] * 4
+    cfg = EvalConfig(cot="program", exec_workers=1, exec_timeout=0.5)
+    with open_grader(cfg) as grader:
+        grades = grader.grade(completions, train + train)
+    counts = status_counts(g.detail for g in grades)
+    assert counts == {"programs_ok": 4, "programs_wrong_type": 0, "programs_error": 0, "programs_timeout": 4,
+                      "programs_memory": 0, "programs_forbidden": 0}
+    with caplog.at_level("WARNING", logger="reftkit"):
+        assert warn_if_sandbox_limited(counts, cfg, "eval") is True
+    assert caplog.records[-1].getMessage().startswith(
+        "eval: 4 of 8 programs were stopped by the sandbox's limits: 4 timeout (--exec_timeout 0.5)")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reftkit"):  # a rare timeout is the program's doing: no warning
+        assert warn_if_sandbox_limited(counts | {"programs_ok": 100, "programs_timeout": 4}, cfg, "eval") is False
+        assert warn_if_sandbox_limited({}, cfg, "eval") is False  # natural CoT: nothing to count
+    assert not caplog.records
+
+
+class HalfTimeouts:
+    """Stands in for the sandbox: every other program 'times out', the rest return a wrong answer."""
+
+    def run(self, programs):
+        from reftkit.executor import ExecResult, Status
+
+        return [ExecResult(Status.OK, value="-0.5151") if i % 2 == 0 else ExecResult(Status.TIMEOUT, detail="wall-clock")
+                for i in range(len(programs))]
+
+
+def _half_timeout_grader(cfg):
+    from contextlib import nullcontext
+
+    return nullcontext(ProgramGrader(HalfTimeouts()))
+
+
+def test_reft_eval_and_sample_report_the_programs_statuses(tmp_path, splits, tiny_checkpoint, monkeypatch, caplog):
+    """Training metrics (each rollout batch, and its evals as eval_*), eval's metrics and sample's results.json
+    carry programs_<status> counts, and each warns when the time limit stopped a noticeable share."""
+    from conftest import LENGTHS
+    from reftkit import evaluate_cli, sampling
+    from reftkit.config import ReFTConfig, SampleConfig
+    from reftkit.trainers import reft
+    from reftkit.writers import write_examples
+
+    for module in (reft, evaluate_cli, sampling):
+        monkeypatch.setattr(module, "open_grader", _half_timeout_grader)
+    write_examples(tmp_path / "test.jsonl", splits[1][:4])
+    common = {"model": str(tiny_checkpoint), "progress": False, "cot": "program", "exec_timeout": 0.25, **LENGTHS}
+    half = {"programs_ok": 8, "programs_wrong_type": 0, "programs_error": 0, "programs_timeout": 8,
+            "programs_memory": 0, "programs_forbidden": 0}
+    with caplog.at_level("WARNING", logger="reftkit"):
+        reft.train_reft(ReFTConfig(output_dir=tmp_path / "reft", epochs=1, batch_size=4, num_samples=4,
+                                   mini_batch_size=8, **common), splits[0][:8], splits[1][:16])
+    metrics = [json.loads(line) for line in (tmp_path / "reft" / "metrics.jsonl").read_text().splitlines()]
+    batches = [m for m in metrics if "reward" in m]
+    assert len(batches) == 2 and all({k: m[k] for k in half} == half for m in batches)
+    (evaluated,) = [m for m in metrics if "eval_accuracy" in m]
+    assert {k: evaluated[f"eval_{k}"] for k in half} == {k: v for k, v in half.items()}  # 16 greedy answers
+    warned = [r.getMessage() for r in caplog.records if "stopped by the sandbox's limits" in r.getMessage()]
+    assert warned == ["rollout batch 1: 8 of 16 programs were stopped by the sandbox's limits: 8 timeout "
+                      "(--exec_timeout 0.25). They count as wrong (reward 0); raise the limit if the programs are "
+                      "meant to need more",  # once for the training batches; every eval warns for itself
+                      "eval (predictions-epoch1.jsonl): 8 of 16 programs were stopped by the sandbox's limits: "
+                      "8 timeout (--exec_timeout 0.25). They count as wrong (reward 0); raise the limit if the "
+                      "programs are meant to need more"]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reftkit"):
+        evaluate_cli.run_eval(EvalConfig(eval_file=str(tmp_path / "test.jsonl"), output_dir=tmp_path / "eval",
+                                         **common))
+        summary = sampling.run_sample(SampleConfig(eval_file=str(tmp_path / "test.jsonl"),
+                                                   output_dir=tmp_path / "sample", num_samples=4, **common))
+    row = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())
+    assert (row["programs_ok"], row["programs_timeout"]) == (2, 2)
+    assert {k: summary[k] for k in half} == half
+    assert json.loads((tmp_path / "sample" / "results.json").read_text()) == summary
+    assert [r.getMessage().split(":")[0] for r in caplog.records
+            if "stopped by the sandbox's limits" in r.getMessage()] == ["eval (predictions.jsonl)", "sampling"]
+
+
+def test_natural_cot_reports_no_program_statuses(tmp_path, splits, tiny_checkpoint):
+    from conftest import LENGTHS
+    from reftkit.config import SampleConfig
+    from reftkit.sampling import run_sample
+    from reftkit.writers import write_examples
+
+    write_examples(tmp_path / "test.jsonl", splits[1][:2])
+    summary = run_sample(SampleConfig(model=str(tiny_checkpoint), eval_file=str(tmp_path / "test.jsonl"),
+                                      output_dir=tmp_path, num_samples=2, progress=False, **LENGTHS))
+    assert not any(key.startswith("programs_") for key in summary)
+
+
+def test_online_st_reports_the_programs_statuses_per_batch(tmp_path, monkeypatch):
+    from conftest import LENGTHS, tiny_model_dir
+    from reftkit.config import OnlineSTConfig
+    from reftkit.trainers import online_st
+
+    monkeypatch.setattr(online_st, "open_grader", _half_timeout_grader)
+    train, _ = make_splits(8, 1, seed=4, cot="program")
+    model = tiny_model_dir(tmp_path / "model", train)
+    online_st.train_online_st(OnlineSTConfig(model=str(model), output_dir=tmp_path / "run", cot="program",
+                                             batch_size=4, num_samples=2, progress=False, **LENGTHS), train)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["programs_ok"], r["programs_timeout"], r["programs_error"]) for r in steps if "own_samples" in r] \
+        == [(4, 4, 0), (4, 4, 0)]

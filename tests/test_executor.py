@@ -844,3 +844,28 @@ def test_root_with_a_world_readable_python_drops_to_nobody():
     assert out["layers"]["privileges"].startswith("on: runs as uid 65534"), out["layers"]
     expected = {"network": "on: new network namespace", "ipc_namespace": "on: new IPC namespace"}
     assert {name: out["kernel"][name] for name in expected} == expected
+
+
+def test_more_workers_than_usable_cpus_are_refused_naming_the_maximum(monkeypatch):
+    """Issue 22 item 16: --exec_workers 500 was accepted and ran slower; a count the machine cannot run
+    is refused, in the config (before any work) and by the executor itself."""
+    from pydantic import ValidationError
+
+    from reftkit import config as config_module
+    from reftkit.config import EvalConfig, SandboxOptions
+    from reftkit.executor import config as executor_config
+    from reftkit.executor.config import usable_cpus
+
+    most = usable_cpus()
+    with pytest.raises(ValueError, match=rf"^{most + 1} sandbox workers, but this process may use {most} CPUs? "
+                                         rf"\(os.sched_getaffinity\): at most {most}$"):
+        ProgramExecutor(ExecutorConfig(workers=most + 1))
+    with pytest.raises(ValidationError, match=rf"exec_workers\n.*at most {most}"):
+        EvalConfig(cot="program", exec_workers=500)
+    assert EvalConfig(exec_workers=most).exec_workers == most
+    # The defaults stay within the machine: 2 where there are 2 CPUs or more, 1 on one CPU.
+    monkeypatch.setattr(executor_config, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(config_module, "_usable_cpus", lambda: 1)
+    assert SandboxOptions().exec_workers == 1 and ExecutorConfig().workers == 1
+    with pytest.raises(ValidationError, match="2 sandbox workers, but this process may use 1 CPU "):
+        SandboxOptions(exec_workers=2)

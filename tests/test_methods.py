@@ -53,15 +53,43 @@ def test_kl_in_the_loss_is_logged_and_kl_coef_zero_skips_the_reference(tmp_path,
     assert all(r["kl"] == 0.0 for r in rows(tmp_path / "nokl") if "reward" in r)
 
 
-def test_drop_uniform_groups_skips_questions_with_one_reward(tmp_path, splits, tiny_checkpoint):
+def test_drop_uniform_groups_skips_questions_with_one_reward(tmp_path, splits, tiny_checkpoint, caplog):
     # An untrained model never writes an answer: every reward is 0, every group is uniform,
     # so nothing is left to learn from and the weights must not move.
-    final = train_reft(config(tmp_path, tiny_checkpoint, advantage="grpo", drop_uniform_groups=True),
-                       splits[0][:8])
+    with caplog.at_level("WARNING", logger="reftkit"):
+        final = train_reft(config(tmp_path, tiny_checkpoint, advantage="grpo", drop_uniform_groups=True),
+                           splits[0][:8])
     logged = [r for r in rows(tmp_path) if "reward" in r]
     assert [r["dropped_groups"] for r in logged] == [4, 4] and all(r["reward"] == 0.0 for r in logged)
     before, after = load_file(str(tiny_checkpoint / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # Issue 22 item 9: said in the metrics and the log, not only seen in unchanged weights.
+    assert [(r["groups"], r["updates"]) for r in logged] == [(4, 0), (4, 0)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w for w in warnings if "groups dropped" in w] == [
+        f"rollout batch {step}: all 4 groups dropped (--drop_uniform_groups: each question's 4 samples got one "
+        "reward, mean reward 0.000): no update" for step in (1, 2)]
+    (summary,) = [w for w in warnings if w.startswith("no PPO update")]
+    assert summary.startswith("no PPO update in any of the 2 rollout batches of this run (steps 1-2): every group "
+                              "was dropped") and "the model saved is the one it started from" in summary
+
+
+def test_a_batch_with_groups_left_reports_its_updates_and_no_warning(tmp_path, splits, tiny_checkpoint, caplog,
+                                                                    monkeypatch):
+    """The warnings are for batches with nothing left: a batch that keeps a group trains and says nothing."""
+    from reftkit.answers import Grade
+
+    class Alternating:  # a question's samples alternate right and wrong: no group is uniform
+        def grade(self, completions, examples):
+            return [Grade("1", i % 2 == 0) for i in range(len(completions))]
+
+    monkeypatch.setattr(reft_module, "open_grader", lambda cfg: __import__("contextlib").nullcontext(Alternating()))
+    with caplog.at_level("WARNING", logger="reftkit"):
+        train_reft(config(tmp_path, tiny_checkpoint, advantage="grpo", drop_uniform_groups=True), splits[0][:8])
+    logged = [r for r in rows(tmp_path) if "reward" in r]
+    # 2 PPO epochs x (16 rows / minibatches of 8) optimiser steps per batch
+    assert [(r["dropped_groups"], r["groups"], r["updates"]) for r in logged] == [(0, 4, 4), (0, 4, 4)]
+    assert "no update" not in caplog.text and "no PPO update" not in caplog.text
 
 
 @pytest.mark.slow

@@ -268,3 +268,41 @@ def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_quest
     assert not any("Question:" in r["output"] for r in rows)
     with pytest.raises(ValueError, match="few_shot: the worked examples come from train_file"):
         EvalConfig(few_shot=2, eval_file=str(test))
+
+
+def test_sample_draws_many_samples_of_a_question_in_chunks_of_eval_batch_size(tmp_path, splits, tiny_checkpoint,
+                                                                             monkeypatch):
+    """Issue 22 item 15: k samples of one question went to `generate` in one call (memory grew with k).
+    At most eval_batch_size rows are in flight, whatever k; the rows are as before: k per question,
+    in (question, sample) order, sample numbers 0..k-1, and the same seed gives the same samples."""
+    from conftest import LENGTHS
+    from reftkit import evaluate as evaluate_module
+    from reftkit.config import SampleConfig
+    from reftkit.sampling import run_sample
+    from reftkit.writers import write_examples
+
+    calls = []
+    real = evaluate_module.generate
+
+    def spy(lm, tokenizer, prompts, sampling, k=1, *args, **kwargs):
+        calls.append((len(prompts), k))
+        return real(lm, tokenizer, prompts, sampling, k, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", spy)
+    write_examples(tmp_path / "test.jsonl", splits[1][:2])
+
+    def sample(out, k, batch):
+        calls.clear()
+        summary = run_sample(SampleConfig(model=str(tiny_checkpoint), eval_file=str(tmp_path / "test.jsonl"),
+                                          output_dir=tmp_path / out, num_samples=k, eval_batch_size=batch,
+                                          progress=False, seed=3, **LENGTHS))
+        rows = [json.loads(line) for line in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+        return summary, rows, list(calls)
+
+    summary, rows, made = sample("many", 10, 4)
+    assert made == [(1, 4), (1, 4), (1, 2)] * 2  # per question: 4 + 4 + 2 rows, never all 10 at once
+    assert [(r["id"], r["sample"]) for r in rows] == [(ex.id, j) for ex in splits[1][:2] for j in range(10)]
+    assert summary["k"] == 10 and summary["questions"] == 2
+    assert sample("again", 10, 4)[1] == rows  # same seed, same samples
+    # k <= eval_batch_size: one call for the batch's prompts with all their samples, as before.
+    assert sample("few", 2, 4)[2] == [(2, 2)]

@@ -58,3 +58,35 @@ def test_summarize_counts_vote_pass_and_rerank_per_question():
     assert s["vote_accuracy"] == 1 / 3 and s["rerank_accuracy"] == 1 / 3 and s["pass_accuracy"] == 2 / 3
     assert s["sample_accuracy"] == 3 / 9
     assert "rerank_accuracy" not in summarize([{k: v for k, v in r.items() if k != "score"} for r in rows], examples)
+
+
+def _grouped_by_scanning(answers, tol=1e-2, multiple_choice=False):
+    """The rule as the module states it: join the first group whose first member is the same answer."""
+    from reftkit.answers import same_answer
+
+    groups = []
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            home = next((g for g in groups if same_answer(answers[g[0]], answer, tol, multiple_choice)), None)
+            groups.append([i]) if home is None else home.append(i)
+    return groups
+
+
+def test_grouping_many_answers_follows_the_rule_without_comparing_each_to_every_group(monkeypatch):
+    """Issue 22 item 15: k samples with many distinct answers compared each with every group (k x groups);
+    the groups are the rule's, and the comparisons stay a few per sample."""
+    import random
+
+    from reftkit import voting
+
+    rng = random.Random(0)
+    pool = ["2", "2.005", "1.999", "2.01", "-3", "0", "1e-05", "0.00001", "abc", "1000000", "999999.995", "7/2"]
+    for tol in (1e-2, 0.0, 1.0):
+        answers = [rng.choice(pool + [None, str(round(rng.uniform(-5, 5), 3))]) for _ in range(400)]
+        assert answer_groups(answers, tol) == _grouped_by_scanning(answers, tol)
+    calls = []
+    real = voting.same_answer
+    monkeypatch.setattr(voting, "same_answer", lambda *a: calls.append(1) or real(*a))
+    distinct = [str(i) for i in range(5000)]
+    assert answer_groups(distinct) == [[i] for i in range(5000)]
+    assert len(calls) <= 3 * len(distinct)  # scanning: 5000 * 4999 / 2 comparisons

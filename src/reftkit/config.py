@@ -14,9 +14,10 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from reftkit.cot import CotStyle
+from reftkit.executor.config import check_workers, usable_cpus as _usable_cpus
 
 
 # Strict types: a YAML `batch_size: "8"` or `save_every: true` is an error, not silently converted
@@ -61,12 +62,20 @@ class DataOptions(_Config):
 class SandboxOptions(_Config):
     """Program CoT: the sandbox that runs model-written programs (docs/executor.md)."""
 
-    exec_workers: int = Field(2, gt=0, description="program CoT: sandbox worker processes")
+    exec_workers: int = Field(default_factory=lambda: min(2, _usable_cpus()), gt=0,
+                              description="program CoT: sandbox worker processes, at most the CPUs this process "
+                                          "may use (default: 2, or 1 on one CPU)")
     exec_timeout: float = Field(2.0, gt=0, description="program CoT: wall-clock seconds per program")
     exec_memory_mb: int = Field(512, gt=0, description="program CoT: memory limit per program (MiB)")
     exec_programs_per_child: int = Field(
         1, gt=0, description="program CoT: programs run in turn by one forked child (1: a fresh process each; "
                             "more is faster but programs of a child share module state, docs/executor.md)")
+
+    @field_validator("exec_workers")
+    @classmethod
+    def _workers_the_machine_runs(cls, workers: int) -> int:
+        check_workers(workers)  # refused here, before any work, rather than run oversubscribed
+        return workers
 
 
 class TrainData(_Config):
@@ -76,7 +85,7 @@ class TrainData(_Config):
 
 class EvalData(_Config):
     eval_file: str | None = Field(None, description="evaluation data (a question and a gold answer per row)")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N examples only")
 
 
@@ -237,7 +246,7 @@ class RerankerConfig(TrainerOptions, AccumulationOptions, SamplesInput):
     batch_size: int = Field(16, gt=0, description="samples per process per micro-batch")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch when drawing samples")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size), when drawing samples")
 
 
 class EvalConfig(RunOptions, DataOptions, SandboxOptions, EvalData, Tracking):
@@ -353,7 +362,7 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
 
     train_file: str | None = Field(None, description="training data of every training stage")
     eval_file: str | None = Field(None, description="the test set, read by the evaluation stages only")
-    eval_batch_size: int = Field(64, gt=0, description="prompts per decoding batch")
+    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N test examples only")
     demo: bool = Field(False, description="synthetic data and the tiny model, with the demo's settings as stage defaults")
     methods: list[MethodName] = Field(default_factory=lambda: ["sft", "offline_st", "online_st", "reft"],

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
 from reftkit.answers import TRIGGER, Grade, Grader, NaturalLanguageGrader, is_correct, read_answer
 from reftkit.data.records import Example
+from reftkit.executor.config import Status
 
 log = logging.getLogger("reftkit")
 
@@ -127,6 +128,40 @@ def warn_if_not_programs(programs: Sequence[str], examples: Sequence[Example]) -
                 "so they earn no reward and count as wrong. Check that the model was trained on program CoT "
                 "(SFT with --cot program on P-CoT data), not natural-language CoT, and that max_length leaves "
                 "room for a whole program", len(errors), len(programs), example.id, why)
+    return True
+
+
+# Per-status counts of graded programs, as metrics name them: programs_ok, programs_timeout, ...
+STATUS_KEYS = tuple(f"programs_{s}" for s in Status)
+# The statuses that are the sandbox's own limits, not the program's doing, and the option that sets each.
+_LIMIT_OPTIONS = {Status.TIMEOUT: "exec_timeout", Status.MEMORY: "exec_memory_mb"}
+# A share of programs stopped by a limit at which the limit, not the model, may be what is measured.
+LIMITED_SHARE = 0.05
+
+
+def status_counts(details: Iterable[str]) -> dict[str, int]:
+    """{programs_<status>: count} over program grades' details ("ok", "timeout: ..."; ProgramGrader),
+    every status present; {} for no details (natural CoT has none)."""
+    counts = dict.fromkeys(STATUS_KEYS, 0)
+    seen = False
+    for detail in details:
+        counts[f"programs_{detail.partition(':')[0]}"] += 1
+        seen = True
+    return counts if seen else {}
+
+
+def warn_if_sandbox_limited(counts: Mapping[str, int], cfg, where: str) -> bool:
+    """Warns when at least LIMITED_SHARE of the programs counted (`status_counts`) were stopped by
+    the sandbox's time or memory limit (cfg: its exec_* options): those count as wrong, so accuracy
+    and reward then measure the limit. Returns whether it warned."""
+    total = sum(counts.get(key, 0) for key in STATUS_KEYS)  # counts may hold other read-outs too
+    hit = {status: counts.get(f"programs_{status}", 0) for status in _LIMIT_OPTIONS}
+    if not total or sum(hit.values()) < LIMITED_SHARE * total:
+        return False
+    parts = ", ".join(f"{n} {status} (--{_LIMIT_OPTIONS[status]} {getattr(cfg, _LIMIT_OPTIONS[status])})"
+                      for status, n in hit.items() if n)
+    log.warning("%s: %d of %d programs were stopped by the sandbox's limits: %s. They count as wrong (reward 0); "
+                "raise the limit if the programs are meant to need more", where, sum(hit.values()), total, parts)
     return True
 
 

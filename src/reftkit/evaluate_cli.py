@@ -2,7 +2,8 @@
 
 On multiple-choice data the summary (metrics.jsonl and the log line) also reports the consistency
 rate: the share of predictions whose picked option matches the number their reasoning ended on,
-with the counts behind it (reftkit.faithfulness)."""
+with the counts behind it (reftkit.faithfulness). With program CoT it reports how the programs
+ended (programs_ok, programs_timeout, ...: reftkit.cot.status_counts)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,21 @@ def run_eval(cfg: EvalConfig) -> float:
     with open_grader(cfg) as grader:
         acc = evaluate_run(accelerator, lm, load_tokenizer(cfg.model), examples, grader, cfg, path, shots, read_outs)
     Metrics(accelerator, cfg, "eval").log({"eval_accuracy": acc, "examples": len(examples)} | read_outs, 0)
-    log.info("accuracy %.4f on %d examples%s; predictions in %s", acc, len(examples), consistency_note(read_outs), path)
+    log.info("accuracy %.4f on %d examples%s%s; predictions in %s", acc, len(examples), consistency_note(read_outs),
+             status_note(read_outs), path)
     return acc
 
 
 def consistency_note(read_outs: dict) -> str:
     """The log line's consistency part on multiple-choice data; empty for numeric data."""
-    if not read_outs:
+    if "consistency" not in read_outs:
         return ""
     rate = "n/a" if read_outs["consistency"] is None else f"{read_outs['consistency']:.4f}"
     return (f", consistency {rate} ({read_outs['consistent']} consistent, {read_outs['inconsistent']} inconsistent "
             f"of which {read_outs['correct_inconsistent']} correct, {read_outs['consistency_unknown']} unknown)")
+
+
+def status_note(read_outs: dict) -> str:
+    """The log line's program part (program CoT): how many programs ended how, e.g. ", programs: 3 ok, 1 timeout"."""
+    ended = [f"{n} {key.removeprefix('programs_')}" for key, n in read_outs.items() if key.startswith("programs_") and n]
+    return f", programs: {', '.join(ended)}" if ended else ""

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from reftkit.answers import reasoning_of
 from reftkit.config import SampleConfig
-from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
+from reftkit.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade
+from reftkit.evaluate import decode_and_grade, row_status_counts
 from reftkit.faithfulness import consistency_summary
 from reftkit.reranker import score_samples
 from reftkit.writers import write_json, write_jsonl
@@ -32,14 +32,18 @@ SAMPLES_FILE, RESULTS_FILE = "samples.jsonl", "results.json"
 def draw_samples(accelerator, lm, tokenizer, examples: list[Example], grader, cfg) -> list[dict]:
     """`cfg.num_samples` graded samples per example (cfg: any config with sampling options)."""
     lm = lm.to(accelerator.device).eval()
-    return decode_and_grade(accelerator, lm, tokenizer, examples, grader, cfg.sampling(cfg.max_length - cfg.max_prompt_tokens),
+    rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, cfg.sampling(cfg.max_length - cfg.max_prompt_tokens),
                             num_samples=cfg.num_samples, batch_size=cfg.eval_batch_size,
                             max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=cfg.progress, desc="sample")
+    if accelerator.is_main_process:
+        warn_if_sandbox_limited(row_status_counts(rows), cfg, "sampling")
+    return rows
 
 
 def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
     """Per-question sample, vote@k, pass@k and (when rows have scores) rerank@k accuracy; on
-    multiple-choice data also the samples' consistency rate and counts (`consistency_summary`)."""
+    multiple-choice data also the samples' consistency rate and counts (`consistency_summary`); for
+    program CoT the programs' exit statuses (programs_ok, programs_timeout, ...: `status_counts`)."""
     by_index: dict[int, list[dict]] = {}
     for r in rows:
         by_index.setdefault(r["index"], []).append(r)
@@ -57,7 +61,7 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
                "vote_accuracy": vote / max(n, 1), "pass_accuracy": passed / max(n, 1)}
     if rows and "score" in rows[0]:
         summary["rerank_accuracy"] = reranked / max(n, 1)
-    return summary | consistency_summary(rows)
+    return summary | consistency_summary(rows) | row_status_counts(rows)
 
 
 def run_sample(cfg: SampleConfig) -> dict:

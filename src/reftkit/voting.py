@@ -15,22 +15,42 @@ Rules (each tested in tests/test_voting.py):
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 
 from reftkit.answers import same_answer
+from reftkit.data.numbers import parse_number
 
 
 def answer_groups(answers: Sequence[str | None], tol: float = 1e-2, multiple_choice: bool = False) -> list[list[int]]:
-    """Indices of the samples in each answer group, groups in order of their first member."""
+    """Indices of the samples in each answer group, groups in order of their first member.
+
+    Numeric answers are looked up among the first members by value (a sorted list), so that k
+    samples with many distinct answers cost about k log k, not k times the number of groups; the
+    rule is unchanged: `same_answer` decides, and the earliest group it accepts wins."""
     groups: list[list[int]] = []
+    firsts: list[tuple[float, int]] = []  # (value of a group's first member, group number), sorted
     for i, answer in enumerate(answers):
         if answer is None:
             continue
-        home = next((g for g in groups if same_answer(answers[g[0]], answer, tol, multiple_choice)), None)
+        if multiple_choice:  # a handful of letters: few groups to scan
+            candidates = range(len(groups))
+        else:
+            value = parse_number(answer)
+            if value is None:  # equal to nothing (same_answer): a group of its own
+                groups.append([i])
+                continue
+            # Wider than the tolerance (float rounding), so every group same_answer accepts is among them.
+            reach = 2 * tol + 1e-6 + abs(value) * 1e-12
+            found = firsts[bisect_left(firsts, (value - reach, -1)): bisect_right(firsts, (value + reach, len(groups)))]
+            candidates = sorted(g for _, g in found)
+        home = next((g for g in candidates if same_answer(answers[groups[g][0]], answer, tol, multiple_choice)), None)
         if home is None:
+            if not multiple_choice:
+                insort(firsts, (value, len(groups)))
             groups.append([i])
         else:
-            home.append(i)
+            groups[home].append(i)
     return groups
 
 

@@ -83,8 +83,26 @@ NEVER_ALLOWED: frozenset[str] = frozenset(
 )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def check_workers(workers: int) -> None:
+    """Refuses more sandbox workers than usable CPUs: each program runs on one CPU, so more workers
+    run no more programs at once; they only start (and preload) more interpreters that contend for
+    the same CPUs, which is slower. Trainer side only: a worker, pinned to one
+    CPU, must not check its own configuration against its affinity."""
+    most = usable_cpus()
+    if workers > most:
+        raise ValueError(f"{workers} sandbox workers, but this process may use {most} CPU"
+                         f"{'s' if most > 1 else ''} (os.sched_getaffinity): at most {most}")
+
+
 def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, usable_cpus())
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,8 @@ class ExecutorConfig:
     """Limits and policy for ProgramExecutor. Every field applies to each program separately.
 
     workers: worker processes per pool (one pool for stdlib-only programs, a second one, started on first
-        use, for programs that import a third-party module such as sympy). One per CPU core is right.
+        use, for programs that import a third-party module such as sympy). One per CPU core is right; more
+        than the CPUs this process may use is refused when the executor is made (`check_workers`).
     timeout_s: wall-clock limit per program, from fork to result; the program is killed when it is reached.
     cpu_s: CPU-time limit per program (RLIMIT_CPU, whole seconds, rounded up); None means timeout_s.
     memory_mb: address space the program may add on top of the pre-loaded interpreter (RLIMIT_AS).

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from reftkit.executor.config import ExecResult, ExecutorConfig, Status
+from reftkit.executor.config import ExecResult, ExecutorConfig, Status, check_workers
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -210,6 +210,7 @@ class ProgramExecutor:
 
     def __init__(self, config: ExecutorConfig | None = None) -> None:
         self.config = config or ExecutorConfig()
+        check_workers(self.config.workers)  # a worker count the machine cannot run is refused, not slow
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._scratch: list[str] = []

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from reftkit.config import TrainerOptions
 from reftkit.data.records import Example
-from reftkit.evaluate import evaluate_run
+from reftkit.evaluate import eval_record, evaluate_run
 from reftkit.checkpoints import Progress, Run, claim_output_dir, resume_from, save_final, save_step_checkpoint
 from reftkit.runtime import (
     Metrics, epoch_batches, guarded_step, load_examples_for, load_model_and_tokenizer, make_accelerator,
@@ -140,8 +140,9 @@ def greedy_eval_hook(accelerator, model, tokenizer, eval_set: list[Example] | No
     def after_epoch(epoch: int, progress: Progress, metrics: Metrics) -> None:
         if not eval_set:
             return
+        read_outs: dict = {}  # program CoT: the programs' exit statuses; multiple choice: consistency
         acc = evaluate_run(accelerator, accelerator.unwrap_model(model), tokenizer, eval_set, grader, cfg,
-                           cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl")
-        metrics.log({"eval_accuracy": acc, "epoch": epoch + 1}, progress.step)
+                           cfg.output_dir / f"predictions-epoch{epoch + 1}.jsonl", read_outs=read_outs)
+        metrics.log(eval_record(acc, read_outs) | {"epoch": epoch + 1}, progress.step)
         log.info("epoch %d: eval accuracy %.4f", epoch + 1, acc)
     return after_epoch

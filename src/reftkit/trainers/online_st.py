@@ -14,9 +14,9 @@ import torch
 
 from reftkit.batching import shuffled_loader
 from reftkit.config import OnlineSTConfig
-from reftkit.cot import open_grader
+from reftkit.cot import open_grader, warn_if_sandbox_limited
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade
+from reftkit.evaluate import decode_and_grade, row_status_counts
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
@@ -55,6 +55,7 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
                          steps_per_epoch=steps)
     after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg)
     model.train()
+    limits_warned = False
     for epoch in loop.epochs():
         for i, indices in loop.batches(loader, epoch):
             questions = [train[j] for j in indices.tolist()]
@@ -68,14 +69,19 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
             features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
             batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
             is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
-            stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own)],
-                                                    device=accelerator.device, dtype=torch.float), "sum")
+            statuses = row_status_counts(rows) if cfg.cot == "program" else {}  # how the programs ended
+            stats = accelerator.reduce(torch.tensor([sum(r["correct"] for r in rows), len(rows), len(own),
+                                                     *statuses.values()],
+                                                    device=accelerator.device, dtype=torch.float), "sum").tolist()
+            statuses = {key: int(n) for key, n in zip(statuses, stats[3:], strict=True)}
+            if accelerator.is_main_process and not limits_warned:  # once a run: every batch's counts are logged
+                limits_warned = warn_if_sandbox_limited(statuses, cfg, f"epoch {epoch + 1}, batch {i + 1}")
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).logits
                 loop.step(mixed_nll(logits, batch["labels"], is_own, cfg.self_weight),
-                          {"train_accuracy": (stats[0] / stats[1]).item(), "own_samples": int(stats[2].item())},
+                          {"train_accuracy": stats[0] / stats[1], "own_samples": int(stats[2]), **statuses},
                           epoch, i)
         loop.end_epoch(epoch, after_epoch)
     return loop.finish()

@@ -23,9 +23,9 @@ from reftkit import ppo
 from reftkit.answers import reward_from_grade
 from reftkit.batching import shuffled_loader
 from reftkit.config import ReFTConfig
-from reftkit.cot import open_grader
+from reftkit.cot import open_grader, status_counts, warn_if_sandbox_limited
 from reftkit.data.records import Example
-from reftkit.evaluate import evaluate_run
+from reftkit.evaluate import eval_record, evaluate_run
 from reftkit.lora import reference_lm
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm, load_tokenizer
 from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
@@ -140,16 +140,19 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
         dropped = int(uniform.sum())
         batch = _keep_rows(accelerator, batch, (~uniform).repeat_interleave(k))
 
-    counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped], device=mask.device)
+    # Program CoT: how the batch's programs ended (ok, error, timeout, ...), in the same reduction.
+    statuses = status_counts(g.detail for g in grades) if cfg.cot == "program" else {}
+    counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped, *statuses.values()],
+                          device=mask.device)
     stats = torch.cat([torch.stack([scores.sum(), kl.sum(), mask.sum()]).float(), counts.float()])
     # Totals over all processes, read in one device-to-host copy per rollout batch.
-    reward, kl_sum, tokens, n_correct, n, dropped = accelerator.reduce(stats, "sum").tolist()
+    reward, kl_sum, tokens, n_correct, n, dropped, *status_totals = accelerator.reduce(stats, "sum").tolist()
     record = {"reward": reward / n, "train_accuracy": n_correct / n, "kl": kl_sum / n, "response_tokens": tokens / n,
-              "sampled_tokens": int(tokens)}
+              "sampled_tokens": int(tokens), **{key: int(v) for key, v in zip(statuses, status_totals, strict=True)}}
     # old log-probs, values, reference, advantages; measured after `.tolist()` has synced the device
     seconds["time_scoring"] = time.perf_counter() - clock
     if cfg.drop_uniform_groups:
-        record["dropped_groups"] = int(dropped)
+        record["dropped_groups"], record["groups"] = int(dropped), int(n) // k
     return batch, {**record, **seconds}
 
 
@@ -187,6 +190,15 @@ def outputs_with_references(policy, rows: RolloutBatch, references: list, pad_id
     nll = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                             ignore_index=IGNORE_INDEX)
     return logprobs, values, nll
+
+
+def warn_if_all_dropped(record: dict, step: int, cfg: ReFTConfig) -> bool:
+    """Warns when dynamic sampling left nothing of rollout batch `step`: no update was made."""
+    if not cfg.drop_uniform_groups or record["dropped_groups"] < record["groups"]:
+        return False
+    log.warning("rollout batch %d: all %d groups dropped (--drop_uniform_groups: each question's %d samples got "
+                "one reward, mean reward %.3f): no update", step, record["groups"], cfg.num_samples, record["reward"])
+    return True
 
 
 def sft_weight(cfg: ReFTConfig, step: int, total_steps: int) -> float:
@@ -240,7 +252,8 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
         raise NonFiniteError(f"non-finite weights after rollout batch {step}: run stopped, nothing of this batch "
                              "saved; the last checkpoint is intact (lower lr)")
     means = (torch.stack(list(sums.values())) / max(updates, 1)).tolist() if sums else []
-    return {**dict(zip(sums, means, strict=True)), "skipped_updates": skipped}
+    # updates: optimiser steps taken; 0 when nothing was left to train on (every group dropped)
+    return {**dict(zip(sums, means, strict=True)), "updates": updates - skipped, "skipped_updates": skipped}
 
 
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
@@ -291,9 +304,10 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     def run_eval(tag: str) -> None:
         if not eval_set:
             return
+        read_outs: dict = {}  # program CoT: the programs' exit statuses; multiple choice: consistency
         acc = evaluate_run(accelerator, accelerator.unwrap_model(policy).lm, tokenizer, eval_set, grader, cfg,
-                           cfg.output_dir / f"predictions-{tag}.jsonl")
-        metrics.log({"eval_accuracy": acc}, progress.step)
+                           cfg.output_dir / f"predictions-{tag}.jsonl", read_outs=read_outs)
+        metrics.log(eval_record(acc, read_outs), progress.step)
         log.info("%s: eval accuracy %.4f", tag, acc)
 
     def checkpoint() -> None:
@@ -301,6 +315,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
 
     bar = tqdm(total=batches_per_epoch * cfg.epochs, initial=progress.step, desc="reft",
                disable=not (cfg.progress and accelerator.is_main_process))
+    first_step, updates_made, limits_warned = progress.step, 0, False
     for epoch in range(progress.epoch, cfg.epochs):
         for i, indices in epoch_batches(accelerator, loader, progress, epoch):
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
@@ -318,6 +333,11 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                                      progress.step + 1, sft))
             record["time_update"] = time.perf_counter() - clock
             progress.step += 1
+            updates_made += record["updates"]
+            if accelerator.is_main_process:
+                warn_if_all_dropped(record, progress.step, cfg)
+                # once a run: the counts of every batch are in metrics.jsonl
+                limits_warned = limits_warned or warn_if_sandbox_limited(record, cfg, f"rollout batch {progress.step}")
             engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)
             progress.epoch, progress.batch_in_epoch = epoch, i + 1
             metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
@@ -334,6 +354,13 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
         checkpoint()
     bar.close()
     engine.close()
+    if accelerator.is_main_process and progress.step > first_step and not updates_made:
+        why = (f"every group was dropped (--drop_uniform_groups: each question's {cfg.num_samples} samples got one "
+               "reward; a model that solves some but not all samples of a question leaves groups to learn from)"
+               if cfg.drop_uniform_groups else "every optimiser step was skipped (non-finite, --nonfinite skip)")
+        log.warning("no PPO update in any of the %d rollout batches of this run (steps %d-%d): %s, so the model "
+                    "saved is the one it started from (updates, dropped_groups and skipped_updates per step are in "
+                    "metrics.jsonl)", progress.step - first_step, first_step + 1, progress.step, why)
     final = save_final(accelerator, policy, _lm, tokenizer, cfg, run)
     metrics.close()
     return final
