@@ -261,10 +261,12 @@ def test_bad_reft_items(tmp_path, item, fragments):
                                   "1.5.2", "10 20/4", "5, 6", "$5 $6", "1e5e5"])
 def test_a_gold_answer_that_is_not_one_number_is_refused_naming_file_item_and_field(tmp_path, gold):
     _raises(write_json(tmp_path / "train_nl.json", [reft_item("svamp_0"), reft_item("svamp_1", answer_value=gold)]),
-            "item 1", f"field 'answer_value': not a single number ({gold!r})", fmt="reft")
+            "item 1", f"field 'answer_value': not a single number ({gold!r}", fmt="reft")
     row = {**GSM8K_ROW, "answer": f"x\n#### {gold}"}
     _raises(write_jsonl(tmp_path / "train.jsonl", [GSM8K_ROW, row]), "line 2", "field 'answer': not a single number",
             fmt="gsm8k")
+    if gold == "1 000":
+        _raises(write_json(tmp_path / "t.json", [reft_item(answer_value=gold)]), "thousands are separated by commas")
     svamp = {**SVAMP_ROW, "Answer": gold}
     _raises(write_json(tmp_path / "dev.json", [svamp]), "item 0", "field 'Answer': not a single number", fmt="svamp")
 

@@ -122,6 +122,7 @@ def _text(row: Mapping[str, Any], key: str, *, required: bool = False) -> str:
 # exactly as one number (reftkit.answers' rules) or refused: no letters ("about 5", "3 or 4"), and nothing
 # that is two numbers ("3-4", "1 000": thousands are written with commas, "1,000").
 _BARE_NUMBER_CHARS = re.compile(r"[\s0-9.,+\-/$%<>eE]+")
+_SPACED_THOUSANDS = re.compile(r"[0-9]\s+[0-9]{3}(?![0-9])")
 
 
 def _gold_number(row: Mapping[str, Any], key: str, value: Any = None) -> str:
@@ -134,7 +135,8 @@ def _gold_number(row: Mapping[str, Any], key: str, value: Any = None) -> str:
     else:
         number = number_of(value)
     if number is None:
-        raise _RowError(key, "not a single number", repr(value))
+        hint = "; thousands are separated by commas, as in 1,000" if _SPACED_THOUSANDS.search(str(value)) else ""
+        raise _RowError(key, "not a single number", repr(value) + hint)
     return format_number(number)
 
 
