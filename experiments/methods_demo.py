@@ -53,9 +53,9 @@ def pooled_vs_reft(out: Path, seeds: list[int], method: str) -> tuple[int, int, 
     only_it = only_reft = 0
     for seed in seeds:
         greedy = out / f"seed{seed}" / "eval"
-        a, b, _, _ = paired_counts(read_predictions(greedy / method / "greedy" / "predictions.jsonl"),
-                                   read_predictions(greedy / "reft" / "greedy" / "predictions.jsonl"))
-        only_it, only_reft = only_it + a, only_reft + b
+        paired = paired_counts(read_predictions(greedy / method / "greedy" / "predictions.jsonl"),
+                               read_predictions(greedy / "reft" / "greedy" / "predictions.jsonl"))
+        only_it, only_reft = only_it + paired.only_a_right, only_reft + paired.only_b_right
     return only_it, only_reft, mcnemar_p(only_it, only_reft)
 
 

@@ -60,9 +60,9 @@ def main() -> int:
     scored = eval_dir(args.run_dir, args.cot, name)
     result = timed_eval(scored, model=str(final), eval_file=str(root / "data" / "dev.jsonl"),
                         eval_batch_size=args.eval_batch_size, progress=False, **dev)
-    vs = {stage: dict(zip(("only_rerun_right", "only_other_right", "both_right", "mcnemar_p"),
-                          compare(scored, eval_dir(args.run_dir, args.cot, stage)), strict=True))
-          for stage in ("reft", "sft", "warmup")}
+    paired = {stage: compare(scored, eval_dir(args.run_dir, args.cot, stage)) for stage in ("reft", "sft", "warmup")}
+    vs = {stage: {"only_rerun_right": c.only_a_right, "only_other_right": c.only_b_right, "both_right": c.both_right,
+                  "mcnemar_p": c.mcnemar_p} for stage, c in paired.items()}
     print(json.dumps({"settings": changes, **result, "no_answer": no_answer(scored),
                       "train_seconds": stage_seconds(root / name), "vs": vs}))
     return 0

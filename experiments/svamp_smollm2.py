@@ -34,7 +34,7 @@ import time
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from reftkit.report import paired_counts, read_predictions
+from reftkit.report import Paired, paired_counts, read_predictions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "svamp"
 FILES = {"natural": "train_nl.json", "program": "train_python.json"}
@@ -166,8 +166,8 @@ def no_answer(eval_dir: Path) -> int:
     return sum(row["extracted"] is None for row in predictions(eval_dir).values())
 
 
-def compare(eval_a: Path, eval_b: Path) -> tuple[int, int, int, float]:
-    """(only a right, only b right, both right, McNemar p) on the same dev questions."""
+def compare(eval_a: Path, eval_b: Path) -> Paired:
+    """Right answers of a and b paired on the same dev questions, with the McNemar p."""
     return paired_counts(predictions(eval_a), predictions(eval_b))
 
 
@@ -177,8 +177,8 @@ def paired(out: Path, results: dict) -> str:
     for cot, rows in results.items():
         for other in ("sft", "warmup"):
             if "reft" in rows and other in rows:
-                a, b, both, p = compare(eval_dir(out, cot, "reft"), eval_dir(out, cot, other))
-                lines.append(f"| {cot} | {other} | {a} | {b} | {both} | {p:.2f} |")
+                c = compare(eval_dir(out, cot, "reft"), eval_dir(out, cot, other))
+                lines.append(f"| {cot} | {other} | {c.only_a_right} | {c.only_b_right} | {c.both_right} | {c.mcnemar_p:.2f} |")
     return "\n".join(lines)
 
 

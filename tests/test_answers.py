@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 from hypothesis import assume, given, settings
@@ -17,8 +18,11 @@ from reftkit.answers import (
     format_number,
     is_correct,
     parse_number,
+    read_answer,
     reward_from_grade,
 )
+from reftkit.cot import ProgramGrader
+from reftkit.data.numbers import number_of
 from reftkit.data.records import Example
 
 
@@ -65,7 +69,7 @@ def choice(answer: str) -> Example:
         ("\u2212 3 / 4", -0.75),
         ("1 1/2", 1.5),  # mixed number
         ("-1 1/2", -1.5),
-        ("10 20/4", 10.0),  # improper "fraction part": not a mixed number, first number wins
+        ("10 20/4", None),  # improper "fraction part": not a mixed number, so two numbers
         ("1.5/3", 0.5),
         ("<203>", 203.0),
         ("<203>.", 203.0),
@@ -78,10 +82,10 @@ def choice(answer: str) -> Example:
         ("\\$1,234.50.", 1234.5),
         ("$1,234.50.", 1234.5),
         ("`42`", 42.0),
-        ("3 or 4", 3.0),  # ambiguous: the first number wins
         ("x = 7", 7.0),
-        ("1e-05", 1e-05),  # format_number never writes exponents, but parsing them is harmless
-        ("1,2345", 1.0),  # not a thousands separator: the comma ends the number
+        ("1e-05", 1e-05),  # a float's repr: format_number never writes exponents
+        ("1e+17", 1e17),
+        ("1,2345", None),  # not a thousands separator, so two numbers
         ("٣", None),  # only ASCII digits count
     ],
 )
@@ -90,7 +94,7 @@ def test_parse_number(text: str, expected: float | None) -> None:
     if expected is None:
         assert got is None
     else:
-        assert got == pytest.approx(expected)
+        assert float(got) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +127,17 @@ def test_parse_number_is_finite_for_huge_fraction() -> None:
     ],
 )
 def test_format_number(x: float, expected: str) -> None:
-    assert format_number(x) == expected
+    assert format_number(number_of(x)) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(10**17 + 1, "100000000000000001"), (-(10**20), "-100000000000000000000"), (Fraction(6, 8), "3/4"),
+     (Fraction(-1, 3), "-1/3"), (Fraction(4, 2), "2")],
+)
+def test_format_number_keeps_exact_values_exact(value, expected: str) -> None:
+    assert format_number(number_of(value)) == expected
+    assert parse_number(expected) == number_of(value)  # the canonical text reads back as the same number
 
 
 # ---------------------------------------------------------------- extract_answer (numeric)
@@ -142,19 +156,20 @@ def test_format_number(x: float, expected: str) -> None:
         (f"{TRIGGER} $1,234.50.", "1234.5"),
         (f"{TRIGGER} 72.", "72"),  # sentence-final period
         (f"{TRIGGER} 0.5.", "0.5"),
-        (f"{TRIGGER} -3/4", "-0.75"),
-        (f"{TRIGGER} \u2212 3 / 4.", "-0.75"),
+        (f"{TRIGGER} -3/4", "-3/4"),
+        (f"{TRIGGER} \u2212 3 / 4.", "-3/4"),
+        (f"{TRIGGER} -0.75", "-0.75"),
         (f"{TRIGGER} 5%", "5"),
         (f"{TRIGGER} rs . 150", "150"),
         (f"{TRIGGER} **\\boxed{{72}}**", "72"),
-        (f"{TRIGGER} 1 1/2 cups", "1.5"),
+        (f"{TRIGGER} 1 1/2 cups", "3/2"),
         (f"{TRIGGER} 3/0", None),
         # multiple triggers: the last one wins
         (f"{TRIGGER} 1\n{TRIGGER} 2\n{TRIGGER} 3", "3"),
         (f"{TRIGGER} 1\nwait, recompute\n{TRIGGER} 2", "2"),
         (f"{TRIGGER} 1\n{TRIGGER} nothing", None),  # last trigger decides, even when empty
         # garbage after the trigger
-        (f"{TRIGGER} 12 apples and 99 pears\ngarbage 77 Therefore, the answer", "12"),
+        (f"{TRIGGER} 12 apples and 99 pears\ngarbage 77 Therefore, the answer", None),  # not one number
         (f"{TRIGGER} 12 apples\n\n\nmore garbage 99 <eos>", "12"),
         (f"blah\n{TRIGGER} 42 blah {TRIGGER} 43", "43"),  # two triggers on one line
         # the answer must be on the trigger's line
@@ -258,6 +273,61 @@ def test_is_correct_numeric(extracted: str | None, gold: str, expected: bool) ->
     assert is_correct(extracted, numeric(gold)) is expected
 
 
+# Not one number: each is no answer (reward 0), never its first number. Issue 22: "1 000" -> 1, "3-4" -> 3.
+NOT_ONE_NUMBER = [
+    "3 or 4", "3-4", "3 - 4", "3\u20134", "3 to 4", "1 000", "1\u00a0000", "1,5", "1,00,000", "1,0000", "2 + 3", "2*3",
+    "5, 6", "5 or six", "12 apples and 99 pears", "3/4/5", "1.5.2", "10 20/4", "3:4", "√3", "4π", "4 pi", "2^3",
+    "5!", "5²", "5½", "5 million", "5k", "3 thousand", "minus 5", "negative 5", "about 5", "more than 5",
+    "at least 5", "5 / x", "x/5", "5 and a half", "5 ± 1", "~5",
+]
+
+
+@pytest.mark.parametrize("text", NOT_ONE_NUMBER)
+def test_text_that_is_not_one_number_reads_as_no_number(text: str) -> None:
+    assert parse_number(text) is None
+    assert extract_answer(f"reasoning\n{TRIGGER} {text}") is None
+    assert read_answer(text) is None  # a program that returns this string has no answer
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("5 more apples", "5"), ("5 times", "5"), ("5 quarters", "5"), ("5 km/h", "5"), ("50 km / hr", "50"),
+     ("the total is 5 apples.", "5"), ("(5)", "5"), ("5th", "5"), ("$ 1,000", "1000")],
+)
+def test_one_number_among_words_is_read(text: str, expected: str) -> None:
+    assert extract_answer(f"reasoning\n{TRIGGER} {text}") == expected
+
+
+def test_exact_values_compare_exactly_and_floats_within_the_tolerance() -> None:
+    big = numeric("100000000000000000")
+    assert not is_correct("100000000000000001", big)  # integers: exact, whatever their size
+    assert is_correct("100000000000000000", big)
+    assert not is_correct("1000001/1000000", numeric("1"))  # fractions: exact
+    assert is_correct("2/4", numeric("1/2")) and is_correct("1/3", numeric("0.33"))  # a decimal: within 1e-2
+    assert is_correct("0.3333333333", numeric("1/3")) and not is_correct("0.32", numeric("1/3"))
+    assert not is_correct("100000000000000000.5", big)  # a float's digits: still exactly 0.5 off, > 1e-2
+
+
+class _Returns:
+    """A stand-in executor whose programs all return the given answer texts (as the sandbox reports them)."""
+
+    def __init__(self, *values: str) -> None:
+        self.values = values
+
+    def run(self, programs):
+        from reftkit.executor import ExecResult, Status
+
+        return [ExecResult(Status.OK, value) for value in self.values]
+
+
+def test_program_answers_are_read_as_one_number_and_compared_exactly() -> None:
+    examples = [numeric("5"), numeric("100000000000000000"), numeric("5"), numeric("0.5"), numeric("3/4")]
+    returned = _Returns("5 or 6", repr(10**17 + 1), "5", repr(0.1 + 0.4), "Fraction(3, 4)")
+    grades = ProgramGrader(returned).grade(["    return x\n"] * len(examples), examples)
+    assert [(g.extracted, g.correct) for g in grades] == [
+        (None, False), ("100000000000000001", False), ("5", True), ("0.5", True), (None, False)]
+
+
 def test_is_correct_custom_tol() -> None:
     assert is_correct("5.4", numeric("5"), tol=0.5)
     assert not is_correct("5.009", numeric("5"), tol=1e-3)
@@ -301,7 +371,8 @@ def test_natural_language_grader() -> None:
 
 
 def test_natural_language_grader_tol_and_length_check() -> None:
-    assert NaturalLanguageGrader(tol=2.0).grade([f"{TRIGGER} 71"], [numeric("72")]) == [Grade("71", True)]
+    assert NaturalLanguageGrader(tol=2.0).grade([f"{TRIGGER} 71.5"], [numeric("72")]) == [Grade("71.5", True)]
+    assert NaturalLanguageGrader(tol=2.0).grade([f"{TRIGGER} 71"], [numeric("72")]) == [Grade("71", False)]  # exact
     assert NaturalLanguageGrader().grade([], []) == []
     with pytest.raises(ValueError):
         NaturalLanguageGrader().grade(["a", "b"], [numeric("1")])
@@ -350,14 +421,14 @@ def test_roundtrip_ints_with_commas(n: int) -> None:
 @given(st.text())
 def test_never_raises(text: str) -> None:
     value = parse_number(text)
-    assert value is None or math.isfinite(value)
+    assert value is None or math.isfinite(float(value))
     for multiple_choice in (False, True):
         got = extract_answer(text, multiple_choice)
         got_with_trigger = extract_answer(f"{TRIGGER} {text}", multiple_choice)
         if multiple_choice:
             assert got_with_trigger is None or got_with_trigger in "abcde"
         else:
-            assert got_with_trigger is None or math.isfinite(float(got_with_trigger))
+            assert got_with_trigger is None or parse_number(got_with_trigger) is not None
         assert got is None or isinstance(got, str)
 
 

@@ -7,9 +7,8 @@ import types
 from pathlib import Path
 
 import pytest
-import yaml
 
-from reftkit import __version__, cli
+from reftkit import __version__, cli, yamlfile
 from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
 from reftkit.data.readers import DataError
 
@@ -149,6 +148,34 @@ def test_bad_yaml_syntax_names_file_and_line(calls, tmp_path, capsys):
     assert cfg_file in err and "line 3" in err
 
 
+def test_a_key_given_twice_is_refused_naming_the_file_key_and_both_lines(calls, tmp_path, capsys):
+    cfg_file = write(tmp_path, "lr: 1.0e-5\nseed: 1\n\nlr: 2.0e-5\n")
+    assert run(["sft", cfg_file]) == 2
+    err = _error(capsys)
+    assert cfg_file in err and "'lr'" in err and "line 1 and line 4" in err
+    nested = write(tmp_path, "demo: true\nreft:\n  kl_coef: 0.1\n  epochs: 2\n  kl_coef: 0.2\n", "r.yaml")
+    assert run(["reproduce", nested]) == 2
+    err = _error(capsys)
+    assert nested in err and "'kl_coef'" in err and "line 3 and line 5" in err
+    assert run(["reproduce", "--demo", "--reft", "{epochs: 1, epochs: 2}"]) == 2  # a section on the command line
+    assert "'epochs' is given twice" in _error(capsys)
+    assert not calls
+    merged = write(tmp_path, "demo: true\nbase: &b {epochs: 1, kl_coef: 0.1}\n", "m.yaml")
+    assert yamlfile.load(Path(merged).read_text() + "x:\n  <<: *b\n  epochs: 2\n")["x"] == {"epochs": 2, "kl_coef": 0.1}
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1e3", "1.5e-3", "1.5E+3", "2e+2", ".5", "5.", "+1e-3", "-1e-3"])
+def test_a_config_file_takes_the_numbers_the_command_line_takes(calls, tmp_path, capsys, text):
+    cli_code = run(["sft", f"--lr={text}"])
+    cli_err = capsys.readouterr().err
+    assert run(["sft", write(tmp_path, f"lr: {text}\n")]) == cli_code
+    yaml_err = capsys.readouterr().err
+    if cli_code == 0:
+        assert calls[0].lr == calls[1].lr == float(text)
+    else:  # both refuse the value for the same reason (-1e-3 is not > 0), not the file for its spelling
+        assert "expected a number" not in yaml_err and "greater than 0" in cli_err and "greater than 0" in yaml_err
+
+
 def test_yaml_file_missing_or_not_a_mapping(calls, tmp_path, capsys):
     missing = str(tmp_path / "nope.yaml")
     assert run(["sft", missing]) == 2
@@ -189,7 +216,7 @@ def test_shipped_configs_are_valid(path):
     from reftkit.cli import COMMANDS
 
     command = next(c for c in ("reproduce", "demo", "reft", "sft") if c in path.stem)
-    data = yaml.safe_load(path.read_text())
+    data = yamlfile.load(path.read_text())  # as the CLI reads them
     COMMANDS[command].config(**data)  # an unknown or ill-typed key raises
     if command == "demo":
         spelled, default = COMMANDS["demo"].config(**data).stage_configs(), COMMANDS["demo"].config().stage_configs()

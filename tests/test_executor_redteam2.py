@@ -40,8 +40,8 @@ pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux 
 ESCAPED = dataclasses.replace(REDTEAM_CONFIG, workers=1, allowed_imports=CONFIG.allowed_imports)
 LIMIT = CONFIG.max_output_bytes
 READ_ROOT_FILE = os.__file__  # a file every child may read (the standard library)
-# What the grader may extract: a canonical number or nothing.
-CANONICAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# What the grader may extract: a canonical number (an integer, a reduced fraction, a decimal) or nothing.
+CANONICAL = re.compile(r"-?[0-9]+(\.[0-9]+|/[0-9]+)?")
 X86 = kernel.ARCH == "x86_64"
 
 
@@ -106,7 +106,7 @@ def test_odd_return_values_reach_the_grader_as_bounded_text():
     for name in ("nan", "inf", "minus_inf", "decimal_huge_exponent", "decimal_nan", "lone_surrogate",
                  "sympy_nan", "sympy_float_overflow", "sympy_exp_overflow", "int_at_answer_cap", "answer_at_cap"):
         assert by_name[name].extracted is None and not by_name[name].correct, (name, by_name[name])
-    assert by_name["nul_and_controls"].extracted == "2"  # the first number: the 2 of the escape sequence
+    assert by_name["nul_and_controls"].extracted is None  # the 2 of the escape sequence and the 7: not one number
     for name in ("str_subclass", "int_subclass", "surrogate_after_digit"):
         assert by_name[name].extracted == "7" and by_name[name].correct, (name, by_name[name])
     assert by_name["decimal_tiny"].extracted == "0"

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import LENGTHS
 from reftkit.answers import TRIGGER, Grade, NaturalLanguageGrader, read_answer
+from reftkit.data.numbers import parse_number
 from reftkit.data.records import Example
 from reftkit.faithfulness import (
     consistency_summary,
@@ -37,7 +38,8 @@ POWER = Example("m0", "what is 5 ^ 4 ?", "", "c", ("24", "120", "625", "720", "1
     ],
 )
 def test_option_value(text, value):
-    assert option_value(text) == value
+    got = option_value(text)
+    assert (got if got is None else float(got)) == value
 
 
 @pytest.mark.parametrize(
@@ -57,7 +59,8 @@ def test_option_value(text, value):
     ],
 )
 def test_last_number(reasoning, value):
-    assert last_number(reasoning) == value
+    got = last_number(reasoning)
+    assert (got if got is None else float(got)) == value
 
 
 def _graded(example, completion):
@@ -85,8 +88,8 @@ def test_the_reward_tolerance_decides():
     half = Example("m1", "?", "", "b", ("1 / 4", "1 / 2", "3 / 4"))
     assert _graded(half, f"x = 0.505\n{TRIGGER} b")[1] is True  # |0.5 - 0.505| <= 1e-2
     assert _graded(half, f"x = 0.52\n{TRIGGER} b")[1] is False
-    assert is_consistent("b", half.options, 0.51) is True  # exactly the tolerance
-    assert is_consistent("B", half.options, 0.5) is True
+    assert is_consistent("b", half.options, parse_number("0.51")) is True  # exactly the tolerance
+    assert is_consistent("B", half.options, parse_number("0.5")) is True
 
 
 def test_unknown_when_nothing_to_compare():
@@ -94,8 +97,8 @@ def test_unknown_when_nothing_to_compare():
     assert _graded(words, f"ratio = 5 / 9\n{TRIGGER} a")[1] is None  # a non-numeric option has no value
     assert _graded(POWER, f"it is the third one\n{TRIGGER} c")[1] is None  # no number in the reasoning
     assert _graded(POWER, "5 ^ 4 = 625 so c")[1] is None  # no trigger: no option picked
-    assert is_consistent("e", ("1", "2"), 2.0) is None  # a letter past the options
-    assert is_consistent(None, POWER.options, 625.0) is None
+    assert is_consistent("e", ("1", "2"), parse_number("2")) is None  # a letter past the options
+    assert is_consistent(None, POWER.options, parse_number("625.0")) is None
 
 
 def test_program_cot():
@@ -104,7 +107,8 @@ def test_program_cot():
     returned a number picked nothing and one that returned a letter shows no number: both unknown."""
     returned = read_answer("625.0", multiple_choice=True)
     assert returned is None
-    assert is_consistent("c", POWER.options, 625.0) is True and is_consistent("c", POWER.options, 120.0) is False
+    assert is_consistent("c", POWER.options, parse_number("625")) is True
+    assert is_consistent("c", POWER.options, parse_number("120")) is False
     number = Grade(returned, False, "ok")
     letter = Grade(read_answer("c", multiple_choice=True), True, "ok")
     assert prediction_consistency(POWER, "    return 5 ** 4\n", number, "program") is None

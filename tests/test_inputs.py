@@ -417,3 +417,29 @@ def test_a_missing_reranker_is_a_one_line_error(tmp_path, monkeypatch, no_hub):
         score_samples(None, "./rm", [], [], None)
     with pytest.raises(FileNotFoundError, match=r"model 'runs/sft/final': no such file or directory"):
         new_reranker("runs/sft/final", 0)
+
+
+def test_a_checkpoint_without_a_trained_score_head_is_refused_as_reranker(tmp_path, splits, tiny_checkpoint, capsys):
+    """A causal LM (an SFT checkpoint) loads as a sequence classifier with a random score head: refused, by
+    its weights; a checkpoint that has the head (what train-reranker saves) is used."""
+    from transformers import AutoModelForSequenceClassification
+
+    from reftkit.reranker import load_reranker
+
+    with pytest.raises(ValueError, match=r"not a trained reranker: its weights have no score\.weight"):
+        load_reranker(str(tiny_checkpoint))
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"item_id": e.id, "question": e.question, "answer_value": e.answer}) + "\n"
+                            for e in splits[1][:2]))
+    argv = ["sample", "--model", str(tiny_checkpoint), "--eval_file", str(data), "--num_samples", "2",
+            "--max_prompt_tokens", "64", "--max_length", "72", "--output_dir", str(tmp_path / "s"), "--quiet",
+            "--no-progress"]
+    assert cli.main([*argv, "--reranker", str(tiny_checkpoint)]) == 1
+    assert "is not a trained reranker" in capsys.readouterr().err
+    head = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    head.save_pretrained(tmp_path / "rm")  # the score head is in its weights now (random or trained alike)
+    assert load_reranker(str(tmp_path / "rm")).config.num_labels == 1
+    two = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=2)
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="has 2 outputs"):
+        load_reranker(str(tmp_path / "two"))

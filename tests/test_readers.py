@@ -153,7 +153,7 @@ def test_mathqa_numeric_uses_value_of_correct_option(tmp_path):
     assert result.examples == [
         Example("dev-0", q, cot, "625"),
         Example("dev-1", q, cot, "1200"),
-        Example("dev-2", q, cot, "0.5"),
+        Example("dev-2", q, cot, "1/2"),  # the option "1 / 2", exactly
     ]
 
 
@@ -231,7 +231,7 @@ def test_bad_json_line_in_jsonl(tmp_path):
         ({**GSM8K_ROW, "question": None}, ("line 1", "field 'question': expected text, got null")),
         ({**GSM8K_ROW, "question": "   "}, ("line 1", "field 'question': empty")),
         ({**GSM8K_ROW, "answer": "so 72"}, ("line 1", "field 'answer': no '#### N' final line")),
-        ({**GSM8K_ROW, "answer": "x\n#### seventy"}, ("line 1", "field 'answer': not a number")),
+        ({**GSM8K_ROW, "answer": "x\n#### seventy"}, ("line 1", "field 'answer': not a single number")),
         ({**GSM8K_ROW, "answer": "#### 7\nmore"}, ("line 1", "field 'answer': no '#### N'")),
         ([1, 2], ("line 1", "expected a JSON object, got list")),
     ],
@@ -243,8 +243,8 @@ def test_bad_gsm8k_rows(tmp_path, row, fragments):
 @pytest.mark.parametrize(
     ("item", "fragments"),
     [
-        (reft_item(answer_value="abc"), ("item 1", "field 'answer_value': not a number ('abc')")),
-        (reft_item(answer_value="about 5"), ("item 1", "field 'answer_value': not a number")),
+        (reft_item(answer_value="abc"), ("item 1", "field 'answer_value': not a single number ('abc')")),
+        (reft_item(answer_value="about 5"), ("item 1", "field 'answer_value': not a single number")),
         (reft_item(answer_value=None), ("item 1", "field 'answer_value': expected a number, got null")),
         (reft_item(answer_cot=["x"]), ("item 1", "field 'answer_cot': expected text, got list")),
         ({"question": "q", "answer_cot": "c"}, ("item 1", "missing field 'answer_value'")),
@@ -254,6 +254,33 @@ def test_bad_gsm8k_rows(tmp_path, row, fragments):
 )
 def test_bad_reft_items(tmp_path, item, fragments):
     _raises(write_json(tmp_path / "train_nl.json", [reft_item("svamp_0"), item]), *fragments, fmt="reft")
+
+
+# Issue 22: gold answers that are not one number were read as their first ("1 000" -> 1, "3-4" -> 3).
+@pytest.mark.parametrize("gold", ["1 000", "3-4", "3 - 4", "3\u20134", "1,5", "1,00,000", "1,0000", "2 3", "3/4/5",
+                                  "1.5.2", "10 20/4", "5, 6", "$5 $6", "1e5e5"])
+def test_a_gold_answer_that_is_not_one_number_is_refused_naming_file_item_and_field(tmp_path, gold):
+    _raises(write_json(tmp_path / "train_nl.json", [reft_item("svamp_0"), reft_item("svamp_1", answer_value=gold)]),
+            "item 1", f"field 'answer_value': not a single number ({gold!r}", fmt="reft")
+    row = {**GSM8K_ROW, "answer": f"x\n#### {gold}"}
+    _raises(write_jsonl(tmp_path / "train.jsonl", [GSM8K_ROW, row]), "line 2", "field 'answer': not a single number",
+            fmt="gsm8k")
+    if gold == "1 000":
+        _raises(write_json(tmp_path / "t.json", [reft_item(answer_value=gold)]), "thousands are separated by commas")
+    svamp = {**SVAMP_ROW, "Answer": gold}
+    _raises(write_json(tmp_path / "dev.json", [svamp]), "item 0", "field 'Answer': not a single number", fmt="svamp")
+
+
+@pytest.mark.parametrize(
+    ("gold", "canonical"),
+    [("1,000", "1000"), ("1,234,567.5", "1234567.5"), ("<203>", "203"), ("203.0", "203"), ("$5", "5"), ("25%", "25"),
+     ("-3", "-3"), ("1 1/2", "3/2"), ("3 / 4", "3/4"), ("0.75", "0.75"), ("1e3", "1000"), (" 72 ", "72"),
+     ("100000000000000001", "100000000000000001"), (100000000000000001, "100000000000000001"), (0.1, "0.1"),
+     (7, "7"), (2.5, "2.5")],
+)
+def test_a_gold_answer_is_read_exactly(tmp_path, gold, canonical):
+    path = write_json(tmp_path / "train_nl.json", [reft_item("svamp_0", answer_value=gold)])
+    assert load_examples(path, "reft").examples[0].answer == canonical
 
 
 @pytest.mark.parametrize(
@@ -276,7 +303,7 @@ def test_bad_reft_items(tmp_path, item, fragments):
             {"options": "a ) 1 , b ) 2 , c ) 5 : 9 , d ) 4 , e ) 5"},
             ("item 0", "correct option is not a single number (c: '5 : 9')"),
         ),
-        ("svamp", {"Answer": "many"}, ("item 0", "field 'Answer': not a number")),
+        ("svamp", {"Answer": "many"}, ("item 0", "field 'Answer': not a single number")),
         ("svamp", {"Equation": ""}, ("item 0", "field 'Equation': no reference CoT (training needs one)")),
     ],
 )

@@ -8,10 +8,18 @@ Pure functions, no torch, no I/O. Rules (each one a decision, tested in tests/te
 * No trigger -> None. There is deliberately no fallback to "the last number in the text": the
   paper gives reward 0 when no answer can be extracted, and a fallback would pay a policy for
   unformatted output. So "The answer is 5" (no "Therefore") -> None.
-* Numbers: the FIRST number in the answer text wins ("3 or 4" -> 3). Thousands commas
-  ("1,234"), currency/units ("$5", "rs . 150", "5 dollars") and "%" are dropped (5% -> 5, not
-  0.05). Fractions "a/b" and mixed numbers "1 1/2" (integer parts, proper fraction) are
-  evaluated; a zero denominator, inf or nan -> None. Only ASCII digits count.
+* Numbers: the answer text must state ONE number, or nothing is read: "3 or 4", "3-4", "1 000", "2 + 3",
+  "5, 6" -> None. Around it, currency, units and other words are dropped ("$5", "rs . 150", "5 dollars",
+  "x = 7"), and "%" too (5% -> 5, not 0.05); words and signs that change its value or make it not one value
+  are not: "√3", "4π", "2^3", "5 million", "minus 5", "about 5", "more than 5" -> None (numbers.py lists them).
+  Thousands separators are commas in groups of three ("1,234,567"); a space never is ("1 000" is two
+  numbers), nor a comma elsewhere ("1,5" is two). "." is always the decimal point. Fractions "a/b" and mixed
+  numbers "1 1/2" (integer parts, proper fraction) are evaluated; a zero denominator, a value beyond a
+  float's range, inf or nan -> None. Only ASCII digits count, and any other digit ("٣", "½") makes it None.
+* Equality: integers and fractions of integers are exact and compare exactly (10**17 + 1 is not 10**17); a
+  number written with a decimal point or an exponent is a float's digits, and whenever one side is, the two
+  match within the tolerance, |x - y| <= 1e-2 (the paper's), computed without rounding. The canonical text
+  (format_number) keeps that distinction: "3/4" but "0.75"; a whole number is "72", whichever way written.
 * Multiple choice: only an option letter a-e counts ("c", "(C)", "c)", "c .", "option c",
   "c) 625"); a letter must stand alone ("a total of 5" -> None) and the option text alone
   ("625") is not matched back to a letter.
@@ -21,10 +29,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Protocol
 
-from reftkit.data.numbers import clean_answer_text, format_number, parse_number
+from reftkit.data.numbers import Number, clean_answer_text, format_number, parse_number
 from reftkit.data.records import Example
 
 TRIGGER = "Therefore, the answer is:"
@@ -37,9 +46,6 @@ _LETTER_RE = re.compile(
     r"^(?:(?:option|choice)\s*:?\s*)?[(\[]?\s*(?P<letter>[a-e])\s*(?:[)\].:,]|$)",
     re.IGNORECASE,
 )
-
-_FLOAT_SLACK = 1e-9  # so a difference of exactly `tol` written in decimal is not lost to rounding
-
 
 def _answer_line(completion: str) -> str | None:
     """The text after the last trigger up to the end of its line, or None without a trigger."""
@@ -72,16 +78,19 @@ def read_answer(line: str, multiple_choice: bool = False) -> str | None:
 
 
 def same_answer(a: str, b: str, tol: float = 1e-2, multiple_choice: bool = False) -> bool:
-    """Numeric: within `tol` of each other. Multiple choice: same letter, any case."""
+    """Numeric: the same number, under `close`. Multiple choice: same letter, any case."""
     if multiple_choice:
         return a.strip().lower() == b.strip().lower()
     x, y = parse_number(a), parse_number(b)
     return x is not None and y is not None and close(x, y, tol)
 
 
-def close(x: float, y: float, tol: float = 1e-2) -> bool:
-    """The reward's numeric equality: |x - y| <= tol (1e-2 in the paper)."""
-    return abs(x - y) <= tol + _FLOAT_SLACK
+def close(x: Number, y: Number, tol: float = 1e-2) -> bool:
+    """The reward's numeric equality: exact between integers and fractions, |x - y| <= tol (1e-2 in the
+    paper) where either is a float's digits."""
+    if x.exact and y.exact:
+        return x.value == y.value
+    return abs(x.value - y.value) <= Fraction(repr(float(tol)))  # tol's decimal value: 1e-2 is exactly 1/100
 
 
 def is_correct(extracted: str | None, example: Example, tol: float = 1e-2) -> bool:

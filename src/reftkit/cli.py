@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from reftkit import __version__
+from reftkit import __version__, yamlfile
 from reftkit.config import (
     DemoConfig, EvalConfig, OfflineSTConfig, OnlineSTConfig, ReFTConfig, RerankerConfig, ReproduceConfig, SampleConfig,
     SFTConfig,
@@ -74,6 +74,14 @@ class UsageError(Exception):
     """A bad config file or value: reported as one line per problem, exit code 2."""
 
 
+def _yaml_option(text: str) -> Any:
+    """A stage section given on the command line: the config file's YAML rules (yamlfile), errors as usage errors."""
+    try:
+        return yamlfile.load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"invalid YAML {text!r}: {yamlfile.problem(e)}") from None
+
+
 def _none_or(value: str) -> str | None:
     return None if value.lower() in ("none", "null") else value
 
@@ -86,7 +94,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
         optional, annotation = len(args) < len(typing.get_args(annotation)), args[0]
     nargs, parse = None, (_none_or if optional else str)
     if typing.get_origin(annotation) is dict:  # a stage section: --reft '{kl_coef: 0.01}'
-        annotation, parse = "YAML", yaml.safe_load
+        annotation, parse = "YAML", _yaml_option
     if typing.get_origin(annotation) is list:
         nargs, annotation = "*", typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
@@ -145,16 +153,13 @@ def _declaring_section(config: type[BaseModel], field_name: str) -> type:
 
 def load_yaml(path: Path, config: type[BaseModel]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlfile.load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
         raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"invalid YAML in {path}{where}: {problem}") from None
+        raise UsageError(f"invalid YAML in {path} {yamlfile.problem(e)}") from None
     if data is None:  # an empty file configures nothing
         return {}
     if not isinstance(data, dict):

@@ -14,10 +14,11 @@ functions, no torch, no I/O. Rules (each one tested in tests/test_faithfulness.p
 * Program CoT: the program's answer is its return value, and for multiple choice the grader
   reads only an option letter from it (a returned number picks no option). A returned letter
   says nothing about the number the program computed, so program rows are unknown.
-* consistent: the picked option's value equals the reasoning's number within the reward's
-  tolerance (abs diff <= 1e-2, `reftkit.answers.close`); inconsistent: it does not; unknown
-  (None): no option picked, an option without a value, or no number in the reasoning. The rate
-  is consistent / (consistent + inconsistent); unknowns are counted apart, never in the rate.
+* consistent: the picked option's value equals the reasoning's number under the reward's
+  equality (`reftkit.answers.close`: exact between integers and fractions, else abs diff <= 1e-2);
+  inconsistent: it does not; unknown (None): no option picked, an option without a value, or no
+  number in the reasoning. The rate is consistent / (consistent + inconsistent); unknowns are
+  counted apart, never in the rate.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from reftkit.answers import Grade, close, reasoning_of
 from reftkit.cot import CotStyle
-from reftkit.data.numbers import parse_number
-from reftkit.data.readers import _NOT_ONE_NUMBER  # the options mathqa-numeric rejects: the same rule
+from reftkit.data.numbers import Number, parse_number
 from reftkit.data.records import Example
 
 LETTERS = "abcde"
@@ -39,12 +39,12 @@ _UNSIGNED = r"(?:[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|(?<![A-Za-z0-9])\.[0
 _NUMBER_RE = re.compile(rf"(?P<sign>-\s*)?(?:[0-9]+\s+(?=[0-9]+\s*/\s*[0-9]))?{_UNSIGNED}(?:\s*/\s*{_UNSIGNED})?")
 
 
-def option_value(text: str) -> float | None:
-    """The number an option stands for, or None when it is not one number."""
-    return None if _NOT_ONE_NUMBER.search(text) else parse_number(text)
+def option_value(text: str) -> Number | None:
+    """The number an option stands for, or None when it is not one number (as mathqa-numeric reads it)."""
+    return parse_number(text)
 
 
-def last_number(text: str) -> float | None:
+def last_number(text: str) -> Number | None:
     """The last number written in `text` (see the rules above), or None."""
     match = next(reversed(list(_NUMBER_RE.finditer(text))), None)
     if match is None:
@@ -56,12 +56,12 @@ def last_number(text: str) -> float | None:
     return parse_number(number)
 
 
-def reasoning_number(completion: str, cot: CotStyle) -> float | None:
+def reasoning_number(completion: str, cot: CotStyle) -> Number | None:
     """The number the reasoning ended on: natural CoT only (see the program rule above)."""
     return last_number(reasoning_of(completion)) if cot == "natural" else None
 
 
-def is_consistent(picked: str | None, options: Sequence[str], number: float | None, tol: float = 1e-2) -> bool | None:
+def is_consistent(picked: str | None, options: Sequence[str], number: Number | None, tol: float = 1e-2) -> bool | None:
     """Whether option `picked` (a letter) has the value `number`; None when either side is unknown."""
     if picked is None or number is None or len(picked) != 1 or picked.lower() not in LETTERS[: len(options)]:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 STRATEGIES = {"top1": "top-1 (greedy)", "vote": "vote@{k}", "rerank": "rerank@{k}", "pass": "pass@{k}"}
@@ -21,8 +22,8 @@ def results_table(results: dict[str, dict], k: int) -> str:
         cells = [f"{r[s]:.1%}" if r.get(s) is not None else "-" for s in STRATEGIES]
         cells.append(f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-")
         cells.append(f"{r['sampled_tokens']:,}" if r.get("sampled_tokens") is not None else "-")
-        paired = r.get("vs_reft")
-        cells.append(f"{paired[0]} / {paired[1]}, p = {paired[2]:.2f}" if paired else "-")
+        paired = r.get("vs_reft")  # as results.json stores it: Paired's fields by name
+        cells.append(Paired(**paired).cell() if paired else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -40,14 +41,29 @@ def read_predictions(path: Path) -> dict[str, dict]:
         return {row["id"]: row for row in map(json.loads, f)}
 
 
-def paired_counts(a: dict[str, dict], b: dict[str, dict]) -> tuple[int, int, int, float]:
-    """(only a right, only b right, both right, McNemar p) over the same questions."""
+@dataclass(frozen=True)
+class Paired:
+    """Two models' answers to the same questions, compared question by question. A named record, not a
+    tuple: the table and results.json read each number by its name (results.json: `asdict`)."""
+
+    only_a_right: int
+    only_b_right: int
+    both_right: int
+    mcnemar_p: float
+
+    def cell(self) -> str:
+        """The table's "only it / only ReFT right, McNemar p" cell (a is the row's method, b is ReFT)."""
+        return f"{self.only_a_right} / {self.only_b_right}, p = {self.mcnemar_p:.2f}"
+
+
+def paired_counts(a: dict[str, dict], b: dict[str, dict]) -> Paired:
+    """Right answers of a and b paired over the same questions, with the exact McNemar p."""
     if a.keys() != b.keys():
         raise ValueError("paired comparison needs the same questions on both sides")
     only_a = sum(a[i]["correct"] and not b[i]["correct"] for i in a)
     only_b = sum(b[i]["correct"] and not a[i]["correct"] for i in a)
     both = sum(a[i]["correct"] and b[i]["correct"] for i in a)
-    return only_a, only_b, both, mcnemar_p(only_a, only_b)
+    return Paired(only_a, only_b, both, mcnemar_p(only_a, only_b))
 
 
 def sampled_tokens(run_dir: Path) -> int | None:

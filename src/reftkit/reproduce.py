@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from reftkit.config import RL_METHODS, DemoConfig, EvalConfig, ReproduceConfig, only_fields
@@ -150,8 +151,8 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         reft = read_predictions(greedy_predictions(cfg, "reft"))
         for method in models:
             if method != "reft":
-                results[METHOD_NAMES[method]]["vs_reft"] = paired_counts(
-                    read_predictions(greedy_predictions(cfg, method)), reft)
+                results[METHOD_NAMES[method]]["vs_reft"] = asdict(paired_counts(
+                    read_predictions(greedy_predictions(cfg, method)), reft))
     k = next(iter(results.values()))["k"]
     table = results_table(results, k)
     seconds = {str(p.parent.relative_to(cfg.output_dir)): json.loads(p.read_text())["seconds"]

@@ -46,6 +46,23 @@ def new_reranker(sft_dir: str, pad_token_id: int):
     return model
 
 
+def load_reranker(reranker_dir: str):
+    """A trained reranker, or a ValueError naming what it lacks. Loading a causal LM (an SFT checkpoint)
+    as a sequence classifier succeeds with a randomly initialised score head, whose scores would rank
+    samples by noise: so every tensor of the classifier must come from the checkpoint's weights."""
+    model, info = load_pretrained(AutoModelForSequenceClassification, reranker_dir, output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(f"reranker {reranker_dir!r} is not a trained reranker: its weights have no "
+                         f"{', '.join(missing)} (the score head `reftkit train-reranker` trains and saves), so it "
+                         "would score with random weights. A causal LM such as an SFT checkpoint is not a reranker; "
+                         "train one with `reftkit train-reranker --model <SFT checkpoint>`")
+    if model.config.num_labels != 1:
+        raise ValueError(f"reranker {reranker_dir!r} has {model.config.num_labels} outputs; a reftkit reranker has "
+                         "one (the logit that the answer is right), as `reftkit train-reranker` trains it")
+    return model
+
+
 @torch.no_grad()
 def score_texts(accelerator, model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[float]:
     """Reranker logits of `texts` (in order); each process scores its own shard."""
@@ -67,7 +84,7 @@ def score_texts(accelerator, model, tokenizer, texts: Sequence[str], batch_size:
 
 def score_samples(accelerator, reranker_dir: str, examples: Sequence[Example], rows: Sequence[dict], cfg) -> list[float]:
     """Scores sample rows (from `draw_samples` or a samples file) with a trained reranker."""
-    model = load_pretrained(AutoModelForSequenceClassification, reranker_dir).to(accelerator.device)
+    model = load_reranker(reranker_dir).to(accelerator.device)
     tokenizer = load_tokenizer(reranker_dir)
     texts = [reranker_text(examples[r["index"]], r["output"]) for r in rows]
     return score_texts(accelerator, model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)

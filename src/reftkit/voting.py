@@ -3,10 +3,10 @@
 Rules (each tested in tests/test_voting.py):
 
 * Only samples with an extracted answer vote; a question where none has one gets no answer (wrong).
-* Numeric answers are grouped with the reward's tolerance: a sample joins the first group (in
-  sample order) whose first member is within `tol` of it, else it opens a new group. Grouping
-  against a fixed representative keeps groups from drifting (a chain 1.00, 1.01, 1.02 is two
-  groups, not one). Option letters group by equality, ignoring case.
+* Numeric answers are grouped with the reward's equality (`same_answer`: exact between integers and
+  fractions, else within `tol`): a sample joins the first group (in sample order) whose first member
+  equals it, else it opens a new group. Grouping against a fixed representative keeps groups
+  from drifting (a chain 1.00, 1.01, 1.02 is two groups, not one). Option letters group by equality, ignoring case.
 * The largest group wins; a tie goes to the group whose first member came first in sample order.
   Sample order is the order of generation, so the rule is deterministic and needs no RNG.
 * The vote's answer is the winning group's first member: its correctness is that sample's.

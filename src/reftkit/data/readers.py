@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from reftkit.data.numbers import format_number, parse_number
+from reftkit.data.numbers import format_number, number_of, parse_number
 from reftkit.data.records import Example
 from reftkit.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
 
@@ -119,22 +118,25 @@ def _text(row: Mapping[str, Any], key: str, *, required: bool = False) -> str:
     return value
 
 
-# Gold answers are machine-written numbers ("72", "1,200", "203.0", "<203>", "$5", "25%"). Prose
-# such as "about 5" or "3 or 4" is rejected rather than silently read as its first number.
+# Gold answers are machine-written numbers ("72", "1,200", "203.0", "<203>", "$5", "25%", "1 1/2"), read
+# exactly as one number (reftkit.answers' rules) or refused: no letters ("about 5", "3 or 4"), and nothing
+# that is two numbers ("3-4", "1 000": thousands are written with commas, "1,000").
 _BARE_NUMBER_CHARS = re.compile(r"[\s0-9.,+\-/$%<>eE]+")
+_SPACED_THOUSANDS = re.compile(r"[0-9]\s+[0-9]{3}(?![0-9])")
 
 
 def _gold_number(row: Mapping[str, Any], key: str, value: Any = None) -> str:
-    """The canonical text ("203", "0.5") of a numeric gold answer; `value` overrides row[key]."""
+    """The canonical text ("203", "0.5", "3/4") of a numeric gold answer; `value` overrides row[key]."""
     value = _get(row, key) if value is None else value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _RowError(key, f"expected a number, got {_json_type(value)}")
     if isinstance(value, str):
         number = parse_number(value) if _BARE_NUMBER_CHARS.fullmatch(value) else None
     else:
-        number = float(value)
-    if number is None or not math.isfinite(number):
-        raise _RowError(key, "not a number", repr(value))
+        number = number_of(value)
+    if number is None:
+        hint = "; thousands are separated by commas, as in 1,000" if _SPACED_THOUSANDS.search(str(value)) else ""
+        raise _RowError(key, "not a single number", repr(value) + hint)
     return format_number(number)
 
 
@@ -325,16 +327,12 @@ def mathqa_row(row: Mapping[str, Any], row_id: str, need_cot: bool = True) -> Ex
     return Example(row_id, question, rationale, "abcde"[index], options)
 
 
-# Options whose first number is not their value: ratios "5 : 9", "4 π", "2 ^ 3", "√ 3",
-# pairs "3 and 4" / "5 , 6", durations "3 hr 20 min".
-_NOT_ONE_NUMBER = re.compile(r"[:π√^]|\bpi\b|\bsqrt\b|\band\b|\d\s+,\s+\d|\d\s*(?:h|hrs?|hours?)\s+\d")
-
-
 def mathqa_numeric_row(row: Mapping[str, Any], row_id: str, need_cot: bool = True) -> Example:
-    """MathQA as a numeric problem: answer = the value of the correct option's text."""
+    """MathQA as a numeric problem: answer = the value of the correct option's text, read as one number
+    ("5 : 9", "4 π", "3 and 4", "3 hr 20 min" are not one)."""
     question, rationale, options, index = _mathqa_parts(row, need_cot)
     text = options[index]
-    value = None if _NOT_ONE_NUMBER.search(text) else parse_number(text)
+    value = parse_number(text)
     if value is None:
         raise _RowError("options", "correct option is not a single number", f"{'abcde'[index]}: {text!r}")
     return Example(row_id, question, rationale, format_number(value))
