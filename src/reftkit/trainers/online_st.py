@@ -17,6 +17,7 @@ from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import decode_and_grade
+from reftkit.preflight import preflight
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
@@ -37,6 +38,7 @@ def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, 
 
 def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
                     eval_set: list[Example] | None = None) -> Path:
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
     with open_grader(cfg) as grader:
         return _train_online_st(cfg, train, eval_set, grader)
 
