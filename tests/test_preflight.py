@@ -327,3 +327,14 @@ def test_ctrl_c_is_one_line_exit_130_with_the_resume_hint(data):
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"reftkit sft: interrupted; {out}/checkpoint-")
     assert last.endswith(" is kept: continue with the same command and --resume")
+
+
+def test_the_interrupted_line_hints_only_where_there_is_something_to_continue(tmp_path):
+    from reftkit.config import EvalConfig, SFTConfig
+
+    assert cli.interrupted_hint("sft", SFTConfig(output_dir=tmp_path / "none")) == ""
+    assert cli.interrupted_hint("sft", SFTConfig(output_dir=tmp_path)) == ""  # no checkpoint yet
+    assert cli.interrupted_hint("eval", EvalConfig(output_dir=tmp_path)) == ""
+    assert cli.interrupted_hint("reproduce", ReproduceConfig(demo=True, output_dir=tmp_path)) == (
+        "; rerun the same command to continue (finished stages are skipped, an interrupted one resumes)")
+    assert cli.interrupted_hint("sft", None) == ""  # interrupted while the config was read
