@@ -59,6 +59,11 @@ class DataOptions(_Config):
         return self
 
 
+# SandboxOptions' options -> the ExecutorConfig fields they set
+_EXECUTOR_FIELDS = {"exec_workers": "workers", "exec_timeout": "timeout_s", "exec_memory_mb": "memory_mb",
+                    "exec_programs_per_child": "programs_per_child"}
+
+
 class SandboxOptions(_Config):
     """Program CoT: the sandbox that runs model-written programs (docs/executor.md)."""
 
@@ -86,11 +91,6 @@ class SandboxOptions(_Config):
         from reftkit.executor.config import ExecutorConfig  # no heavy imports: workers import it first
 
         return ExecutorConfig(**{field: getattr(self, option) for option, field in _EXECUTOR_FIELDS.items()})
-
-
-# SandboxOptions' options -> the ExecutorConfig fields they set
-_EXECUTOR_FIELDS = {"exec_workers": "workers", "exec_timeout": "timeout_s", "exec_memory_mb": "memory_mb",
-                    "exec_programs_per_child": "programs_per_child"}
 
 
 class TrainData(_Config):

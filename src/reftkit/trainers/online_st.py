@@ -17,10 +17,10 @@ from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.evaluate import decode_and_grade
-from reftkit.preflight import preflight
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
+from reftkit.preflight import preflight
 from reftkit.trainers.fit import SupervisedRun, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
