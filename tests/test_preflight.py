@@ -95,6 +95,26 @@ def test_a_missing_reranker_is_found_before_sampling(data, tiny_checkpoint, monk
     assert drawn == []
 
 
+def reranker_dir(path: Path, checkpoint: Path) -> Path:
+    """A reranker as `reftkit train-reranker` saves one (untrained here): a one-output sequence classifier."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(path)
+    return path
+
+
+def test_a_causal_lm_given_as_the_reranker_is_refused_before_sampling(data, tiny_checkpoint, monkeypatch, capsys,
+                                                                      no_model_loads):
+    monkeypatch.chdir(data)
+    argv = ["sample", "--model", str(tiny_checkpoint), "--eval_file", "test.jsonl", "--reranker", str(tiny_checkpoint),
+            "--output_dir", "out", "--quiet", *LENGTHS]
+    assert cli.main(argv) == 1
+    assert f"reranker '{tiny_checkpoint}' is a LlamaForCausalLM checkpoint, not a reranker" in one_error_line(capsys)
+    assert nothing_claimed(data / "out")
+
+
 def test_the_samples_are_written_before_the_reranker_scores_them(data, tiny_checkpoint, monkeypatch):
     import reftkit.sampling
     from reftkit.sampling import run_sample
@@ -102,8 +122,9 @@ def test_the_samples_are_written_before_the_reranker_scores_them(data, tiny_chec
     def scoring_fails(*args, **kwargs):
         raise RuntimeError("the reranker ran out of memory")
 
+    reranker = reranker_dir(data / "rm", tiny_checkpoint)
     monkeypatch.setattr(reftkit.sampling, "score_samples", scoring_fails)
-    cfg = SampleConfig(model=str(tiny_checkpoint), reranker=str(tiny_checkpoint), eval_file=str(data / "test.jsonl"),
+    cfg = SampleConfig(model=str(tiny_checkpoint), reranker=str(reranker), eval_file=str(data / "test.jsonl"),
                        output_dir=data / "out", num_samples=2, max_eval_examples=3, progress=False,
                        max_prompt_tokens=64, max_length=80)
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -223,6 +244,8 @@ def test_position_limit_is_the_learned_table_only(config, limit):
 def test_a_model_with_fewer_positions_than_max_length_is_refused_before_the_output_dir_is_claimed(
         data, splits, monkeypatch, capsys, no_model_loads, tiny_checkpoint, command):
     gpt2 = gpt2_dir(data / "gpt2", splits[0], n_positions=32)
+    if command == "sample-reranker":
+        gpt2 = reranker_dir(data / "gpt2-rm", gpt2)
     monkeypatch.chdir(data)
     argv = {"sft": ["sft", "--model", str(gpt2), "--train_file", "train.jsonl"],
             "eval": ["eval", "--model", str(gpt2), "--eval_file", "test.jsonl"],

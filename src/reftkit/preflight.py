@@ -83,6 +83,8 @@ def check_model(name: str, lengths: dict[str, int], *, what: str = "model", toke
         if what == "model":
             raise
         raise type(e)(f"{what}: {e}") from None
+    if what == "reranker" and config is not None:
+        _check_reranker_config(name, config)
     limit = position_limit(config) if config is not None else None
     where, longest = max(lengths.items(), key=lambda item: item[1])
     if limit is not None and longest > limit[1]:
@@ -90,6 +92,18 @@ def check_model(name: str, lengths: dict[str, int], *, what: str = "model", toke
         raise ValueError(f"{what} {name!r} has {positions} positions ({field} in its config), fewer than {where} = "
                          f"{longest}: its learned position table cannot encode longer sequences. Lower max_length "
                          f"to at most {positions} (max_prompt_tokens below it), or use a model with more positions")
+
+
+def _check_reranker_config(name: str, config) -> None:
+    """A reranker is a sequence classifier with one output, as `reftkit train-reranker` saves it: a causal LM
+    given as one is refused from its config.json, before sampling (its weights are checked when it loads)."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"reranker {name!r} is a {architectures[0]} checkpoint, not a reranker (a sequence "
+                         "classifier); train one with `reftkit train-reranker --model <SFT checkpoint>`")
+    if config.num_labels != 1:
+        raise ValueError(f"reranker {name!r} has {config.num_labels} outputs; a reftkit reranker has one "
+                         "(the logit that the answer is right)")
 
 
 def _model_config(name: str):
