@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reftkit import cli
@@ -318,25 +319,37 @@ def test_hub_unreachable_says_why_or_nothing(monkeypatch, fresh_hub_check):
 
 def test_an_unreachable_hub_reads_the_cache_only_and_says_so(monkeypatch, tmp_path):
     """No network retries for a Hub id when the Hub cannot be reached (they took 25-55 s here before the same
-    error): the model comes from the local cache or not at all, at once."""
+    error): the model is its cached snapshot, read as a local directory, or an error at once."""
+    import huggingface_hub.constants
+
     import reftkit.model
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(reftkit.model, "hub_unreachable", lambda: "huggingface.co does not resolve here")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    snapshot = tmp_path / "cache" / "models--someone--model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    (snapshot / "config.json").write_text("{}")
     calls = []
 
-    def not_cached(source, **kwargs):
+    def broken(source, **kwargs):
         calls.append((source, kwargs))
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
-                      "in the cached files.\nCheck your internet connection.")
+        raise OSError("Error no file named model.safetensors found in directory " + source)
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", not_cached)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
     with pytest.raises(ValueError) as info:
         load_causal_lm("someone/model")
-    assert calls and calls[0][0] == "someone/model" and calls[0][1]["local_files_only"] is True
+    assert calls == [(str(snapshot), {"local_files_only": True, "dtype": torch.float32})]
     assert str(info.value) == ("cannot load model 'someone/model' (no such local path; read from the local Hugging "
-                               "Face cache only, since huggingface.co does not resolve here): We couldn't connect to "
-                               "'https://huggingface.co' to load the files, and couldn't find them in the cached files.")
+                               "Face cache only, since huggingface.co does not resolve here): Error no file named "
+                               f"model.safetensors found in directory {snapshot}")
+    with pytest.raises(FileNotFoundError, match=r"model 'someone/other': no such local path, and not in the local "
+                                                r"Hugging Face cache as a Hub model; it cannot be downloaded, since "
+                                                r"huggingface.co does not resolve here"):
+        load_causal_lm("someone/other")
+    assert len(calls) == 1  # the uncached one never reached transformers
 
 
 def test_an_unreachable_hub_reads_datasets_from_the_cache_only(monkeypatch, tmp_path):

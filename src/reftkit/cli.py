@@ -246,22 +246,27 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _setup_logging(ns.quiet)
-    cmd = COMMANDS[ns.command]
+    cfg = None
     try:
-        cfg = make_config(cmd, ns)
-    except UsageError as e:
-        for line in str(e).splitlines():
-            print(f"reftkit {ns.command}: {line}", file=sys.stderr)
-        return 2
-    from reftkit.data.readers import DataError  # lazy: keeps `--help` light
+        _setup_logging(ns.quiet)
+        cmd = COMMANDS[ns.command]
+        try:
+            cfg = make_config(cmd, ns)
+        except UsageError as e:
+            for line in str(e).splitlines():
+                print(f"reftkit {ns.command}: {line}", file=sys.stderr)
+            return 2
+        from reftkit.data.readers import DataError  # lazy: keeps `--help` light
 
-    run = getattr(importlib.import_module(cmd.module), cmd.function)
-    try:
-        result = run(cfg)
-    except (DataError, FileNotFoundError, ValueError) as e:  # user-facing input problems, not bugs
-        print(f"reftkit {ns.command}: error: {e}", file=sys.stderr)
-        return 1
+        run = getattr(importlib.import_module(cmd.module), cmd.function)
+        try:
+            result = run(cfg)
+        except (DataError, FileNotFoundError, ValueError) as e:  # user-facing input problems, not bugs
+            print(f"reftkit {ns.command}: error: {e}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT, and how to continue
+        print(f"reftkit {ns.command}: interrupted{interrupted_hint(ns.command, cfg)}", file=sys.stderr)
+        return 130
     if isinstance(result, Path):
         print(f"final model: {result}")
     elif isinstance(result, float):
@@ -269,6 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     elif isinstance(result, dict) and ns.command == "sample":
         print(json.dumps(result, indent=2))
     return 0
+
+
+def interrupted_hint(command: str, cfg: BaseModel | None) -> str:
+    """How to continue an interrupted run, when there is something to continue: a training run's checkpoint
+    (--resume), or a reproduce run's directory (its stages resume by themselves)."""
+    out = getattr(cfg, "output_dir", None)
+    if out is None or not Path(out).is_dir():
+        return ""
+    if command == "reproduce":
+        return "; rerun the same command to continue (finished stages are skipped, an interrupted one resumes)"
+    if "resume" not in type(cfg).model_fields:
+        return ""
+    from reftkit.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(out))
+    return f"; {checkpoint} is kept: continue with the same command and --resume" if checkpoint else ""
 
 
 if __name__ == "__main__":

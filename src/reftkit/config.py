@@ -10,6 +10,7 @@ where it gives a value.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,6 +60,11 @@ class DataOptions(_Config):
         return self
 
 
+# SandboxOptions' options -> the ExecutorConfig fields they set
+_EXECUTOR_FIELDS = {"exec_workers": "workers", "exec_timeout": "timeout_s", "exec_memory_mb": "memory_mb",
+                    "exec_programs_per_child": "programs_per_child"}
+
+
 class SandboxOptions(_Config):
     """Program CoT: the sandbox that runs model-written programs (docs/executor.md)."""
 
@@ -77,10 +83,34 @@ class SandboxOptions(_Config):
         check_workers(workers)  # refused here, before any work, rather than run oversubscribed
         return workers
 
+    @model_validator(mode="after")
+    def _sandbox_limits(self):
+        # the executor's own checks (e.g. its minimum memory), here so a bad limit is refused before any loading
+        try:
+            self.executor_config()
+        except ValueError as e:
+            message = str(e)
+            for option, field in _EXECUTOR_FIELDS.items():
+                message = re.sub(rf"\b{field}\b", option, message)
+            raise ValueError(message) from None
+        return self
+
+    def executor_config(self):
+        """The sandbox's limits (reftkit.executor.ExecutorConfig) that these options set."""
+        from reftkit.executor.config import ExecutorConfig  # no heavy imports: workers import it first
+
+        return ExecutorConfig(**{field: getattr(self, option) for option, field in _EXECUTOR_FIELDS.items()})
+
 
 class TrainData(_Config):
     train_file: str | None = Field(None, description="training data (file, directory of JSON/JSONL files, or HF dataset name)")
     max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
+
+    @property
+    def train_needs_cot(self) -> bool:
+        """Whether every training row needs a reference CoT: training on it (not so for the commands
+        that use only the questions and gold answers)."""
+        return True
 
 
 class EvalData(_Config):
@@ -213,6 +243,10 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
         return self
 
     @property
+    def train_needs_cot(self) -> bool:
+        return self.sft_coef > 0  # PPO needs questions and gold answers; the SFT term the reference CoTs
+
+    @property
     def critic(self) -> bool:
         return self.advantage == "gae"
 
@@ -247,6 +281,10 @@ class RerankerConfig(TrainerOptions, AccumulationOptions, SamplesInput):
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
     eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size), when drawing samples")
+
+    @property
+    def train_needs_cot(self) -> bool:
+        return False  # it learns from graded samples of the questions, not from the reference CoTs
 
 
 class EvalConfig(RunOptions, DataOptions, SandboxOptions, EvalData, Tracking):
@@ -308,7 +346,8 @@ def stage_config(name: str, values: dict[str, Any], config: type[_Config] | None
     try:
         return (config or STAGES[name]).model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+                             for err in e.errors())
         raise ValueError(f"section '{name}': {problems}") from None
 
 
@@ -386,13 +425,17 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
             raise ValueError("demo makes its own data and model: drop model, train_file and eval_file")
         if not self.demo and (self.train_file is None or self.eval_file is None):
             raise ValueError("set train_file and eval_file (the test set), or demo: true")
-        for name in ("warmup", "train_samples", "reranker", "eval", *self.methods):
+        for name in self.stage_names():
             self.stage(name)  # an unknown or ill-typed stage option fails here, before any training
         used = set(self.methods) | ({"reft"} if set(RL_METHODS) & set(self.methods) else set())  # RL family: reft's budget
         unused = sorted(name for name in typing.get_args(MethodName) if getattr(self, name) and name not in used)
         if unused:
             raise ValueError(f"section {unused[0]!r} is given but {unused[0]} is not in methods")
         return self
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages this run has, each a section validated into its command's config (`stage`)."""
+        return ("warmup", "train_samples", "reranker", "eval", *self.methods)
 
     def stage(self, name: str, **fixed: Any) -> _Config:
         """The typed config of one stage: shared options (those its command has) < demo defaults <

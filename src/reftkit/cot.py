@@ -171,9 +171,7 @@ def open_grader(cfg) -> Iterator[Grader]:
     if cfg.cot == "natural":
         yield NaturalLanguageGrader()
         return
-    from reftkit.executor import ExecutorConfig, ProgramExecutor
+    from reftkit.executor import ProgramExecutor
 
-    limits = ExecutorConfig(workers=cfg.exec_workers, timeout_s=cfg.exec_timeout, memory_mb=cfg.exec_memory_mb,
-                            programs_per_child=cfg.exec_programs_per_child)
-    with ProgramExecutor(limits) as executor:
+    with ProgramExecutor(cfg.executor_config()) as executor:
         yield ProgramGrader(executor)

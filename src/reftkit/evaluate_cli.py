@@ -14,12 +14,14 @@ from reftkit.config import EvalConfig
 from reftkit.cot import open_grader
 from reftkit.evaluate import evaluate_run
 from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.preflight import preflight
 from reftkit.runtime import Metrics, load_examples_for, make_accelerator
 
 log = logging.getLogger("reftkit")
 
 
 def run_eval(cfg: EvalConfig) -> float:
+    preflight(cfg)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         check_writable(cfg.output_dir)  # before decoding, not after it

@@ -6,9 +6,10 @@ it has the shape of a Hub id, `name` or `owner/name` (letters, digits, '-', '_',
 is missing, and is reported at once without touching the network: `./x`, `../x`, `/x`, `~/x`,
 `a/b/c`, `x/`, `C:\\x`, `runs/sft` when `runs/` exists.
 
-A Hub id is read from the local Hugging Face cache only when the Hub certainly cannot be reached
-(hub_unreachable): huggingface_hub would otherwise retry the network with back-off for 25-55 s before
-the same error.
+When the Hub certainly cannot be reached (hub_unreachable), a Hub id is resolved here to its snapshot
+in the local Hugging Face cache (cached_hub_dir) and loaded as a local directory, or refused at once when
+it is not cached: asked for a Hub id, huggingface_hub would retry the network with back-off for 25-55 s
+before the same error, even with local_files_only (transformers' adapter look-up does not pass it on).
 """
 
 from __future__ import annotations
@@ -78,3 +79,15 @@ def hub_unreachable() -> str | None:
 def cache_only_note(reason: str) -> str:
     """The words an error adds when a Hub id was looked up in the local cache only."""
     return f"no such local path; read from the local Hugging Face cache only, since {reason}"
+
+
+def cached_hub_dir(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
+    """The local Hugging Face cache's snapshot of `repo_id` (its main revision) that holds one of
+    `filenames`, or None; reads the cache's directories only, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str):  # a path; None or the "known not to exist" marker otherwise
+            return Path(found).parent
+    return None

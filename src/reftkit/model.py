@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,19 +12,21 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
+from reftkit.hub import cache_only_note, cached_hub_dir, could_be_hub_id, hub_unreachable, missing_path_message
 from reftkit.pretrained import resolve
 from reftkit.scoring import position_ids_for, score_responses
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 _MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a peft adapter on one
+TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 
 
-def model_source(name_or_path: str) -> tuple[str, dict]:
-    """(what `from_pretrained` loads, its options) for an HF name, a directory, or a reftkit name
-    such as `smollm2-135m` (see reftkit.pretrained). A local directory is read from disk only, never
-    the network. A missing path that cannot be a Hub id (see reftkit.hub) and a directory without a
-    model are one-line errors before anything loads."""
+def model_source(name_or_path: str) -> tuple[str, str]:
+    """(what `from_pretrained` loads, how a name that is not a local path was resolved: "" for a local
+    directory) for an HF name, a directory, or a reftkit name such as `smollm2-135m` (see reftkit.pretrained).
+    A local directory is read from disk only, never the network. A missing path that cannot be a Hub id
+    (see reftkit.hub), a directory without a model, and a Hub id while the Hub cannot be reached that is not
+    in the local cache are one-line errors before anything loads; a cached one is its snapshot directory."""
     source = resolve(name_or_path)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -31,32 +34,86 @@ def model_source(name_or_path: str) -> tuple[str, dict]:
             final = path / "final"
             hint = f"; the run's final model is {final}" if (final / "config.json").is_file() else ""
             raise FileNotFoundError(f"model {name_or_path!r}: {path} has no config.json, not a model directory{hint}")
-        return str(path), {"local_files_only": True}
+        return str(path), ""
     if path.exists():
         raise ValueError(f"model {name_or_path!r}: a file, not a model directory")
     if not could_be_hub_id(name_or_path):
         raise FileNotFoundError(missing_path_message("model", name_or_path))
-    return source, {}
+    offline = hub_unreachable()
+    if offline is None:
+        return source, "no such local path, so it was looked up as a Hugging Face Hub id"
+    cached = cached_hub_dir(source, _MODEL_FILES)
+    if cached is None:
+        raise FileNotFoundError(f"model {name_or_path!r}: no such local path, and not in the local Hugging Face "
+                                f"cache as a Hub model; it cannot be downloaded, since {offline}")
+    return str(cached), cache_only_note(offline)
 
 
 def load_pretrained(auto_class, name_or_path: str, **kwargs):
-    """`auto_class.from_pretrained` of `name_or_path` (see model_source); a failure is one line. A Hub id is
-    read from the local cache only when the Hub cannot be reached (reftkit.hub.hub_unreachable)."""
-    source, options = model_source(name_or_path)
-    how = ""
-    if not options:
-        offline = hub_unreachable()
-        how = f" ({cache_only_note(offline)})" if offline else " (no such local path, so it was looked up as a Hugging Face Hub id)"
-        options = {"local_files_only": True} if offline else {}
+    """`auto_class.from_pretrained` of `name_or_path` (see model_source); a failure is one line. A local
+    directory (a cached Hub snapshot included) is read with local_files_only: no network."""
+    source, how = model_source(name_or_path)
+    local = {"local_files_only": True} if Path(source).is_dir() else {}
     try:
-        return auto_class.from_pretrained(source, **options, **kwargs)
+        return auto_class.from_pretrained(source, **local, **kwargs)
     except OSError as error:  # transformers' "not a valid model identifier", "couldn't connect", ...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load model {name_or_path!r}{how}: {first}") from None
+        raise ValueError(f"cannot load model {name_or_path!r}{f' ({how})' if how else ''}: {first}") from None
+
+
+def tokenizer_files_problem(directory: Path) -> str | None:
+    """Why `directory` holds no loadable tokenizer, naming the missing files, or None. A tokenizer is its
+    tokenizer.json (the `tokenizers` serialization), or the vocabulary files of its class (tokenizer_config.json's
+    tokenizer_class): vocab.json and merges.txt for GPT-2's BPE, tokenizer.model for SentencePiece, vocab.txt
+    for WordPiece. Without them transformers fails with "need sentencepiece or tiktoken installed"."""
+    if (directory / TOKENIZER_FILE).is_file():
+        return None
+    config = directory / TOKENIZER_CONFIG
+    vocabulary, cls = (), _tokenizer_class(config) if config.is_file() else None
+    if cls:
+        vocabulary = _vocabulary_files(cls)
+    missing = [name for name in vocabulary if not (directory / name).is_file()]
+    if vocabulary and not missing:
+        return None
+    found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+    if vocabulary:
+        need = f"{TOKENIZER_FILE}, or the vocabulary files of {cls} (its {TOKENIZER_CONFIG}): {', '.join(missing)}"
+    elif config.is_file():
+        need = f"{TOKENIZER_FILE} ({TOKENIZER_CONFIG} alone holds settings, not the vocabulary)"
+    else:
+        need = (f"{TOKENIZER_FILE}, or {TOKENIZER_CONFIG} with its vocabulary files (vocab.json and merges.txt, "
+                "tokenizer.model or vocab.txt, by tokenizer class)")
+    return (f"{directory} has no tokenizer: missing {need}; it holds {found}. Save the tokenizer there "
+            "(tokenizer.save_pretrained) or copy its files from the model this one was trained from")
+
+
+def _tokenizer_class(config: Path) -> str | None:
+    try:
+        cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object: transformers will say so
+        return None
+    return cls if isinstance(cls, str) else None
+
+
+def _vocabulary_files(tokenizer_class: str) -> tuple[str, ...]:
+    """The files a tokenizer class reads its vocabulary from, besides tokenizer.json; () when unknown."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        cls = tokenizer_class_from_name(tokenizer_class)
+    except Exception:  # an unknown or remote-code class: transformers will say what it lacks
+        return ()
+    names = getattr(cls, "vocab_files_names", None) or {}
+    return tuple(name for name in names.values() if name != TOKENIZER_FILE)
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of `name_or_path` (see model_source)."""
+    """The tokenizer of `name_or_path` (see model_source); a local directory without tokenizer files is an
+    error naming them (tokenizer_files_problem)."""
+    source, _ = model_source(name_or_path)
+    problem = tokenizer_files_problem(Path(source)) if Path(source).is_dir() else None
+    if problem:
+        raise FileNotFoundError(f"model {name_or_path!r}: {problem}")
     tok = load_pretrained(AutoTokenizer, name_or_path)
     if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token

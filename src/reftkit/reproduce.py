@@ -29,6 +29,7 @@ from reftkit.report import (
 from reftkit.writers import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
 from reftkit.checkpoints import STATE_FILE, latest_checkpoint
+from reftkit.preflight import preflight
 from reftkit.runtime import process_state
 
 log = logging.getLogger("reftkit")
@@ -129,6 +130,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     from reftkit.trainers.reft import train_reft
     from reftkit.trainers.sft import train_sft
 
+    preflight(cfg)  # the model and both data files, before the first stage trains
     train_file, test_file = write_demo_data(cfg) if cfg.demo else (cfg.train_file, cfg.eval_file)
     data = {"train_file": train_file}
     warm = train_stage(cfg, "warmup", train_sft, **data)

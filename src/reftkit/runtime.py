@@ -112,16 +112,17 @@ def _allow_precision_change(mixed_precision: str) -> None:
 
 
 def load_examples_for(path: str | None, cfg: DataOptions, role: str, *,
-                      require_cot: bool | None = None) -> list[Example]:
+                      require_cot: bool | None = None, report_skipped: bool = True) -> list[Example]:
     """The examples of `path`. require_cot: every row must have a reference CoT; None means the
-    train role needs one and the eval role does not (eval data needs a question and a gold answer)."""
+    train role needs one and the eval role does not (eval data needs a question and a gold answer).
+    report_skipped: log the rows skip_invalid dropped (off for reftkit.preflight's reading ahead)."""
     from reftkit.data.readers import load_examples
 
     if path is None:
         raise ValueError(f"no {role} data: set {role}_file in the config or on the command line")
     require_cot = role == "train" if require_cot is None else require_cot
     result = load_examples(path, cfg.data_format, skip_invalid=cfg.skip_invalid, require_cot=require_cot)
-    if result.skipped:
+    if result.skipped and report_skipped:
         log.warning(result.summary())
     return result.examples
 

@@ -65,23 +65,29 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
 
 
 def run_sample(cfg: SampleConfig) -> dict:
-    """Writes samples.jsonl and results.json into output_dir; returns the summary."""
+    """Writes samples.jsonl and results.json into output_dir; returns the summary. Every input (the reranker
+    too) is checked before sampling, and the samples are written before they are scored."""
     from reftkit.checkpoints import check_writable
     from reftkit.model import load_causal_lm, load_tokenizer
+    from reftkit.preflight import preflight
     from reftkit.runtime import load_examples_for, make_accelerator
 
+    preflight(cfg)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         check_writable(cfg.output_dir)  # before sampling, not after it
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     with open_grader(cfg) as grader:
         rows = draw_samples(accelerator, load_causal_lm(cfg.model), load_tokenizer(cfg.model), examples, grader, cfg)
+    if accelerator.is_main_process:  # kept, whatever happens to the scoring
+        write_jsonl(cfg.output_dir / SAMPLES_FILE, rows)
     if cfg.reranker:
         scores = score_samples(accelerator, cfg.reranker, examples, rows, cfg)
         rows = [r | {"score": s} for r, s in zip(rows, scores, strict=True)]
+        if accelerator.is_main_process:
+            write_jsonl(cfg.output_dir / SAMPLES_FILE, rows)
     summary = summarize(rows, examples)
     if accelerator.is_main_process:
-        write_jsonl(cfg.output_dir / SAMPLES_FILE, rows)
         write_json(cfg.output_dir / RESULTS_FILE, summary)
     accelerator.wait_for_everyone()
     log.info("%s", summary)

@@ -499,11 +499,22 @@ def _read_rows(source: str | Path, fmt: str, split: str) -> _Rows:
         if fmt == "hf":
             raise DataError(f"{source}: a file; --data_format hf reads a saved dataset directory or a Hub name")
         return _read_file_rows(path)
-    hub = fmt == "hf" or (fmt == "auto" and path.suffix.lower() not in _FILE_SUFFIXES)
-    if hub and could_be_hub_id(str(source), need_owner=fmt != "hf"):
+    if is_hub_dataset(source, fmt):
         return _read_hf_rows(str(source), split)
-    hint = "; a Hugging Face Hub dataset is named owner/name" if hub else ""
+    hint = "; a Hugging Face Hub dataset is named owner/name" if _named_like_a_dataset(path, fmt) else ""
     raise DataError(missing_path_message("data", str(source)) + hint)
+
+
+def is_hub_dataset(source: str | Path, fmt: str = "auto") -> bool:
+    """Whether `source` is read as a Hugging Face Hub dataset: it is not on disk and has a Hub name's shape
+    (with fmt "auto" `owner/name`, not ending in .json/.jsonl; with fmt "hf" any Hub id)."""
+    path = Path(source).expanduser()
+    return _named_like_a_dataset(path, fmt) and not path.exists() and could_be_hub_id(str(source),
+                                                                                       need_owner=fmt != "hf")
+
+
+def _named_like_a_dataset(path: Path, fmt: str) -> bool:
+    return fmt == "hf" or (fmt == "auto" and path.suffix.lower() not in _FILE_SUFFIXES)
 
 
 def _detect_format(rows: _Rows, fields: Mapping[str, str] | None, label: str) -> str:

@@ -12,6 +12,7 @@ from reftkit.config import OfflineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.model import load_causal_lm, load_tokenizer
+from reftkit.preflight import preflight
 from reftkit.sampling import correct_examples, draw_samples, read_samples
 from reftkit.trainers.sft import train_sft
 from reftkit.runtime import make_accelerator, training_examples
@@ -21,6 +22,7 @@ log = logging.getLogger("reftkit")
 
 def train_offline_st(cfg: OfflineSTConfig, train: list[Example] | None = None,
                      eval_set: list[Example] | None = None) -> Path:
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
     check_output_dir(cfg)  # before sampling: a run that cannot start must not cost a sampling pass first
     train = training_examples(train, cfg)
     if cfg.samples_file:

@@ -20,6 +20,7 @@ from reftkit.evaluate import decode_and_grade, row_status_counts
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.sampling import correct_examples
 from reftkit.runtime import make_optimizer
+from reftkit.preflight import preflight
 from reftkit.trainers.fit import SupervisedRun, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
@@ -37,6 +38,7 @@ def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, 
 
 def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
                     eval_set: list[Example] | None = None) -> Path:
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
     with open_grader(cfg) as grader:
         return _train_online_st(cfg, train, eval_set, grader)
 

@@ -27,6 +27,7 @@ from reftkit.cot import open_grader, status_counts, warn_if_sandbox_limited
 from reftkit.data.records import Example
 from reftkit.evaluate import eval_record, evaluate_run
 from reftkit.lora import reference_lm
+from reftkit.preflight import preflight
 from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm, load_tokenizer
 from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
 from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_prompts, encode_sft_examples
@@ -258,6 +259,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
 
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs ReFT from the warm-up checkpoint `cfg.model`; returns the final model directory."""
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
     with open_grader(cfg) as grader:
         return _train_reft(cfg, train, eval_set, grader)
 
@@ -266,8 +268,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     accelerator = make_accelerator(cfg)
     check_engine(cfg.rollout_engine, accelerator.num_processes)  # installed? before the run directory is claimed
     run = claim_output_dir(accelerator, cfg, "reft")
-    # PPO needs questions and gold answers only; the SFT term (sft_coef) also the reference CoTs.
-    train = training_examples(train, cfg, require_cot=cfg.sft_coef > 0)
+    train = training_examples(train, cfg, require_cot=cfg.train_needs_cot)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     tokenizer = load_tokenizer(cfg.model)

@@ -20,6 +20,7 @@ from reftkit.config import RerankerConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
 from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from reftkit.preflight import preflight
 from reftkit.reranker import collate, encode_texts, new_reranker, reranker_text
 from reftkit.runtime import make_accelerator, make_optimizer, training_examples
 from reftkit.sampling import draw_samples, read_samples
@@ -43,9 +44,10 @@ def classifier_loss(model, batch: dict, weight: float) -> tuple[torch.Tensor, di
 
 def train_reranker(cfg: RerankerConfig, train: list[Example] | None = None) -> Path:
     """Trains the reward model and returns its directory (a plain HF sequence classifier)."""
+    preflight(cfg, train_given=train is not None)
     accelerator = make_accelerator(cfg)
     run = claim_output_dir(accelerator, cfg, "train-reranker")
-    train = training_examples(train, cfg, require_cot=False)  # graded samples, not the reference CoT
+    train = training_examples(train, cfg, require_cot=cfg.train_needs_cot)
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.padding_side = "right"
     if cfg.samples_file:

@@ -9,12 +9,14 @@ from reftkit.batching import shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
+from reftkit.preflight import preflight
 from reftkit.prompts import collate_sft, encode_sft_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
 
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
     with open_grader(cfg) as grader:  # for program CoT, this starts the sandbox the evaluations use
         return _train_sft(cfg, train, eval_set, grader)
 
