@@ -145,8 +145,8 @@ def test_a_sandbox_limit_the_executor_refuses_is_a_config_error(command, capsys,
 def test_sandbox_limits_are_checked_in_every_stage_section_and_honoured_when_valid():
     with pytest.raises(ValueError, match=r"section 'reft': .*exec_memory_mb must be >= 16"):
         ReproduceConfig(demo=True, reft={"exec_memory_mb": 8})
-    limits = SampleConfig(exec_memory_mb=64, exec_timeout=0.5, exec_workers=3).executor_config()
-    assert (limits.memory_mb, limits.timeout_s, limits.workers) == (64, 0.5, 3)
+    limits = SampleConfig(exec_memory_mb=64, exec_timeout=0.5, exec_workers=1).executor_config()
+    assert (limits.memory_mb, limits.timeout_s, limits.workers) == (64, 0.5, 1)
 
 
 # ----------------------------------------------------------------------------- item 12: the Hub, unreachable

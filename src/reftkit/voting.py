@@ -36,10 +36,11 @@ def answer_groups(answers: Sequence[str | None], tol: float = 1e-2, multiple_cho
         if multiple_choice:  # a handful of letters: few groups to scan
             candidates = range(len(groups))
         else:
-            value = parse_number(answer)
-            if value is None:  # equal to nothing (same_answer): a group of its own
+            number = parse_number(answer)
+            if number is None:  # equal to nothing (same_answer): a group of its own
                 groups.append([i])
                 continue
+            value = float(number)  # only to find candidates: same_answer compares exactly
             # Wider than the tolerance (float rounding), so every group same_answer accepts is among them.
             reach = 2 * tol + 1e-6 + abs(value) * 1e-12
             found = firsts[bisect_left(firsts, (value - reach, -1)): bisect_right(firsts, (value + reach, len(groups)))]
