@@ -35,7 +35,10 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) under logits / temperature. logits [B, T, V], tokens [B, T] -> [B, T]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass (and its backward) over [B, T, V]
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
