@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reftkit.answers import reasoning_of
+from reftkit.checkpoints import check_results_dir, on_main_process, owns_output_dir
 from reftkit.config import SampleConfig
 from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
 from reftkit.data.readers import DataError
@@ -60,15 +61,15 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
     return summary | consistency_summary(rows)
 
 
+@owns_output_dir
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary."""
-    from reftkit.checkpoints import check_writable
     from reftkit.model import load_causal_lm, load_tokenizer
     from reftkit.runtime import load_examples_for, make_accelerator
 
     accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        check_writable(cfg.output_dir)  # before sampling, not after it
+    on_main_process(accelerator.is_main_process,  # before sampling, not after it
+                    lambda: check_results_dir(cfg, (SAMPLES_FILE, RESULTS_FILE)))
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     with open_grader(cfg) as grader:
         rows = draw_samples(accelerator, load_causal_lm(cfg.model), load_tokenizer(cfg.model), examples, grader, cfg)

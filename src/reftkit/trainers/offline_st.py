@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reftkit.checkpoints import check_output_dir
+from reftkit.checkpoints import check_output_dir, owns_output_dir
 from reftkit.config import OfflineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
@@ -19,6 +19,7 @@ from reftkit.runtime import make_accelerator, training_examples
 log = logging.getLogger("reftkit")
 
 
+@owns_output_dir
 def train_offline_st(cfg: OfflineSTConfig, train: list[Example] | None = None,
                      eval_set: list[Example] | None = None) -> Path:
     check_output_dir(cfg)  # before sampling: a run that cannot start must not cost a sampling pass first
