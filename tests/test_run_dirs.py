@@ -20,6 +20,7 @@ from reftkit import runtime
 from reftkit.checkpoints import RUN_FILE, STATE_FILE, RunError, config_changes, step_checkpoints
 from reftkit.config import EvalConfig, OfflineSTConfig, RerankerConfig, SampleConfig
 from reftkit.data.readers import DataError
+from reftkit import rundir
 from reftkit.rundir import LOCK_FILE, try_lock
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.offline_st import train_offline_st
@@ -240,7 +241,7 @@ def test_any_exit_releases_the_directory(tmp_path, splits, tiny_checkpoint, monk
     interrupt_at_log(monkeypatch, calls=1)
     with pytest.raises(Interrupt):
         train_sft(sft_config(run, tiny_checkpoint, epochs=1), splits[0])
-    assert not (run / LOCK_FILE).exists() and not checkpoints._HELD
+    assert not (run / LOCK_FILE).exists() and not rundir._HELD
     fd = try_lock(run)  # another open file of this process could not take a lock still held
     assert isinstance(fd, int)
     os.close(fd)

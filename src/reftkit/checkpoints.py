@@ -19,32 +19,31 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import functools
 import json
 import logging
 import re
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from reftkit.config import TrainerOptions
 from reftkit.lora import plain_model_and_state
 from reftkit.prompts import reset_truncation_counts, truncation_counts
-from reftkit.rundir import LOCK_FILE, data_changes, data_fingerprints, input_overlaps, release_lock, try_lock
+from reftkit.rundir import (
+    LOCK_FILE, RunError, check_inputs, check_writable, data_changes, data_fingerprints, on_main_process,
+)
 from reftkit.writers import write_json
 
 log = logging.getLogger("reftkit")
 
 STATE_FILE = "trainer_state.json"
 ACCELERATE_DIR = "accelerate_state"  # optimizer, scheduler, per-process RNG, model (for --resume)
-RUN_FILE = "reftkit_run.json"  # the run that owns this directory: id, command, config
+RUN_FILE = "reftkit_run.json"  # the run that owns this directory: id, command, config, data fingerprints
 _STEP_DIR = re.compile(r"checkpoint-(\d+)")
 # What a run writes into its directory: the only names `overwrite_output_dir` removes (checkpoint-N:
 # `step_of`; a checkpoint-best/ is not a run's).
@@ -54,10 +53,6 @@ RESUMABLE = frozenset({"resume", "overwrite_output_dir", "output_dir", "progress
                        "eval_batch_size", "max_eval_examples", "eval_every", "eval_every_epoch", "save_every",
                        "exec_workers", "nonfinite"})
 NOT_SETTINGS = frozenset({"resume", "overwrite_output_dir"})  # how a run was started: never a change to report
-
-
-class RunError(ValueError):
-    """A run cannot start, continue or save as asked; the message says why and what to do."""
 
 
 class NonFiniteError(RunError):
@@ -115,17 +110,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- claiming a directory
 
-def check_writable(directory: Path) -> None:
-    """Fails at once, before any work, when results could not be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".reftkit-write-test-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"output_dir {directory} is not writable: {e.strerror or e}") from None
-
-
 def previous_outputs(directory: Path) -> list[str]:
     """What `directory` holds, less the lock and write probes of the run that asks."""
     return sorted(p.name for p in directory.iterdir()
@@ -137,16 +121,6 @@ def is_run_output(name: str) -> bool:
     if name.startswith("checkpoint-"):
         return _STEP_DIR.fullmatch(name) is not None
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in _RUN_OUTPUTS)
-
-
-def check_inputs(cfg, out: Path, written) -> None:
-    """Refuses, before anything is written or removed, an input of `cfg` (model, data, reranker)
-    that is output_dir, contains it, or lies in what the run writes (`written(name)`): a run never
-    deletes or overwrites what it reads."""
-    problems = input_overlaps(cfg, out, written)
-    if problems:
-        raise RunError(f"output_dir {out} overlaps an input of this run: {'; '.join(problems)}. Nothing was "
-                       "removed: choose another --output_dir, or move the input out of it")
 
 
 def check_output_dir(cfg: TrainerOptions) -> None:
@@ -195,8 +169,9 @@ def _nothing_to_resume(out: Path) -> str:
 
 
 def _start_without_checkpoint(out: Path, found: list[str], cfg: TrainerOptions) -> bool:
-    """Whether `found` is only what a start of the same command (the same options) left before its
-    first checkpoint (a bad row, a kill -9): nothing there can be resumed, so a retry replaces it."""
+    """Whether `found` is only what a start of the same command (a config with the same options,
+    whatever their values: the retry may be the fix) left before its first checkpoint (a bad row, a
+    kill -9): nothing there can be resumed, so the retry replaces it."""
     run = _run_file(out)
     return (run is not None and set(run.get("config", {})) == set(cfg.model_dump())
             and all(is_run_output(name) for name in found)
@@ -223,84 +198,6 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
 
     on_main_process(accelerator.is_main_process, claim)
     return Run(_run_id(out) or "", Progress(), None, data)
-
-
-def on_main_process(is_main: bool, check) -> None:
-    """Runs `check` on the main process only; a RunError it raises is raised on every process (the
-    message broadcast), so no process is left waiting for one that stopped."""
-    problem = [None]
-    if is_main:
-        try:
-            check()
-        except RunError as e:
-            problem = [str(e)]
-    broadcast_object_list(problem)
-    if problem[0] is not None:
-        raise RunError(problem[0])
-
-
-# ----------------------------------------------------------------------------- one live run per directory
-
-_HELD: dict[Path, list] = {}  # directories this process holds: resolved path -> [lock descriptor, depth]
-
-
-@contextmanager
-def holding_output_dir(directory: Path | str, cfg=None):
-    """Holds `directory` (created if needed; not when an input of `cfg` is it or contains it, which
-    is refused first) while the block runs: another run of it, fresh or
-    resumed, is refused at once, naming the holder. Only the main process holds the lock (the other
-    processes of an `accelerate launch` run are the same run). A command run inside another on the
-    same directory (Offline-ST's SFT) shares the hold; any exit releases it, and a killed process's
-    lock is released by the kernel, so none is ever stale."""
-    from reftkit.runtime import process_state  # lazy: runtime imports this module
-
-    out, held = Path(directory), []
-    is_main = process_state().is_main_process
-    on_main_process(is_main, lambda: held.append(_acquire(out, cfg)))
-    try:
-        yield
-    finally:
-        if held:
-            _release(held[0])
-
-
-def owns_output_dir(command):
-    """Decorates a command `command(cfg, ...)`: it runs holding cfg.output_dir (`holding_output_dir`)."""
-    @functools.wraps(command)
-    def run(cfg, *args, **kwargs):
-        with holding_output_dir(cfg.output_dir, cfg):
-            return command(cfg, *args, **kwargs)
-    return run
-
-
-def _acquire(out: Path, cfg) -> Path:
-    if cfg is not None:
-        check_inputs(cfg, out, lambda name: False)
-    check_writable(out)
-    key = out.resolve()
-    if key in _HELD:
-        _HELD[key][1] += 1
-        return key
-    try:
-        got = try_lock(key)
-    except OSError as e:  # a filesystem without flock (some network mounts)
-        log.warning("cannot lock %s (%s): a second run in this directory would not be stopped", out, e.strerror or e)
-        got = None
-    if isinstance(got, str):
-        raise RunError(f"output_dir {out} is in use by a live run ({got}): wait for it to end, or choose another "
-                       "--output_dir")
-    _HELD[key] = [got, 1]
-    return key
-
-
-def _release(key: Path) -> None:
-    fd, depth = _HELD[key]
-    if depth > 1:
-        _HELD[key][1] -= 1
-        return
-    del _HELD[key]
-    if fd is not None:
-        release_lock(key, fd)
 
 
 def _run_file(out: Path) -> dict | None:
@@ -369,7 +266,7 @@ def resume_from(accelerator: Accelerator, cfg: TrainerOptions, run: Run) -> Run:
             log.warning("--resume: continuing %s with changed settings: %s", ckpt, "; ".join(accepted))
         progress = Progress(**state["progress"])
         log.info("resumed from %s at step %d", ckpt, progress.step)
-        return Run(run.id, progress, progress.step, run.data, seconds_before=state.get("seconds") or 0.0)
+        return Run(run.id, progress, progress.step, run.data, state.get("seconds") or 0.0, run.started)
     hint = "" if all("is damaged" in p for p in problems) else (
         ". Files that are whole but do not load were written for another model: one the run builds differently "
         "now (--model tiny builds its vocabulary from the training data) or one replaced at the same path")

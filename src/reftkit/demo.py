@@ -12,7 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.checkpoints import RunError, check_writable, on_main_process, owns_output_dir, previous_outputs
+from reftkit.checkpoints import RunError, check_writable, on_main_process, previous_outputs
+from reftkit.rundir import owns_output_dir
 from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft

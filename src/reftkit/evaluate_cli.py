@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from reftkit.checkpoints import check_results_dir, on_main_process, owns_output_dir
+from reftkit.checkpoints import check_results_dir
+from reftkit.rundir import on_main_process, owns_output_dir
 from reftkit.config import EvalConfig
 from reftkit.cot import open_grader
 from reftkit.evaluate import evaluate_run

@@ -27,7 +27,8 @@ from reftkit.report import (
 )
 from reftkit.writers import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
-from reftkit.checkpoints import STATE_FILE, latest_checkpoint, owns_output_dir
+from reftkit.checkpoints import STATE_FILE, latest_checkpoint
+from reftkit.rundir import owns_output_dir
 from reftkit.runtime import process_state
 
 log = logging.getLogger("reftkit")

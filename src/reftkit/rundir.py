@@ -1,17 +1,26 @@
-"""Facts about a run directory, without policy (reftkit.checkpoints decides what to refuse): who
-holds it, which input paths overlap what a run writes, and fingerprints of the data it reads."""
+"""A run directory's guards that need no model: one live run per directory (an flock held for the
+run's life), inputs that must not lie where a run writes, fingerprints of the data it trains on,
+and the errors that stop a run. What a training run may find there is reftkit.checkpoints'."""
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+log = logging.getLogger("reftkit")
 
 LOCK_FILE = ".reftkit.lock"  # flock-ed by the live run; the kernel drops the lock when its process dies
 # Options that name something a command reads: none may lie where the run writes or removes.
@@ -19,7 +28,98 @@ INPUT_FIELDS = ("model", "ref_model", "train_file", "eval_file", "samples_file",
 DATA_FIELDS = ("train_file", "samples_file")  # what is trained on: a resumed run must read the same bytes
 
 
-# ----------------------------------------------------------------------------- the lock
+class RunError(ValueError):
+    """A run cannot start, continue or save as asked; the message says why and what to do."""
+
+
+def check_writable(directory: Path) -> None:
+    """Fails at once, before any work, when results could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".reftkit-write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"output_dir {directory} is not writable: {e.strerror or e}") from None
+
+
+def on_main_process(is_main: bool, check) -> None:
+    """Runs `check` on the main process only; a RunError it raises is raised on every process (the
+    message broadcast), so no process is left waiting for one that stopped."""
+    problem = [None]
+    if is_main:
+        try:
+            check()
+        except RunError as e:
+            problem = [str(e)]
+    broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise RunError(problem[0])
+
+
+# ----------------------------------------------------------------------------- one live run per directory
+
+_HELD: dict[Path, list] = {}  # directories this process holds: resolved path -> [lock descriptor, depth]
+
+
+@contextmanager
+def holding_output_dir(directory: Path | str, cfg=None):
+    """Holds `directory` while the block runs: another run of it, fresh or resumed, is refused at
+    once, naming the holder. The directory is created if needed, after refusing an input of `cfg`
+    that is it or contains it. Only the main process holds the lock (the other processes of an
+    `accelerate launch` run are the same run). A command run inside another on the same directory
+    (Offline-ST's SFT) shares the hold; any exit releases it, and a killed process's lock is
+    released by the kernel, so none is ever stale."""
+    from reftkit.runtime import process_state  # lazy: runtime imports checkpoints, which imports this module
+
+    out, held = Path(directory), []
+    is_main = process_state().is_main_process
+    on_main_process(is_main, lambda: held.append(_acquire(out, cfg)))
+    try:
+        yield
+    finally:
+        if held:
+            _release(held[0])
+
+
+def owns_output_dir(command):
+    """Decorates a command `command(cfg, ...)`: it runs holding cfg.output_dir (`holding_output_dir`)."""
+    @functools.wraps(command)
+    def run(cfg, *args, **kwargs):
+        with holding_output_dir(cfg.output_dir, cfg):
+            return command(cfg, *args, **kwargs)
+    return run
+
+
+def _acquire(out: Path, cfg) -> Path:
+    if cfg is not None:
+        check_inputs(cfg, out, lambda name: False)
+    check_writable(out)
+    key = out.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    try:
+        got = try_lock(key)
+    except OSError as e:  # a filesystem without flock (some network mounts)
+        log.warning("cannot lock %s (%s): a second run in this directory would not be stopped", out, e.strerror or e)
+        got = None
+    if isinstance(got, str):
+        raise RunError(f"output_dir {out} is in use by a live run ({got}): wait for it to end, or choose another "
+                       "--output_dir")
+    _HELD[key] = [got, 1]
+    return key
+
+
+def _release(key: Path) -> None:
+    fd, depth = _HELD[key]
+    if depth > 1:
+        _HELD[key][1] -= 1
+        return
+    del _HELD[key]
+    if fd is not None:
+        release_lock(key, fd)
+
 
 def try_lock(directory: Path) -> int | str:
     """Takes `directory`'s exclusive lock: the open descriptor that holds it, or, when a live
@@ -69,14 +169,24 @@ def _describe(text: str) -> str:
 
 # ----------------------------------------------------------------------------- inputs
 
+def check_inputs(cfg, out: Path, written) -> None:
+    """Refuses, before anything is written or removed, an input of `cfg` (model, data, reranker)
+    that is output_dir, contains it, or lies in what the run writes (`written(name)`): a run never
+    deletes or overwrites what it reads."""
+    problems = input_overlaps(cfg, out, written)
+    if problems:
+        raise RunError(f"output_dir {out} overlaps an input of this run: {'; '.join(problems)}. Nothing was "
+                       "removed: choose another --output_dir, or move the input out of it")
+
+
 def input_overlaps(cfg, out: Path, written: Callable[[str], bool]) -> list[str]:
-    """'field path: why' for each input of `cfg` (INPUT_FIELDS it has, existing local paths) that
+    """'FIELD PATH why' for each input of `cfg` (INPUT_FIELDS it has, existing local paths) that
     is `out`, contains it, or lies in an entry of `out` whose name `written(name)` says the run
     writes or removes. Both the path as given and its resolved target are compared (a symlink)."""
     problems = []
     for field in INPUT_FIELDS:
-        value = getattr(cfg, field, None)
-        if value is None or (field == "model" and value == "tiny") or not Path(value).exists():
+        value = getattr(cfg, field, None)  # reproduce's `reranker` is a stage section, not a path
+        if not isinstance(value, str | Path) or (field == "model" and value == "tiny") or not Path(value).exists():
             continue
         for given, target in ((Path(os.path.abspath(value)), Path(os.path.abspath(out))),
                               (Path(value).resolve(), out.resolve())):

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reftkit.answers import reasoning_of
-from reftkit.checkpoints import check_results_dir, on_main_process, owns_output_dir
+from reftkit.checkpoints import check_results_dir
+from reftkit.rundir import on_main_process, owns_output_dir
 from reftkit.config import SampleConfig
 from reftkit.cot import CotStyle, open_grader, program_body, response_prefix
 from reftkit.data.readers import DataError

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reftkit.checkpoints import check_output_dir, owns_output_dir
+from reftkit.checkpoints import check_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import OfflineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from reftkit.batching import shuffled_loader
-from reftkit.checkpoints import owns_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example

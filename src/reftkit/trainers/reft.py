@@ -33,9 +33,10 @@ from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_pro
 from reftkit.rollout import Sampling, generate
 from reftkit.engines import check_engine, logprob_gap, make_engine
 from reftkit.checkpoints import (
-    NonFiniteError, claim_output_dir, owns_output_dir, resume_from, save_final, save_step_checkpoint,
-    step_checkpoint_due, weights_finite,
+    NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, step_checkpoint_due,
+    weights_finite,
 )
+from reftkit.rundir import owns_output_dir
 from reftkit.runtime import (
     Metrics, epoch_batches, guarded_step, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
     training_examples,

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from reftkit.batching import shuffled_loader
-from reftkit.checkpoints import claim_output_dir, owns_output_dir
+from reftkit.checkpoints import claim_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import RerankerConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example

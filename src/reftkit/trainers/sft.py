@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from reftkit.batching import shuffled_loader
-from reftkit.checkpoints import owns_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
