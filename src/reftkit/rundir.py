@@ -59,7 +59,7 @@ def on_main_process(is_main: bool, check) -> None:
 
 # ----------------------------------------------------------------------------- one live run per directory
 
-_HELD: dict[Path, list] = {}  # directories this process holds: resolved path -> [lock descriptor, depth]
+_HELD: dict[Path, list] = {}  # directories this process holds: resolved path -> [lock descriptor, depth, created]
 
 
 @contextmanager
@@ -94,31 +94,47 @@ def owns_output_dir(command):
 def _acquire(out: Path, cfg) -> Path:
     if cfg is not None:
         check_inputs(cfg, out, lambda name: False)
+    created = not out.exists()
     check_writable(out)
     key = out.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
         return key
-    try:
-        got = try_lock(key)
-    except OSError as e:  # a filesystem without flock (some network mounts)
-        log.warning("cannot lock %s (%s): a second run in this directory would not be stopped", out, e.strerror or e)
-        got = None
+    for _ in range(10):  # a refused run that had created the directory may remove it meanwhile
+        try:
+            got = try_lock(key)
+            break
+        except FileNotFoundError:
+            check_writable(out)
+        except OSError as e:  # a filesystem without flock (some network mounts)
+            log.warning("cannot lock %s (%s): a second run in this directory would not be stopped", out,
+                        e.strerror or e)
+            got = None
+            break
+    else:
+        raise RunError(f"output_dir {out}: its lock file could not be created (the directory keeps disappearing)")
     if isinstance(got, str):
         raise RunError(f"output_dir {out} is in use by a live run ({got}): wait for it to end, or choose another "
                        "--output_dir")
-    _HELD[key] = [got, 1]
+    _HELD[key] = [got, 1, created]
     return key
 
 
 def _release(key: Path) -> None:
-    fd, depth = _HELD[key]
+    """Drops the hold; the directory too when this hold created it and the run left it empty (a
+    run refused before its claim leaves no trace)."""
+    fd, depth, created = _HELD[key]
     if depth > 1:
         _HELD[key][1] -= 1
         return
     del _HELD[key]
     if fd is not None:
         release_lock(key, fd)
+    if created:
+        try:
+            key.rmdir()
+        except OSError:  # not empty: the run's files
+            pass
 
 
 def try_lock(directory: Path) -> int | str:

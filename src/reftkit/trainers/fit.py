@@ -60,7 +60,7 @@ class SupervisedRun:
         self.run = resume_from(accelerator, cfg, run) if cfg.resume else run
         self.progress = self.run.progress
         self.metrics = Metrics(accelerator, cfg, name, self.run.resumed_at)
-        self.batches_in_epoch = steps_per_epoch  # replaced by the loader's length in `batches`
+        self.batches_in_epoch = math.inf  # the epoch's length, set by `batches` (save_every: `step_checkpoint_due`)
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=self.progress.step, desc=name,
                         disable=not (cfg.progress and accelerator.is_main_process))
 
