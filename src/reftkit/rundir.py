@@ -206,14 +206,14 @@ def input_overlaps(cfg, out: Path, written: Callable[[str], bool]) -> list[str]:
             continue
         for given, target in ((Path(os.path.abspath(value)), Path(os.path.abspath(out))),
                               (Path(value).resolve(), out.resolve())):
-            why = _overlap(given, target, written)
+            why = _overlap(given, target, written, out)
             if why:
                 problems.append(f"{field} {value} {why}")
                 break
     return problems
 
 
-def _overlap(path: Path, out: Path, written: Callable[[str], bool]) -> str | None:
+def _overlap(path: Path, out: Path, written: Callable[[str], bool], shown: Path) -> str | None:
     if path == out:
         return "is the output_dir itself"
     if out.is_relative_to(path):
@@ -221,7 +221,7 @@ def _overlap(path: Path, out: Path, written: Callable[[str], bool]) -> str | Non
     if path.is_relative_to(out):
         entry = path.relative_to(out).parts[0]
         if written(entry):
-            return f"lies in {out / entry}, which this run writes or removes"
+            return f"lies in {shown / entry}, which this run writes or removes"
     return None
 
 
