@@ -12,7 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.checkpoints import RunError, check_writable, on_main_process
+from reftkit.checkpoints import RunError, check_writable, on_main_process, previous_outputs
+from reftkit.rundir import owns_output_dir
 from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
@@ -20,6 +21,7 @@ from reftkit.trainers.sft import train_sft
 from reftkit.runtime import process_state
 
 
+@owns_output_dir
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the three stages and prints (and returns) test accuracy and wall-clock per stage."""
     from reftkit.writers import write_examples
@@ -30,7 +32,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def check() -> None:
         check_writable(out)
-        if any(out.iterdir()) and not cfg.overwrite_output_dir:
+        if previous_outputs(out) and not cfg.overwrite_output_dir:
             raise RunError(f"output_dir {out} is not empty: rerun the demo with --overwrite_output_dir to replace "
                            "its runs, or choose another --output_dir")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from reftkit.checkpoints import check_writable
+from reftkit.checkpoints import check_results_dir
+from reftkit.rundir import on_main_process, owns_output_dir
 from reftkit.config import EvalConfig
 from reftkit.cot import open_grader
 from reftkit.evaluate import evaluate_run
@@ -20,11 +21,13 @@ from reftkit.runtime import Metrics, load_examples_for, make_accelerator
 log = logging.getLogger("reftkit")
 
 
+@owns_output_dir
 def run_eval(cfg: EvalConfig) -> float:
     preflight(cfg)
     accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        check_writable(cfg.output_dir)  # before decoding, not after it
+    # before decoding, not after it; never into a training run's directory
+    on_main_process(accelerator.is_main_process,
+                    lambda: check_results_dir(cfg, ("predictions.jsonl", "metrics.jsonl"), training_runs=False))
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     lm = load_causal_lm(cfg.model).to(accelerator.device).eval()
     shots = load_examples_for(cfg.train_file, cfg, "train")[: cfg.few_shot] if cfg.few_shot else []

@@ -30,6 +30,7 @@ from reftkit.writers import write_examples, write_json
 from reftkit.sampling import RESULTS_FILE, run_sample
 from reftkit.checkpoints import STATE_FILE, latest_checkpoint
 from reftkit.preflight import preflight
+from reftkit.rundir import owns_output_dir
 from reftkit.runtime import process_state
 
 log = logging.getLogger("reftkit")
@@ -45,9 +46,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _timed(directory: Path, run: Callable[[], object]) -> None:
+    """stage.json: the seconds the stage took; for a training stage, those its final model records,
+    which add up every part of a run that was interrupted and resumed."""
     start = time.time()
-    run()
-    _write_json(directory / STAGE_FILE, {"seconds": round(time.time() - start, 1)})
+    made = run()
+    recorded = made / STATE_FILE if isinstance(made, Path) else None
+    seconds = json.loads(recorded.read_text()).get("seconds") if recorded and recorded.exists() else None
+    _write_json(directory / STAGE_FILE, {"seconds": round(time.time() - start if seconds is None else seconds, 1)})
 
 
 def train_stage(cfg: ReproduceConfig, name: str, train_fn: Callable, **fixed) -> Path:
@@ -57,7 +62,8 @@ def train_stage(cfg: ReproduceConfig, name: str, train_fn: Callable, **fixed) ->
 
 def resumable_training(name: str, stage_cfg, train_fn: Callable) -> Path:
     """`train_fn(stage_cfg)` unless its final model exists, resumed from its last checkpoint if any;
-    the seconds it took go to stage.json (those of the last, resumed part only after an interruption)."""
+    the seconds it took go to stage.json (after an interruption, those of every part up to each one's
+    last checkpoint: work lost after it is not counted)."""
     final = stage_cfg.output_dir / "final"
     if (final / STATE_FILE).exists():
         log.info("stage %s: done, skipped (%s)", name, final)
@@ -123,6 +129,7 @@ def write_demo_data(cfg: ReproduceConfig) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+@owns_output_dir
 def run_reproduce(cfg: ReproduceConfig) -> dict:
     from reftkit.trainers.reranker import train_reranker
     from reftkit.trainers.offline_st import train_offline_st

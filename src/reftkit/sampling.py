@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reftkit.answers import reasoning_of
+from reftkit.checkpoints import check_results_dir
+from reftkit.rundir import on_main_process, owns_output_dir
 from reftkit.config import SampleConfig
 from reftkit.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
 from reftkit.data.readers import DataError
@@ -64,18 +66,18 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
     return summary | consistency_summary(rows) | row_status_counts(rows)
 
 
+@owns_output_dir
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary. Every input (the reranker
     too) is checked before sampling, and the samples are written before they are scored."""
-    from reftkit.checkpoints import check_writable
     from reftkit.model import load_causal_lm, load_tokenizer
     from reftkit.preflight import preflight
     from reftkit.runtime import load_examples_for, make_accelerator
 
     preflight(cfg)
     accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        check_writable(cfg.output_dir)  # before sampling, not after it
+    on_main_process(accelerator.is_main_process,  # before sampling, not after it
+                    lambda: check_results_dir(cfg, (SAMPLES_FILE, RESULTS_FILE)))
     examples = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
     with open_grader(cfg) as grader:
         rows = draw_samples(accelerator, load_causal_lm(cfg.model), load_tokenizer(cfg.model), examples, grader, cfg)

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from reftkit.config import TrainerOptions
 from reftkit.data.records import Example
 from reftkit.evaluate import eval_record, evaluate_run
-from reftkit.checkpoints import Progress, Run, claim_output_dir, resume_from, save_final, save_step_checkpoint
+from reftkit.checkpoints import (
+    Progress, Run, claim_output_dir, resume_from, save_final, save_step_checkpoint, step_checkpoint_due,
+)
 from reftkit.runtime import (
     Metrics, epoch_batches, guarded_step, load_examples_for, load_model_and_tokenizer, make_accelerator,
     prepare_lm_for_training, training_examples,
@@ -58,6 +60,7 @@ class SupervisedRun:
         self.run = resume_from(accelerator, cfg, run) if cfg.resume else run
         self.progress = self.run.progress
         self.metrics = Metrics(accelerator, cfg, name, self.run.resumed_at)
+        self.batches_in_epoch = math.inf  # the epoch's length, set by `batches` (save_every: `step_checkpoint_due`)
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=self.progress.step, desc=name,
                         disable=not (cfg.progress and accelerator.is_main_process))
 
@@ -65,6 +68,7 @@ class SupervisedRun:
         return range(self.progress.epoch, self.cfg.epochs)
 
     def batches(self, loader, epoch: int):
+        self.batches_in_epoch = len(loader)
         return epoch_batches(self.accelerator, loader, self.progress, epoch)
 
     def step(self, loss: torch.Tensor, extra: dict[str, float], epoch: int, i: int) -> None:
@@ -84,7 +88,7 @@ class SupervisedRun:
         self.bar.set_postfix(loss=f"{loss.item():.3f}")
         self.metrics.log({"loss": self.accelerator.reduce(loss.detach(), "mean").item(), **extra,
                           "grad_norm": grad_norm, "skipped": not stepped, "lr": lr, "epoch": epoch}, progress.step)
-        if self.cfg.save_every and progress.step % self.cfg.save_every == 0:
+        if step_checkpoint_due(self.cfg, progress, self.batches_in_epoch):
             self._checkpoint()
 
     def end_epoch(self, epoch: int, after_epoch: Callable[[int, Progress, Metrics], None] | None = None) -> None:

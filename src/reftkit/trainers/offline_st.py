@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from reftkit.checkpoints import check_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import OfflineSTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
@@ -20,6 +21,7 @@ from reftkit.runtime import make_accelerator, training_examples
 log = logging.getLogger("reftkit")
 
 
+@owns_output_dir
 def train_offline_st(cfg: OfflineSTConfig, train: list[Example] | None = None,
                      eval_set: list[Example] | None = None) -> Path:
     preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)

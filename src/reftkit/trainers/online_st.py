@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from reftkit.batching import shuffled_loader
+from reftkit.rundir import owns_output_dir
 from reftkit.config import OnlineSTConfig
 from reftkit.cot import open_grader, warn_if_sandbox_limited
 from reftkit.data.records import Example
@@ -36,6 +37,7 @@ def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, 
     return (1 - w) * (nll * ref).sum() / ref.sum().clamp(min=1) + w * (nll * own).sum() / own.sum().clamp(min=1)
 
 
+@owns_output_dir
 def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
                     eval_set: list[Example] | None = None) -> Path:
     preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)

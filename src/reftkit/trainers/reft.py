@@ -34,8 +34,10 @@ from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_pro
 from reftkit.rollout import Sampling, generate
 from reftkit.engines import check_engine, logprob_gap, make_engine
 from reftkit.checkpoints import (
-    NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, weights_finite,
+    NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, step_checkpoint_due,
+    weights_finite,
 )
+from reftkit.rundir import owns_output_dir
 from reftkit.runtime import (
     Metrics, epoch_batches, guarded_step, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
     training_examples,
@@ -257,6 +259,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
     return {**dict(zip(sums, means, strict=True)), "updates": updates - skipped, "skipped_updates": skipped}
 
 
+@owns_output_dir
 def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs ReFT from the warm-up checkpoint `cfg.model`; returns the final model directory."""
     preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
@@ -347,7 +350,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                             kl=f"{record['kl']:.2f}")
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
                 run_eval(f"step{progress.step}")
-            if cfg.save_every and progress.step % cfg.save_every == 0:
+            if step_checkpoint_due(cfg, progress, len(loader)):
                 checkpoint()
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
         if not cfg.eval_every:

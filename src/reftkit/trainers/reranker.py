@@ -16,6 +16,7 @@ import torch
 
 from reftkit.batching import shuffled_loader
 from reftkit.checkpoints import claim_output_dir
+from reftkit.rundir import owns_output_dir
 from reftkit.config import RerankerConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
@@ -42,6 +43,7 @@ def classifier_loss(model, batch: dict, weight: float) -> tuple[torch.Tensor, di
     return loss, {"train_accuracy": ((logits > 0).float() == labels).float().mean().item()}
 
 
+@owns_output_dir
 def train_reranker(cfg: RerankerConfig, train: list[Example] | None = None) -> Path:
     """Trains the reward model and returns its directory (a plain HF sequence classifier)."""
     preflight(cfg, train_given=train is not None)

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from reftkit.batching import shuffled_loader
+from reftkit.rundir import owns_output_dir
 from reftkit.config import SFTConfig
 from reftkit.cot import open_grader
 from reftkit.data.records import Example
@@ -14,6 +15,7 @@ from reftkit.prompts import collate_sft, encode_sft_examples
 from reftkit.runtime import make_optimizer
 from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
 
+@owns_output_dir
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
     """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
     preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
