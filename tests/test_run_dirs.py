@@ -249,12 +249,19 @@ def test_any_exit_releases_the_directory(tmp_path, splits, tiny_checkpoint, monk
 
 # ----------------------------------------------------------------------------- 10. a failed start and its retry
 
-def test_a_start_that_failed_on_a_bad_row_does_not_block_its_retry(tmp_path, splits, tiny_checkpoint):
+def test_a_start_that_failed_on_a_bad_row_does_not_block_its_retry(tmp_path, splits, tiny_checkpoint, monkeypatch):
     data, run = tmp_path / "train.jsonl", tmp_path / "run"
     write_examples(data, splits[0])
     with data.open("a") as f:
         f.write(json.dumps({"item_id": "bad", "question": "How many?"}) + "\n")  # no CoT, no answer
     cfg = sft_config(run, tiny_checkpoint, epochs=1, train_file=str(data), data_format="reft")
+    with pytest.raises(DataError):  # the pre-flight check finds the bad row before the directory is claimed
+        train_sft(cfg)
+    assert not run.exists() or not (run / RUN_FILE).exists()
+    # A failure after the claim (here the same bad row, with the pre-flight check off) leaves the claim behind.
+    import reftkit.trainers.sft
+
+    monkeypatch.setattr(reftkit.trainers.sft, "preflight", lambda *a, **k: None)
     with pytest.raises(DataError):
         train_sft(cfg)
     assert (run / RUN_FILE).exists()
