@@ -97,7 +97,7 @@ def evaluate(directory: Path, model: Path, eval_file: Path, common: dict, args) 
         return json.loads(summary.read_text())
     start = time.time()
     accuracy = run_eval(EvalConfig(model=str(model), eval_file=str(eval_file), output_dir=directory,
-                                   eval_batch_size=args.eval_batch_size, overwrite_output_dir=True,
+                                   eval_batch_size=args.eval_batch_size,
                                    **{k: v for k, v in common.items() if k != "train_file"}))
     result = {"accuracy": accuracy, "seconds": round(time.time() - start, 1)}
     write_json(summary, result)
