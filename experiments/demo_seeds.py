@@ -36,6 +36,7 @@ def summarize(per_seed: dict[int, dict], cfg: DemoConfig, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
+        f"Precision: `--bf16 {cfg.bf16}` (auto: bf16 where the CPU has bf16 matrix units)  ",
         f"Date: {datetime.date.today().isoformat()}",
         "",
         f"Data: {cfg.n_train} training / {cfg.n_test} test synthetic problems per seed (`reftkit.data.synthetic`,"
@@ -94,16 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo-seeds"))
     parser.add_argument("--cot", choices=["natural", "program"], default="natural")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--doc", type=Path, help="default: docs/demo-results[-program].md")
     args = parser.parse_args(argv)
     doc = args.doc or Path("docs/demo-results.md" if args.cot == "natural" else "docs/demo-results-program.md")
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
-        cfg = DemoConfig(seed=seed, cot=args.cot, output_dir=args.output_dir / f"seed{seed}", progress=False)
+        cfg = DemoConfig(seed=seed, cot=args.cot, output_dir=args.output_dir / f"seed{seed}", progress=False,
+                         bf16=args.bf16)
         per_seed[seed] = cached(cfg) or run_demo(cfg)
     command = "python experiments/demo_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(summarize(per_seed, DemoConfig(cot=args.cot), command.strip()))
+    doc.write_text(summarize(per_seed, DemoConfig(cot=args.cot, bf16=args.bf16), command.strip()))
     print(doc.read_text())
 
 

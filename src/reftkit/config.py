@@ -369,6 +369,7 @@ class DemoConfig(_Config):
     n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
     one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
     progress: bool = Field(True, description="show progress bars")
+    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast of every stage (see `reftkit sft --help`)")
     overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
     warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up (from the tiny model)")
     sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the continued-SFT baseline")
@@ -381,7 +382,7 @@ class DemoConfig(_Config):
 
     def stage_configs(self) -> dict[str, _Config]:
         out = Path(self.output_dir)
-        common = {**DEMO_LENGTHS, "seed": self.seed, "progress": self.progress, "cot": self.cot,
+        common = {**DEMO_LENGTHS, "seed": self.seed, "progress": self.progress, "cot": self.cot, "bf16": self.bf16,
                   "overwrite_output_dir": self.overwrite_output_dir}
         start = str(out / "warmup" / "final")
         models = {"warmup": "tiny", "sft": start, "reft": start}
