@@ -1,4 +1,4 @@
-"""Inputs and the messages about them (issue 14): huge rows, silent truncation, model paths that
+"""Inputs and the messages about them: huge rows, silent truncation, model paths that
 cannot be on the Hub, and the import graph of the data layer."""
 
 from __future__ import annotations

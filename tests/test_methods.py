@@ -1,4 +1,4 @@
-"""The RL family on ReFT's loop (issue 17): GRPO, Dr. GRPO, RLOO without a critic, KL in the loss,
+"""The RL family on ReFT's loop: GRPO, Dr. GRPO, RLOO without a critic, KL in the loss,
 no reference when kl_coef is 0, CHORD's SFT term, DAPO's dropped groups. The estimators' maths is
 hand-checked in test_ppo.py; here each runs through the real trainer on a tiny model."""
 

@@ -1,4 +1,4 @@
-"""Run directories (issue 22, items 1, 6, 7, 10, 17): a run never deletes its own inputs, a resumed
+"""Run directories: a run never deletes its own inputs, a resumed
 run notices changed data, one directory holds one live run, a failed start does not block its
 retry, and the smaller bookkeeping slips (a checkpoint written twice, eval rows in a training run's
 metrics, reproduce's train time, resume warnings)."""

@@ -1,4 +1,4 @@
-"""Runs that would end with exit 0 and a wrong result, or lose work (issue 14): each test failed
+"""Runs that would end with exit 0 and a wrong result, or lose work: each test failed
 before the fix. Gradient accumulation, output-directory ownership, resume with changed settings,
 non-finite guards, damaged checkpoints, full disks and unwritable directories."""
 

@@ -4,8 +4,8 @@ A section holds the options of one concern (the run, the data, the sandbox, the 
 and is declared once; a command's config lists the sections it honours and declares its own
 budget (epochs, batch size, learning rate, samples) with the defaults that command needs. An
 option a command cannot honour is not one of its fields, so it is rejected, as is an unknown or
-ill-typed key (pydantic, extra="forbid", strict types). Defaults follow the paper (GUIDE.md)
-where it gives a value.
+ill-typed key (pydantic, extra="forbid", strict types). Defaults follow the paper (Luong et al.,
+ACL 2024, and its authors' code) where it gives a value.
 """
 
 from __future__ import annotations
