@@ -204,3 +204,14 @@ def test_bf16_auto_follows_the_hardware(monkeypatch, capability, cuda, expected)
     assert on == expected and why.startswith("--bf16 auto")
     assert ("amx_bf16" in why) == bool(capability.get("amx_bf16") and not cuda)
     assert runtime.bf16_choice("yes") == (True, "--bf16 yes") and runtime.bf16_choice("no") == (False, "--bf16 no")
+
+
+def test_the_demo_runs_float32_unless_asked():
+    """The tiny demo model is slower and learns worse under bf16 on a CPU (docs/cpu-bf16.md): `demo` and
+    `reproduce --demo` pin float32 by default, and an explicit --bf16 is honoured."""
+    from reftkit.config import DemoConfig, ReproduceConfig
+
+    assert {c.bf16 for c in DemoConfig().stage_configs().values()} == {"no"}
+    assert {c.bf16 for c in DemoConfig(bf16="yes").stage_configs().values()} == {"yes"}
+    assert ReproduceConfig(demo=True).stage("reft").bf16 == "no"
+    assert ReproduceConfig(demo=True, bf16="yes").stage("warmup").bf16 == "yes"

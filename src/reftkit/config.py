@@ -324,6 +324,9 @@ STAGES: dict[str, type[_Config]] = {
     **dict.fromkeys(RL_METHODS, ReFTConfig),
 }
 DEMO_LENGTHS = {"max_prompt_tokens": 96, "max_length": 176}  # synthetic prompts < 60 tokens, responses < 50
+# The demo's tiny Llama runs float32 unless asked otherwise: on a CPU with bf16 units, bf16 made it slower
+# (matrices too small for the units to pay for autocast's casts) and its ReFT worse (docs/cpu-bf16.md).
+DEMO_BF16 = "no"
 # The demo's settings per stage, shared by `reftkit demo` and `reftkit reproduce --demo`; a demo
 # config's stage sections (`reft: {lr: 1e-4}`) go on top. ReFT trains on the first 800 questions;
 # Online-ST gets the same questions, samples and budget, at continued SFT's rate.
@@ -369,7 +372,7 @@ class DemoConfig(_Config):
     n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
     one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
     progress: bool = Field(True, description="show progress bars")
-    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast of every stage (see `reftkit sft --help`)")
+    bf16: Literal["auto", "yes", "no"] = Field(DEMO_BF16, description="bf16 autocast of every stage; the tiny model runs faster and better in float32 (docs/cpu-bf16.md)")
     overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
     warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up (from the tiny model)")
     sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the continued-SFT baseline")
@@ -446,7 +449,7 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
         shared = {k: getattr(self, k) for k in shared_keys}
         if self.demo:
             shared |= {"model": "tiny", "data_format": "reft"}
-            shared |= {k: v for k, v in DEMO_LENGTHS.items() if k not in self.model_fields_set}
+            shared |= {k: v for k, v in {**DEMO_LENGTHS, "bf16": DEMO_BF16}.items() if k not in self.model_fields_set}
         base = "reft" if name in RL_METHODS else name  # the RL family starts from ReFT's options
         options = {**(DEMO_STAGES.get(base, {}) if self.demo else {}), **(self.reft if base == "reft" else {})}
         if name in RL_METHODS:
