@@ -208,34 +208,3 @@ def test_trainer_samples_through_the_engine_and_pushes_weights_after_each_update
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["engine_logprob_gap"] for r in rows if "engine_logprob_gap" in r]
     assert len(gaps) == 2 and all(g == pytest.approx(0.25, abs=1e-4) for g in gaps)
-
-
-def test_hf_engine_under_bf16_samples_a_bf16_copy_refreshed_at_every_push(tiny_checkpoint, splits):
-    """With bf16 the HF engine samples from a bf16 copy of the policy (float32 buffers kept), refreshed
-    from the live weights at each push; a LoRA policy, and float32 runs, are sampled live."""
-    lm, tokenizer = load_causal_lm(str(tiny_checkpoint)), load_tokenizer(str(tiny_checkpoint))
-    engine = HFEngine(tokenizer, bf16=True)
-    engine.push_weights(lm, 0)
-    copy = engine.lm
-    assert copy is not lm and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy.parameters())
-    assert all(b.dtype == lb.dtype for b, lb in zip(copy.buffers(), lm.buffers(), strict=True))
-    assert all(torch.equal(c, p.detach().to(torch.bfloat16))
-               for c, p in zip(copy.parameters(), lm.parameters(), strict=True))
-    with torch.no_grad():
-        next(lm.parameters()).add_(1.0)  # an update
-    engine.push_weights(lm, 1)
-    assert engine.lm is copy and torch.equal(next(copy.parameters()), next(lm.parameters()).to(torch.bfloat16))
-    prompts = [encode_prompt(tokenizer, e, LENGTHS["max_prompt_tokens"]) for e in splits[1][:2]]
-    torch.manual_seed(0)
-    out = engine.sample(prompts, Sampling(True, 1.0, 0, 1.0, 8), 2)
-    assert out.sequences.shape[0] == 4
-    engine.close()
-    assert engine.lm is None
-
-    live = HFEngine(tokenizer)  # float32 run
-    live.push_weights(lm, 0)
-    assert live.lm is lm
-    peft = add_lora(lm, 4, 8, 0.0, ["q_proj", "v_proj"])
-    lora_engine = HFEngine(tokenizer, bf16=True)
-    lora_engine.push_weights(peft, 0)
-    assert lora_engine.lm is peft

@@ -19,7 +19,6 @@ the prompt's place in the batch, so a run samples the same tokens when repeated.
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel
 
 from reftkit.lora import plain_model_and_state
@@ -57,32 +55,16 @@ class EngineGenerated(Generated):
 
 
 class HFEngine:
-    """transformers' `generate` on the policy last pushed. Pushing the live model is free. With `bf16`
-    the engine samples from a bf16 copy of the weights instead, refreshed at every push (as vLLM's
-    weight push does): under autocast the float32 policy recasts its weights at every decoding step,
-    and the copy decodes about 1.2x faster on a CPU with bf16 units (docs/cpu-bf16.md). The trainer
-    still scores the sampled tokens itself. LoRA policies are sampled live (their adapters are not
-    merged into a copy)."""
+    """transformers' `generate` on the policy last pushed (the live model: pushing is free)."""
 
-    def __init__(self, tokenizer, share_prompts: bool = True, bf16: bool = False):
-        self.tokenizer, self.lm, self.share_prompts, self.bf16 = tokenizer, None, share_prompts, bf16
-        self._copy: PreTrainedModel | None = None
+    def __init__(self, tokenizer, share_prompts: bool = True):
+        self.tokenizer, self.lm, self.share_prompts = tokenizer, None, share_prompts
 
     def sample(self, prompts: list[list[int]], sampling: Sampling, k: int) -> Generated:
         return generate(self.lm, self.tokenizer, prompts, sampling, k, self.share_prompts)
 
     def push_weights(self, lm: PreTrainedModel, version: int) -> None:
-        if not self.bf16 or isinstance(lm, PeftModel):
-            self.lm = lm
-            return
-        if self._copy is None:
-            self._copy = copy.deepcopy(lm).eval().requires_grad_(False)
-            for param in self._copy.parameters():  # buffers (rotary frequencies) stay float32
-                param.data = param.data.to(torch.bfloat16)
-        with torch.no_grad():
-            for mine, theirs in zip(self._copy.parameters(), lm.parameters(), strict=True):
-                mine.copy_(theirs)
-        self.lm = self._copy
+        self.lm = lm
 
     def sleep(self) -> None:
         pass
@@ -91,7 +73,7 @@ class HFEngine:
         pass
 
     def close(self) -> None:
-        self.lm = self._copy = None
+        self.lm = None
 
 
 # ----------------------------------------------------------------------------- pure parts (no vLLM)
@@ -267,7 +249,7 @@ def make_engine(name: str, lm: PreTrainedModel, tokenizer, *, seed: int, max_mod
     `engine_options` go to `vllm.LLM` (e.g. enforce_eager=True: no compilation, a faster start)."""
     check_engine(name, num_processes)
     if name == "hf":
-        return HFEngine(tokenizer, share_prompts, bf16)
+        return HFEngine(tokenizer, share_prompts)
     dtype = "bfloat16" if bf16 else str(next(lm.parameters()).dtype).removeprefix("torch.")
     return VLLMEngine(lm, tokenizer, seed=seed, max_model_len=max_model_len, dtype=dtype, sleep_mode=sleep_mode,
                       **engine_options)
