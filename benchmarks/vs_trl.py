@@ -18,7 +18,8 @@ TRL's shuffling off); questions, samples per question, new tokens; 2 policy epoc
 accumulation, so both take 2 x sequences / minibatch AdamW steps per rollout); learning rate (constant,
 no warm-up), AdamW (torch, betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping 1.0, clip
 range 0.2; the KL coefficient beta (> 0: both run a reference forward; 0: neither does); temperature 1,
-top-k and top-p off; fp32 without autocast; no gradient checkpointing; torch threads; the seed; and the
+top-k and top-p off; fp32 without autocast (`--bf16`: bf16 autocast on both sides, float32 weights: reftkit
+`--bf16 yes`, TRL `bf16=True`); no gradient checkpointing; torch threads; the seed; and the
 reward, reftkit's own N-CoT grader (TRL gets a reward function that calls it: 1 correct, 0.1 answer
 extracted but wrong, 0 none). `--modes forced` makes every response max_new_tokens long on both sides
 (`min_new_tokens` = max: TRL's `generation_kwargs`; reftkit has no option for it, so its worker passes it
@@ -213,7 +214,7 @@ def _reftkit_worker(spec: dict) -> dict:
             "--max_grad_norm", "1.0", "--clip_range", "0.2", "--kl_coef", str(spec["beta"]), "--temperature", "1.0",
             "--top_k", "0", "--top_p", "1.0", "--max_prompt_tokens", str(spec["max_prompt_tokens"]),
             "--max_length", str(spec["max_prompt_tokens"] + spec["max_new_tokens"]), "--seed", str(spec["seed"]),
-            "--bf16", "no", "--no-progress", "--quiet", "--save_every", "0"]
+            "--bf16", "yes" if spec["bf16"] else "no", "--no-progress", "--quiet", "--save_every", "0"]
     if spec["tool"] == "reftkit-grpo":
         argv += ["--advantage", "grpo", "--kl_in", "loss"]
     if spec["tool"] == "reftkit-ppo-padded":  # the saving of prompt sharing, measured beside it
@@ -264,7 +265,7 @@ def _trl_worker(spec: dict) -> dict:
     n = spec["questions"] * spec["samples"]
     updates = POLICY_EPOCHS * n // spec["mini_batch"]  # optimizer steps per generation
     args = GRPOConfig(
-        output_dir=spec["run_dir"], use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=spec["run_dir"], use_cpu=True, bf16=spec["bf16"], fp16=False, gradient_checkpointing=False,
         per_device_train_batch_size=spec["mini_batch"], gradient_accumulation_steps=1,
         steps_per_generation=n // spec["mini_batch"], num_generations=spec["samples"], num_iterations=POLICY_EPOCHS,
         max_completion_length=spec["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0, beta=spec["beta"],
@@ -286,8 +287,8 @@ def _trl_worker(spec: dict) -> dict:
 
     trainer = GRPOTrainer(model=model, reward_funcs=correct_answer, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
-    if model.is_gradient_checkpointing or trainer.args.bf16:
-        raise SystemExit("TRL set-up: gradient checkpointing or bf16 still on")
+    if model.is_gradient_checkpointing or trainer.args.bf16 != spec["bf16"]:
+        raise SystemExit(f"TRL set-up: gradient checkpointing on, or bf16 not {spec['bf16']}")
 
     def timed(name, method, count_tokens=False):
         @functools.wraps(method)
@@ -375,7 +376,7 @@ def markdown(args, summary: dict, meta: dict) -> str:
         f"Model: {meta['model']}; shape: {s['questions']} questions x {s['samples']} samples = {n} sequences of "
         f"<= {s['max_new_tokens']} new tokens per step, minibatch {s['mini_batch']} "
         f"({POLICY_EPOCHS * n // s['mini_batch']} AdamW steps per step), {POLICY_EPOCHS} policy epochs, lr {LR:g}, "
-        f"prompts <= {meta['max_prompt_tokens']} tokens (none cut), fp32; 1 warm-up + {s['timed_steps']} timed steps "
+        f"prompts <= {meta['max_prompt_tokens']} tokens (none cut), {'bf16 autocast' if args.bf16 else 'fp32'}; 1 warm-up + {s['timed_steps']} timed steps "
         f"per run, {args.reps} interleaved repetition(s)",
     ]
     for block, data in summary.items():
@@ -414,6 +415,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="use this model directory instead (shape still from --model)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (float32 weights)")
     for key in ("questions", "samples", "max_new_tokens", "mini_batch", "timed_steps"):
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, help="override the model's shape")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
@@ -444,7 +446,7 @@ def main() -> None:
         work = Path(tmp)
         prompts, longest = prompts_file(args, model_dir, work)
         common = {"model": model_dir, "prompts": str(prompts), "max_prompt_tokens": longest, "threads": args.threads,
-                  "seed": args.seed, **args.shape}
+                  "seed": args.seed, "bf16": args.bf16, **args.shape}
         runs: dict = {}
         order: list | None = None
         index = 0
