@@ -228,3 +228,23 @@ def test_value_head_trains_at_value_head_lr_and_the_lm_at_lr(tmp_path, splits, t
     # The saved head is the trained one: it started at 0 and moved by at most ~head_lr per step.
     saved = load_file(str(tmp_path / "run" / "final" / "value_head.safetensors"))["weight"]
     assert 0.1 * head_lr < saved.abs().max().item() < 2 * 3.2 * head_lr  # at lr it would stay below 7e-4
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_plain_loop():
+    """make_optimizer takes AdamW's fused kernel where torch has it (this CPU); it updates as the loop does."""
+    from reftkit.runtime import make_optimizer
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    cfg = SFTConfig(model="tiny", output_dir="unused", lr=1e-2, weight_decay=0.1)
+    fused, _ = make_optimizer(weights, cfg, total_steps=10)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn(50) for _ in weights]
+        for group, opt in ((weights, fused), (twins, plain)):
+            for w, g in zip(group, grads, strict=True):
+                w.grad = g.clone()
+            opt.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, twins, strict=True))
