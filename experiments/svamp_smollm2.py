@@ -63,7 +63,7 @@ def missing_requirement(data: Path) -> str | None:
 def make_split(args, out: Path) -> tuple[Path, Path]:
     """train.jsonl and dev.jsonl under out/data, and split.json with both splits' similarity profiles."""
     from reftkit.data.readers import load_examples
-    from reftkit.data.split import cluster_split, nearest_similarity
+    from reftkit.data.split import cluster_split, nearest_similarity, nearness
     from reftkit.writers import write_examples, write_json
 
     files = out / "data" / "train.jsonl", out / "data" / "dev.jsonl"
@@ -76,13 +76,10 @@ def make_split(args, out: Path) -> tuple[Path, Path]:
     chosen = set(rows)
     nearest = nearest_similarity([examples[i].question for i in rows],
                                  [e.question for i, e in enumerate(examples) if i not in chosen])
-    nearest = sorted(float(x) for x in nearest)
-    write_json(out / "split.json", {
-        "train": len(train), "dev": len(dev), "cluster_split": profile.as_dict(),
-        "random_split": {"median_nearest": nearest[len(nearest) // 2],
-                         "share_at_or_above_0_8": sum(x >= 0.8 for x in nearest) / len(nearest)}})
-    for path, rows_ in zip(files, (train, dev), strict=True):
-        write_examples(path, rows_)
+    write_json(out / "split.json", {"train": len(train), "dev": len(dev), "cluster_split": profile.as_dict(),
+                                    "random_split": nearness(nearest)})
+    for path, examples_of_split in zip(files, (train, dev), strict=True):
+        write_examples(path, examples_of_split)
     return files
 
 

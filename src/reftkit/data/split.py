@@ -89,6 +89,12 @@ class SplitProfile:
         return dict(self.__dict__)
 
 
+def nearness(nearest: np.ndarray) -> dict[str, float]:
+    """The summary of `nearest_similarity`'s values that a split's profile reports."""
+    return {"median_nearest": float(np.median(nearest)), "p90_nearest": float(np.quantile(nearest, 0.9)),
+            "max_nearest": float(nearest.max()), "share_at_or_above_0_8": float((nearest >= 0.8).mean())}
+
+
 def nearest_similarity(dev: Sequence[str], train: Sequence[str]) -> np.ndarray:
     """[len(dev)] the Jaccard similarity of each dev question to its nearest training question."""
     dev_words, train_words = [question_words(q) for q in dev], [question_words(q) for q in train]
@@ -115,6 +121,5 @@ def cluster_split(examples: Sequence[Example], n_dev: int, seed: int, threshold:
     dev = [e for i, e in enumerate(examples) if i in dev_rows]
     train = [e for i, e in enumerate(examples) if i not in dev_rows]
     nearest = nearest_similarity([e.question for e in dev], [e.question for e in train])
-    profile = SplitProfile(threshold, len(clusters), max(map(len, clusters)), float(np.median(nearest)),
-                           float(np.quantile(nearest, 0.9)), float(nearest.max()), float((nearest >= 0.8).mean()))
+    profile = SplitProfile(threshold, len(clusters), max(map(len, clusters)), **nearness(nearest))
     return train, dev, profile
