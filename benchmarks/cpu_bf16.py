@@ -58,10 +58,10 @@ def run_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import reftkit.rollout
-    import reftkit.trainers.fit as fit
+    import reftkit.rollout.generation
+    import reftkit.training.loop as fit
     import reftkit.trainers.reft as reft
-    from reftkit.cli import main
+    from reftkit.commands.cli import main
 
     out = Path(spec["run_dir"])
     # Saving is outside what is timed; skipped to save minutes and disk.
@@ -80,7 +80,7 @@ def run_worker(spec: dict) -> None:
 
         reft.make_rollout = profiled
     if spec["what"] == "reft":
-        _force_length(reftkit.rollout, spec["new_tokens"])
+        _force_length(reftkit.rollout.generation, spec["new_tokens"])
         argv = reft_argv(spec, Path(spec["data"]), out)
     else:
         argv = sft_argv(spec, Path(spec["data"]), out)
@@ -150,7 +150,7 @@ def main() -> None:
         return
     _use_this_checkout()
     if not Path(args.model).is_dir():
-        from reftkit.pretrained import locate_gguf
+        from reftkit.modeling.pretrained import locate_gguf
 
         try:
             locate_gguf(args.model)
@@ -160,7 +160,7 @@ def main() -> None:
     meta = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "model": args.model,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    from reftkit.runtime import cpu_bf16_units
+    from reftkit.training.device import cpu_bf16_units
 
     meta["bf16_units"] = cpu_bf16_units()
     print(f"bf16 matrix units: {meta['bf16_units']}; threads {args.threads}", flush=True)

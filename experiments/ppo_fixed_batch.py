@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from reftkit.answers import NaturalLanguageGrader
+from reftkit.grading.answers import NaturalLanguageGrader
 from reftkit.config import DemoConfig, ReFTConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.config import DEMO_LENGTHS as LENGTHS
-from reftkit.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
+from reftkit.modeling.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
 from reftkit.trainers.reft import make_rollout, policy_outputs, ppo_update
-from reftkit.runtime import make_accelerator, make_optimizer
+from reftkit.training.device import make_accelerator
+from reftkit.training.optim import make_optimizer
 
 
 def main() -> None:

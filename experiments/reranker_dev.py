@@ -15,10 +15,10 @@ from pathlib import Path
 
 from reftkit.config import DEMO_LENGTHS, RerankerConfig
 from reftkit.data.readers import load_examples
-from reftkit.reranker import score_samples
+from reftkit.grading.reward_model import score_samples
 from reftkit.trainers.reranker import train_reranker
-from reftkit.sampling import read_samples, summarize
-from reftkit.runtime import make_accelerator
+from reftkit.commands.sample import read_samples, summarize
+from reftkit.training.device import make_accelerator
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ def make_split(args, out: Path) -> tuple[Path, Path]:
 def evaluate(directory: Path, model: Path, eval_file: Path, common: dict, args) -> dict:
     """Greedy top-1 of `model` on `eval_file`; done when summary.json exists."""
     from reftkit.config import EvalConfig
-    from reftkit.evaluate_cli import run_eval
+    from reftkit.commands.evaluate import run_eval
     from reftkit.writers import write_json
 
     summary = directory / "summary.json"
@@ -103,7 +103,7 @@ def evaluate(directory: Path, model: Path, eval_file: Path, common: dict, args) 
 
 def run(args) -> dict:
     from reftkit.config import ReFTConfig, SFTConfig
-    from reftkit.reproduce import resumable_training, stage_seconds
+    from reftkit.commands.reproduce import resumable_training, stage_seconds
     from reftkit.trainers.reft import train_reft
     from reftkit.trainers.sft import train_sft
 
@@ -161,7 +161,7 @@ def run(args) -> dict:
 def paired_tests(out: Path, folder: str) -> dict[str, dict]:
     from dataclasses import asdict
 
-    from reftkit.report import paired_counts, read_predictions
+    from reftkit.commands.report import paired_counts, read_predictions
 
     preds = {name: read_predictions(out / folder / name / "predictions.jsonl")
              for name in ("warmup", "reft", "grpo", "sft")}

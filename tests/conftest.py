@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-from reftkit import runtime
+from reftkit.training import device
 from reftkit.config import SFTConfig
 from reftkit.data.synthetic import make_splits
-from reftkit.prompts import prompt_text, response_text
-from reftkit.tiny import build_model, build_tokenizer
+from reftkit.data.prompts import prompt_text, response_text
+from reftkit.modeling.tiny import build_model, build_tokenizer
 
 LENGTHS = {"max_prompt_tokens": 64, "max_length": 112}
 
 # `--bf16 auto` turns bf16 on where the CPU has bf16 matrix units (AMX, AVX-512 BF16). The suite must
 # mean the same on every CPU, so auto means float32 here (this module is also imported by the
 # multi-process script); tests/test_precision.py checks the detection and asks for bf16 itself.
-REAL_CPU_BF16_UNITS, runtime.cpu_bf16_units = runtime.cpu_bf16_units, lambda: None
+REAL_CPU_BF16_UNITS, device.cpu_bf16_units = device.cpu_bf16_units, lambda: None
 
 # The test models are tiny: one intra-op thread is as fast as two on an idle machine and several
 # times faster on a busy one, where OpenMP threads spin waiting for each other.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from reftkit.answers import (
+from reftkit.grading.answers import (
     TRIGGER,
     Grade,
     Grader,
@@ -21,7 +21,7 @@ from reftkit.answers import (
     read_answer,
     reward_from_grade,
 )
-from reftkit.cot import ProgramGrader
+from reftkit.grading.cot import ProgramGrader
 from reftkit.data.numbers import number_of
 from reftkit.data.records import Example
 

@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
 from conftest import LENGTHS
-from reftkit import runtime as training_module
-from reftkit.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
+from reftkit.training.metrics import Metrics
+from reftkit.data.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.config import SFTConfig
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.sft import train_sft
-from reftkit.checkpoints import latest_checkpoint
+from reftkit.training.checkpoints import latest_checkpoint
 
 N, BATCH = 1003, 8  # not a multiple of the batch size: one short batch
 
@@ -133,7 +133,7 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
             raise KeyboardInterrupt
         count["n"] += 1
 
-    monkeypatch.setattr(training_module.Metrics, "log", dying_log)
+    monkeypatch.setattr(Metrics, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         train_sft(sft_config(tmp_path / "cut", tiny_checkpoint), train)
     monkeypatch.undo()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from reftkit import __version__, cli, yamlfile
+from reftkit import __version__, yamlfile
+
+from reftkit.commands import cli
 from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
 from reftkit.data.readers import DataError
 
@@ -213,7 +215,7 @@ def test_unexpected_exceptions_propagate(monkeypatch, calls):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    from reftkit.cli import COMMANDS
+    from reftkit.commands.cli import COMMANDS
 
     command = next(c for c in ("reproduce", "demo", "reft", "sft") if c in path.stem)
     data = yamlfile.load(path.read_text())  # as the CLI reads them

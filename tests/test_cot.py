@@ -6,7 +6,7 @@ import json
 import pytest
 
 from reftkit.config import EvalConfig
-from reftkit.cot import (
+from reftkit.grading.cot import (
     ProgramGrader,
     open_grader,
     program_body,
@@ -17,8 +17,8 @@ from reftkit.cot import (
 from reftkit.data import load_examples
 from reftkit.data.records import Example
 from reftkit.data.synthetic import make_splits
-from reftkit.prompts import encode_prompt, encode_sft, prompt_text, response_text
-from reftkit.tiny import build_tokenizer
+from reftkit.data.prompts import encode_prompt, encode_sft, prompt_text, response_text
+from reftkit.modeling.tiny import build_tokenizer
 
 SVAMP_STYLE = '''def solution():
     """there are 2 bananas . each comes in a package of 13 ."""
@@ -146,7 +146,7 @@ def test_few_shot_prompt_tokenizes_each_worked_example_as_sft_does(cot):
 
 def test_programs_stopped_by_the_time_limit_are_counted_and_warned_about(caplog):
     """The real sandbox: 4 programs that return their answer, 4 that never return; only the limit stops them."""
-    from reftkit.cot import status_counts, warn_if_sandbox_limited
+    from reftkit.grading.cot import status_counts, warn_if_sandbox_limited
 
     train, _ = make_splits(4, 1, seed=5, cot="program")
     completions = [program_body(ex.cot) for ex in train] + ["    while True:\n        pass\n"] * 4
@@ -187,7 +187,8 @@ def test_reft_eval_and_sample_report_the_programs_statuses(tmp_path, splits, tin
     """Training metrics (each rollout batch, and its evals as eval_*), eval's metrics and sample's results.json
     carry programs_<status> counts, and each warns when the time limit stopped a noticeable share."""
     from conftest import LENGTHS
-    from reftkit import evaluate_cli, sampling
+    from reftkit.commands import evaluate as evaluate_cli
+    from reftkit.commands import sample as sampling
     from reftkit.config import ReFTConfig, SampleConfig
     from reftkit.trainers import reft
     from reftkit.writers import write_examples
@@ -231,7 +232,7 @@ def test_reft_eval_and_sample_report_the_programs_statuses(tmp_path, splits, tin
 def test_natural_cot_reports_no_program_statuses(tmp_path, splits, tiny_checkpoint):
     from conftest import LENGTHS
     from reftkit.config import SampleConfig
-    from reftkit.sampling import run_sample
+    from reftkit.commands.sample import run_sample
     from reftkit.writers import write_examples
 
     write_examples(tmp_path / "test.jsonl", splits[1][:2])

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from reftkit.config import ReFTConfig
-from reftkit.engines import (
+from reftkit.rollout.engines import (
     EngineGenerated, HFEngine, MissingEngineError, check_engine, export_weights, generated_from_tokens, logprob_gap,
     request_seed, sampling_kwargs,
 )
-from reftkit.lora import add_lora
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.prompts import encode_prompt
-from reftkit.rollout import Sampling, generate
+from reftkit.modeling.lora import add_lora
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.data.prompts import encode_prompt
+from reftkit.rollout.generation import Sampling, generate
 
 from conftest import LENGTHS
 
@@ -138,7 +138,7 @@ def test_exported_lora_weights_are_merged(tiny_checkpoint):
 
 
 def test_vllm_engine_without_vllm_is_a_clear_error(monkeypatch, tmp_path, splits, tiny_checkpoint):
-    from reftkit.cli import main
+    from reftkit.commands.cli import main
     from reftkit.trainers.reft import train_reft
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as when it is not installed

@@ -16,12 +16,12 @@ except Exception as error:  # not installed, or installed against another torch 
     pytest.skip(f"vLLM cannot be imported: {error}", allow_module_level=True)
 
 from reftkit.config import ReFTConfig
-from reftkit.engines import VLLMEngine, make_engine, sampling_kwargs
-from reftkit.lora import add_lora
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.prompts import encode_prompt, prompt_text, response_text
-from reftkit.rollout import Sampling, generate
-from reftkit.tiny import build_model, build_tokenizer
+from reftkit.rollout.engines import VLLMEngine, make_engine, sampling_kwargs
+from reftkit.modeling.lora import add_lora
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.data.prompts import encode_prompt, prompt_text, response_text
+from reftkit.rollout.generation import Sampling, generate
+from reftkit.modeling.tiny import build_model, build_tokenizer
 
 from conftest import LENGTHS
 

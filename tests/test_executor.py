@@ -634,7 +634,7 @@ if not restricted:
 out = {"layers": zygote.layers}
 for name, source in attacks.items():
     sources = [source] if isinstance(source, str) else source
-    results = zygote.run_codes([compile(s, "<attack>", "exec") for s in sources])
+    results = zygote.runner.run_codes([compile(s, "<attack>", "exec") for s in sources])
     out[name] = results[0] if isinstance(source, str) else results
 print(json.dumps(out))
 """

@@ -325,7 +325,7 @@ kernel.unshare_namespaces = kernel.unshare_pid_namespace = no_namespaces
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 zygote = Zygote(ExecutorConfig(timeout_s=2.0, python_layers=False), ["math"], scratch)
 sources = [s.replace("WORKER_PID", str(os.getpid())) for s in json.loads(sys.argv[1])]
-print(json.dumps({"layers": zygote.layers, "results": zygote.run_chunk(sources)}))
+print(json.dumps({"layers": zygote.layers, "results": zygote.runner.run_chunk(sources)}))
 """
 
 
@@ -488,7 +488,7 @@ def reads(path):
         return type(exc).__name__
 print(json.dumps({"layer": zygote.layers["landlock"], "etc": reads("/etc/hostname"), "proc": reads("/proc/self/status"),
                   "lib": reads(os.__file__),
-                  "results": zygote.run_chunk(["def solution():\n    return 6 * 7\n"])}))
+                  "results": zygote.runner.run_chunk(["def solution():\n    return 6 * 7\n"])}))
 """
 
 

@@ -458,7 +458,7 @@ scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 protocol = os.dup(1)  # as worker.main: the protocol descriptor is fd 3, so the next one the worker opens is fd 4
 zygote = Zygote(ExecutorConfig(timeout_s=2.0, python_layers=False), ["math"], scratch)
 source = "import os\ndef solution():\n    return ' '.join(str(fd) for fd in range(3, 16) if os.path.exists(f'/proc/self/fd/{fd}'))\n"
-print(json.dumps({"layers": zygote.layers, "results": zygote.run_chunk([source])}))
+print(json.dumps({"layers": zygote.layers, "results": zygote.runner.run_chunk([source])}))
 """
 
 

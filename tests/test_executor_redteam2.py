@@ -29,8 +29,8 @@ from test_executor import BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, T
 from test_executor_kernel import _children, _ns_init
 from test_executor_redteam import KILLED, RAW, REDTEAM_CONFIG
 
-from reftkit.answers import read_answer
-from reftkit.cot import ProgramGrader, program_header
+from reftkit.grading.answers import read_answer
+from reftkit.grading.cot import ProgramGrader, program_header
 from reftkit.data.records import Example
 from reftkit.executor import ExecResult, ProgramExecutor, kernel, seccomp
 from reftkit.executor.sandbox import encode_result, frame

@@ -1,22 +1,22 @@
 """Faithfulness read-out: does the picked option match the number the reasoning ended on? The rules in
-reftkit/faithfulness.py, on constructed predictions, then through `reftkit eval` and `reftkit sample`."""
+reftkit/grading/faithfulness.py, on constructed predictions, then through `reftkit eval` and `reftkit sample`."""
 
 import json
 
 import pytest
 
 from conftest import LENGTHS
-from reftkit.answers import TRIGGER, Grade, NaturalLanguageGrader, read_answer
+from reftkit.grading.answers import TRIGGER, Grade, NaturalLanguageGrader, read_answer
 from reftkit.data.numbers import parse_number
 from reftkit.data.records import Example
-from reftkit.faithfulness import (
+from reftkit.grading.faithfulness import (
     consistency_summary,
     is_consistent,
     last_number,
     option_value,
     prediction_consistency,
 )
-from reftkit.sampling import summarize
+from reftkit.commands.sample import summarize
 
 # "what is 5 ^ 4 ?": the gold option is c (625).
 POWER = Example("m0", "what is 5 ^ 4 ?", "", "c", ("24", "120", "625", "720", "1024"))
@@ -145,7 +145,7 @@ def test_summary_reports_consistency_beside_accuracy():
 
 
 def test_eval_log_line_names_the_rate_and_counts():
-    from reftkit.evaluate_cli import consistency_note
+    from reftkit.commands.evaluate import consistency_note
 
     counts = {"consistency": 2 / 3, "consistent": 2, "inconsistent": 1, "consistency_unknown": 1, "correct_inconsistent": 1}
     assert consistency_note(counts) == ", consistency 0.6667 (2 consistent, 1 inconsistent of which 1 correct, 1 unknown)"
@@ -166,8 +166,8 @@ def test_eval_and_sample_report_consistency_on_multiple_choice_only(tmp_path, ti
     gives it for that row's output), and eval's metrics.jsonl and sample's results.json hold the
     counts; numeric data gains nothing."""
     from reftkit.config import EvalConfig, SampleConfig
-    from reftkit.evaluate_cli import run_eval
-    from reftkit.sampling import run_sample
+    from reftkit.commands.evaluate import run_eval
+    from reftkit.commands.sample import run_sample
     from reftkit.writers import write_examples
 
     mcq = [Example(f"m{i}", f"what is {i} + 2 ?", "", "c", (str(i), str(i + 1), str(i + 2))) for i in range(4)]

@@ -14,22 +14,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reftkit import cli
+from reftkit.commands import cli
 from reftkit.data import load_examples
 from reftkit.data.records import Example
 from reftkit.data.synthetic import make_splits
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.prompts import (
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.data.prompts import (
     encode_prompt,
     encode_prompts,
     encode_sft,
     encode_sft_examples,
+    Truncations,
     prompt_text,
-    reset_truncation_counts,
     response_text,
-    truncation_counts,
 )
-from reftkit.tiny import build_tokenizer
+from reftkit.modeling.tiny import build_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -114,50 +113,47 @@ def test_reading_a_huge_row_takes_memory_proportional_to_it(tmp_path):
 
 def test_cut_prompts_are_warned_about_once_with_counts_and_counted(data, caplog):
     train, test, tokenizer = data
-    reset_truncation_counts()
+    cuts = Truncations()
     with caplog.at_level("WARNING", logger="reftkit"):
-        assert all(len(p) == 8 for p in encode_prompts(tokenizer, train, 8))
-        encode_prompts(tokenizer, train, 8)
-        encode_prompts(tokenizer, test, 10_000)
+        assert all(len(p) == 8 for p in encode_prompts(tokenizer, train, 8, cuts=cuts))
+        encode_prompts(tokenizer, train, 8, cuts=cuts)
+        encode_prompts(tokenizer, test, 10_000, cuts=cuts)
     warnings = [r.getMessage() for r in caplog.records if "prompts exceed" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("16 of 16 prompts exceed max_prompt_tokens=8 and keep only their last 8 tokens")
-    assert truncation_counts() == {"prompts_cut": 32, "prompts": 36}
-    reset_truncation_counts()
-    assert truncation_counts() == {}
+    assert cuts.summary() == {"prompts_cut": 32, "prompts": 36}
+    assert Truncations().summary() == {}  # a run's counts are its own
 
 
 def test_cut_sft_targets_are_warned_about_once_with_counts_and_counted(data, caplog):
     train, test, tokenizer = data
-    reset_truncation_counts()
+    cuts = Truncations()
     longest = max(len(tokenizer(prompt_text(e) + response_text(e))["input_ids"]) for e in train)
     with caplog.at_level("WARNING", logger="reftkit"):
-        features = encode_sft_examples(tokenizer, train, 10_000, 20)
-        encode_sft_examples(tokenizer, train, 10_000, longest + 1)
+        features = encode_sft_examples(tokenizer, train, 10_000, 20, cuts=cuts)
+        encode_sft_examples(tokenizer, train, 10_000, longest + 1, cuts=cuts)
     assert all(len(f.input_ids) == 20 and f.truncated for f in features)
     (warning,) = [r.getMessage() for r in caplog.records if "exceed" in r.getMessage()]
     assert warning.startswith("16 of 16 SFT targets (prompt, reference CoT, EOS) exceed max_length=20")
-    assert truncation_counts() == {"prompts_cut": 0, "prompts": 32, "sft_targets_cut": 16, "sft_targets": 32}
-    reset_truncation_counts()
+    assert cuts.summary() == {"prompts_cut": 0, "prompts": 32, "sft_targets_cut": 16, "sft_targets": 32}
 
 
 def test_evaluation_with_a_tiny_prompt_budget_says_so(data, caplog):
     """The issue's run: `eval --max_prompt_tokens 8` cut 16 of 16 prompts without a word."""
     from accelerate import Accelerator
 
-    from reftkit.answers import NaturalLanguageGrader
-    from reftkit.evaluate import evaluate
-    from reftkit.tiny import build_model
+    from reftkit.grading.answers import NaturalLanguageGrader
+    from reftkit.rollout.decoding import evaluate
+    from reftkit.modeling.tiny import build_model
 
     train, test, tokenizer = data
-    reset_truncation_counts()
+    cuts = Truncations()
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0).eval()
     with caplog.at_level("WARNING", logger="reftkit"):
         evaluate(Accelerator(cpu=True), model, tokenizer, train, NaturalLanguageGrader(), batch_size=16,
-                 max_prompt_tokens=8, max_new_tokens=2, progress=False)
+                 max_prompt_tokens=8, max_new_tokens=2, progress=False, cuts=cuts)
     assert "16 of 16 prompts exceed max_prompt_tokens=8" in caplog.text
-    assert truncation_counts()["prompts_cut"] == 16
-    reset_truncation_counts()
+    assert cuts.summary()["prompts_cut"] == 16
 
 
 # ----------------------------------------------------------------------------- model paths
@@ -195,7 +191,7 @@ def test_a_directory_without_a_model_is_an_error_that_points_at_final(tmp_path, 
 
 
 def test_a_local_model_directory_is_read_without_the_network(tmp_path, monkeypatch):
-    from reftkit.tiny import build_model
+    from reftkit.modeling.tiny import build_model
 
     tokenizer = build_tokenizer(["a b c 1 2 3"] * 4, vocab_size=300)
     build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "m")
@@ -272,8 +268,8 @@ def cycle_through(start: str) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("module", ["reftkit.answers", "reftkit.data", "reftkit.data.readers", "reftkit.prompts",
-                                    "reftkit.cot"])
+@pytest.mark.parametrize("module", ["reftkit.grading.answers", "reftkit.data", "reftkit.data.readers", "reftkit.data.prompts",
+                                    "reftkit.grading.cot"])
 def test_the_data_layer_has_no_import_cycle(module):
     assert cycle_through(module) is None
 
@@ -281,7 +277,7 @@ def test_the_data_layer_has_no_import_cycle(module):
 @pytest.fixture
 def fresh_hub_check():
     """hub_unreachable asks once per process: each test asks anew, and leaves no answer behind."""
-    from reftkit.hub import hub_unreachable
+    from reftkit.modeling.hub import hub_unreachable
 
     hub_unreachable.cache_clear()
     yield hub_unreachable
@@ -323,10 +319,10 @@ def test_an_unreachable_hub_reads_the_cache_only_and_says_so(monkeypatch, tmp_pa
     error): the model is its cached snapshot, read as a local directory, or an error at once."""
     import huggingface_hub.constants
 
-    import reftkit.model
+    import reftkit.modeling.model
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(reftkit.model, "hub_unreachable", lambda: "huggingface.co does not resolve here")
+    monkeypatch.setattr(reftkit.modeling.model, "hub_unreachable", lambda: "huggingface.co does not resolve here")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     snapshot = tmp_path / "cache" / "models--someone--model" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
@@ -370,10 +366,10 @@ def test_an_unreachable_hub_reads_datasets_from_the_cache_only(monkeypatch, tmp_
 
 
 def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
-    import reftkit.model
+    import reftkit.modeling.model
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(reftkit.model, "hub_unreachable", lambda: None)  # the Hub may be there: it is asked
+    monkeypatch.setattr(reftkit.modeling.model, "hub_unreachable", lambda: None)  # the Hub may be there: it is asked
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
@@ -386,7 +382,7 @@ def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
 
 
 def test_a_huge_reference_cot_is_tokenized_from_a_bounded_window_with_the_same_ids(data):
-    from reftkit.reranker import encode_texts
+    from reftkit.grading.reward_model import encode_texts
 
     train, test, tokenizer = data
     step = "Then 3 * 12 = 36 apples, and 36 + 7 = 43. "
@@ -407,7 +403,7 @@ def test_a_huge_reference_cot_is_tokenized_from_a_bounded_window_with_the_same_i
 def test_eval_data_and_reft_questions_need_no_cot_but_sft_data_does(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from reftkit.runtime import load_examples_for, training_examples
+    from reftkit.data.loading import load_examples_for, training_examples
 
     path = tmp_path / "gsm8k_test_set.json"  # the ReFT repository's test-set layout
     path.write_text(json.dumps([{"item_id": "t0", "question": "2 + 3?", "answer_value": "5"}]))
@@ -424,7 +420,7 @@ def test_eval_data_and_reft_questions_need_no_cot_but_sft_data_does(tmp_path, mo
 
 
 def test_a_missing_reranker_is_a_one_line_error(tmp_path, monkeypatch, no_hub):
-    from reftkit.reranker import new_reranker, score_samples
+    from reftkit.grading.reward_model import new_reranker, score_samples
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model './rm': no such file or directory"):
@@ -438,7 +434,7 @@ def test_a_checkpoint_without_a_trained_score_head_is_refused_as_reranker(tmp_pa
     its weights; a checkpoint that has the head (what train-reranker saves) is used."""
     from transformers import AutoModelForSequenceClassification
 
-    from reftkit.reranker import load_reranker
+    from reftkit.grading.reward_model import load_reranker
 
     with pytest.raises(ValueError, match=r"not a trained reranker: its weights have no score\.weight"):
         load_reranker(str(tiny_checkpoint))

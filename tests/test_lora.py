@@ -11,16 +11,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from conftest import LENGTHS
-from reftkit import runtime as training_module
+from reftkit.training.metrics import Metrics
 from reftkit.config import ReFTConfig, SFTConfig
-from reftkit.lora import add_lora, lora_layers, merged_state_dict, reference_lm
-from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing, load_tokenizer
-from reftkit.scoring import lm_response_logprobs, token_logprobs
-from reftkit.prompts import encode_prompt
-from reftkit.rollout import Sampling, generate
+from reftkit.modeling.lora import add_lora, lora_layers, merged_state_dict, reference_lm
+from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing, load_tokenizer
+from reftkit.modeling.scoring import lm_response_logprobs, token_logprobs
+from reftkit.data.prompts import encode_prompt
+from reftkit.rollout.generation import Sampling, generate
+from reftkit.modeling import loading as model_loading
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
-from reftkit.checkpoints import ACCELERATE_DIR, latest_checkpoint
+from reftkit.training.checkpoints import ACCELERATE_DIR, latest_checkpoint
 
 PROMPT_LEN = 8
 
@@ -44,7 +45,7 @@ def token_batch(vocab_size, rows=4, length=20, seed=0):
 
 
 def sequence_loss(policy, ids, mask):
-    logits, values = policy(ids, mask)
+    logits, values = policy.position_logits(ids, mask)
     logp = token_logprobs(logits[:, PROMPT_LEN - 1 : -1], ids[:, PROMPT_LEN:])
     return -logp.mean() + values.pow(2).mean()
 
@@ -112,7 +113,8 @@ def test_reft_with_lora_loads_no_second_model_and_saves_merged_weights(tmp_path,
                                                                        monkeypatch):
     loads = []
     real_load = reft_module.load_causal_lm
-    monkeypatch.setattr(reft_module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    for module in (reft_module, model_loading):  # the reference's load, and the policy's
+        monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     # An untrained model earns no reward; alternating rewards give PPO something to learn.
     rewards = itertools.cycle([0.0, 1.0, 1.0])
     monkeypatch.setattr(reft_module, "reward_from_grade", lambda *_: next(rewards))
@@ -211,7 +213,7 @@ def test_sft_with_lora_resumes_exactly(tmp_path, splits, tiny_checkpoint, monkey
                          gradient_checkpointing=True, **LENGTHS, **kw)
 
     full = sft_module.train_sft(cfg(tmp_path / "full"), splits[0])
-    real_log, count = training_module.Metrics.log, {"n": 0}
+    real_log, count = Metrics.log, {"n": 0}
 
     def dying_log(self, record, step):
         if count["n"] == 4:  # 3 steps per epoch: dies in epoch 2
@@ -219,7 +221,7 @@ def test_sft_with_lora_resumes_exactly(tmp_path, splits, tiny_checkpoint, monkey
         count["n"] += 1
         real_log(self, record, step)
 
-    monkeypatch.setattr(training_module.Metrics, "log", dying_log)
+    monkeypatch.setattr(Metrics, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         sft_module.train_sft(cfg(tmp_path / "cut"), splits[0])
     monkeypatch.undo()

@@ -3,6 +3,8 @@ no reference when kl_coef is 0, CHORD's SFT term, DAPO's dropped groups. The est
 hand-checked in test_ppo.py; here each runs through the real trainer on a tiny model."""
 
 import json
+import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +12,12 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from conftest import LENGTHS
-from reftkit.config import ReFTConfig
-from reftkit.model import PolicyWithValueHead, load_causal_lm
-from reftkit.prompts import encode_sft_examples
+from reftkit.config import ReFTConfig, ReproduceConfig
+from reftkit.modeling import loading as model_loading
+from reftkit.modeling.model import PolicyWithValueHead, load_causal_lm
+from reftkit.data.prompts import encode_sft_examples
 from reftkit.trainers import reft as reft_module
+from reftkit.rl.methods import ESTIMATORS, RL_METHODS, methods_table
 from reftkit.trainers.reft import train_reft
 
 
@@ -28,14 +32,33 @@ def rows(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
-def test_critic_free_estimators_train_without_a_value_head(tmp_path, splits, warm_checkpoint, estimator):
-    final = train_reft(config(tmp_path, warm_checkpoint, advantage=estimator), splits[0][:8])
-    assert not (final / "value_head.safetensors").exists()
+@pytest.mark.parametrize("method", ["reft", *RL_METHODS])
+def test_every_registered_method_trains_one_step(tmp_path, splits, warm_checkpoint, method):
+    options = RL_METHODS[method].options if method in RL_METHODS else {}
+    cfg = config(tmp_path, warm_checkpoint, **options)
+    final = train_reft(cfg, splits[0][:4])
+    assert (final / "value_head.safetensors").exists() == cfg.critic
     logged = [r for r in rows(tmp_path) if "reward" in r]
-    assert len(logged) == 2 and all("value_loss" not in r and "policy_loss" in r for r in logged)
+    assert len(logged) == 1 and logged[0]["updates"] > 0 and "policy_loss" in logged[0]
+    assert ("value_loss" in logged[0]) == cfg.critic
     before, after = load_file(str(warm_checkpoint / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_method_table_in_the_docs_is_the_registry():
+    """docs/methods.md shows what `--advantage` offers: its table is `methods_table()` verbatim."""
+    assert methods_table() in (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+
+
+def test_config_choices_and_reproduce_sections_come_from_the_registry():
+    assert typing.get_args(ReFTConfig.model_fields["advantage"].annotation) == tuple(ESTIMATORS)
+    assert set(RL_METHODS) <= set(ReproduceConfig.model_fields)
+    for name, method in RL_METHODS.items():
+        stage = ReproduceConfig(demo=True, methods=["reft", name]).stage(name)
+        assert {k: getattr(stage, k) for k in method.options} == method.options
+        assert stage.critic == method.estimator.critic
+    assert ReFTConfig(advantage="drgrpo", num_samples=2, max_length=300, max_prompt_tokens=100).loss_norm_length == 200
+    assert ReFTConfig(advantage="grpo", num_samples=2).loss_norm_length is None
 
 
 @pytest.mark.slow
@@ -46,7 +69,8 @@ def test_kl_in_the_loss_is_logged_and_kl_coef_zero_skips_the_reference(tmp_path,
 
     loaded = []
     real_load = reft_module.load_causal_lm
-    monkeypatch.setattr(reft_module, "load_causal_lm", lambda name: loaded.append(name) or real_load(name))
+    for module in (reft_module, model_loading):  # the reference's load, and the policy's
+        monkeypatch.setattr(module, "load_causal_lm", lambda name: loaded.append(name) or real_load(name))
     monkeypatch.setattr(reft_module, "lm_response_logprobs", lambda *a, **k: pytest.fail("reference forward"))
     train_reft(config(tmp_path / "nokl", warm_checkpoint, kl_coef=0.0), splits[0][:4])
     assert loaded == [str(warm_checkpoint)]  # the policy only: no reference model is loaded
@@ -77,7 +101,7 @@ def test_drop_uniform_groups_skips_questions_with_one_reward(tmp_path, splits, t
 def test_a_batch_with_groups_left_reports_its_updates_and_no_warning(tmp_path, splits, tiny_checkpoint, caplog,
                                                                     monkeypatch):
     """The warnings are for batches with nothing left: a batch that keeps a group trains and says nothing."""
-    from reftkit.answers import Grade
+    from reftkit.grading.answers import Grade
 
     class Alternating:  # a question's samples alternate right and wrong: no group is uniform
         def grade(self, completions, examples):
@@ -99,7 +123,7 @@ def test_sft_term_decays_and_its_forward_matches_the_separate_passes(tmp_path, s
     assert [r["sft_coef"] for r in logged] == [0.5, 0.25] and all(r["sft_loss"] > 0 for r in logged)
 
     # One forward over rollout rows and references gives what two separate forwards give.
-    from reftkit.model import load_tokenizer
+    from reftkit.modeling.model import load_tokenizer
 
     lm, tokenizer = load_causal_lm(str(warm_checkpoint)), load_tokenizer(str(warm_checkpoint))
     policy = PolicyWithValueHead(lm).eval()

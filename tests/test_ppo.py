@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reftkit import ppo
+from reftkit.rl import ppo
 
 T = torch.tensor
 

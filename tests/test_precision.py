@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import LENGTHS, REAL_CPU_BF16_UNITS
-from reftkit import ppo
+from reftkit.rl import ppo
 from reftkit.config import ReFTConfig, SFTConfig
-from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
-from reftkit.runtime import make_accelerator, prepare_lm_for_training
+from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
+from reftkit.training.device import make_accelerator
+from reftkit.modeling.loading import prepare_lm_for_training
 
 
 def bf16_reft_config(tmp_path, model, **kw):
@@ -169,7 +170,7 @@ def test_gradient_checkpointing_recomputes_in_bf16(tmp_path, tiny_checkpoint):
         torch.nn.init.normal_(policy.value_head.weight)  # a zero head sends no gradient into the backbone
         policy.eval()
         with accelerator.autocast(), checkpointing_in_eval_mode(policy):
-            logits, values = policy(ids, mask)
+            logits, values = policy("position_logits", ids, mask)
             loss = torch.log_softmax(logits.float(), -1)[..., 7].mean() + values.float().pow(2).mean()
         loss.backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.grad is not None})
@@ -195,15 +196,15 @@ def test_bf16_setting_can_change_between_runs_in_one_process(tmp_path):
 ])
 def test_bf16_auto_follows_the_hardware(monkeypatch, capability, cuda, expected):
     """auto is on for CUDA and for CPUs whose matrix units run bf16 natively, read from torch's report."""
-    from reftkit import runtime
+    from reftkit.training import device
 
-    monkeypatch.setattr(runtime, "cpu_bf16_units", REAL_CPU_BF16_UNITS)  # undo conftest's pin
+    monkeypatch.setattr(device, "cpu_bf16_units", REAL_CPU_BF16_UNITS)  # undo conftest's pin
     monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    on, why = runtime.bf16_choice("auto")
+    on, why = device.bf16_choice("auto")
     assert on == expected and why.startswith("--bf16 auto")
     assert ("amx_bf16" in why) == bool(capability.get("amx_bf16") and not cuda)
-    assert runtime.bf16_choice("yes") == (True, "--bf16 yes") and runtime.bf16_choice("no") == (False, "--bf16 no")
+    assert device.bf16_choice("yes") == (True, "--bf16 yes") and device.bf16_choice("no") == (False, "--bf16 no")
 
 
 def test_the_demo_runs_float32_unless_asked():

@@ -1,4 +1,4 @@
-"""Inputs are checked before the expensive work (reftkit.preflight): missing files and models, Hub names
+"""Inputs are checked before the expensive work (reftkit.training.preflight): missing files and models, Hub names
 while the Hub cannot be reached, tokenizer files, position limits and sandbox limits; Ctrl-C is one line."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from transformers import (
 )
 
 import reftkit
-from reftkit import cli
+from reftkit.commands import cli
 from reftkit.config import ReproduceConfig, SampleConfig
-from reftkit.model import load_causal_lm, load_pretrained, load_tokenizer
-from reftkit.preflight import check_model, position_limit
-from reftkit.prompts import prompt_text, response_text
-from reftkit.tiny import build_model, build_tokenizer
+from reftkit.modeling.model import load_causal_lm, load_pretrained, load_tokenizer
+from reftkit.training.preflight import check_model, position_limit
+from reftkit.data.prompts import prompt_text, response_text
+from reftkit.modeling.tiny import build_model, build_tokenizer
 from reftkit.writers import write_examples
 
 LENGTHS = ["--max_prompt_tokens", "64", "--max_length", "112"]
@@ -83,10 +83,10 @@ def test_a_bad_input_is_refused_before_any_model_loads_or_the_output_dir_is_clai
 
 
 def test_a_missing_reranker_is_found_before_sampling(data, tiny_checkpoint, monkeypatch, capsys):
-    import reftkit.sampling
+    import reftkit.commands.sample
 
     drawn = []
-    monkeypatch.setattr(reftkit.sampling, "draw_samples", lambda *args, **kwargs: drawn.append(1) or [])
+    monkeypatch.setattr(reftkit.commands.sample, "draw_samples", lambda *args, **kwargs: drawn.append(1) or [])
     monkeypatch.chdir(data)
     argv = ["sample", "--model", str(tiny_checkpoint), "--eval_file", "test.jsonl", "--reranker", "runs/rm/final",
             "--output_dir", "out", "--quiet", *LENGTHS]
@@ -116,14 +116,14 @@ def test_a_causal_lm_given_as_the_reranker_is_refused_before_sampling(data, tiny
 
 
 def test_the_samples_are_written_before_the_reranker_scores_them(data, tiny_checkpoint, monkeypatch):
-    import reftkit.sampling
-    from reftkit.sampling import run_sample
+    import reftkit.commands.sample
+    from reftkit.commands.sample import run_sample
 
     def scoring_fails(*args, **kwargs):
         raise RuntimeError("the reranker ran out of memory")
 
     reranker = reranker_dir(data / "rm", tiny_checkpoint)
-    monkeypatch.setattr(reftkit.sampling, "score_samples", scoring_fails)
+    monkeypatch.setattr(reftkit.commands.sample, "score_samples", scoring_fails)
     cfg = SampleConfig(model=str(tiny_checkpoint), reranker=str(reranker), eval_file=str(data / "test.jsonl"),
                        output_dir=data / "out", num_samples=2, max_eval_examples=3, progress=False,
                        max_prompt_tokens=64, max_length=80)
@@ -158,7 +158,7 @@ def offline_hub(monkeypatch, tmp_path):
 
     import huggingface_hub.constants
 
-    from reftkit.hub import hub_unreachable
+    from reftkit.modeling.hub import hub_unreachable
 
     for name in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -263,7 +263,7 @@ def test_reproduce_checks_the_model_against_every_stage_max_length(data, splits)
     gpt2 = gpt2_dir(data / "gpt2", splits[0], n_positions=100)
     cfg = ReproduceConfig(model=str(gpt2), train_file=str(data / "train.jsonl"), eval_file=str(data / "test.jsonl"),
                           output_dir=data / "out", max_prompt_tokens=64, max_length=96, reft={"max_length": 112})
-    from reftkit.preflight import preflight
+    from reftkit.training.preflight import preflight
 
     with pytest.raises(ValueError, match=r"fewer than max_length of stage 'reft' = 112"):
         preflight(cfg)
@@ -332,7 +332,7 @@ def test_missing_tokenizer_files_are_a_one_line_cli_error_before_the_model_loads
 def test_ctrl_c_is_one_line_exit_130_with_the_resume_hint(data):
     env = {**os.environ, "PYTHONPATH": str(Path(reftkit.__file__).parents[1])}
     out = data / "run"
-    argv = [sys.executable, "-m", "reftkit.cli", "sft", "--model", "tiny", "--train_file", "train.jsonl",
+    argv = [sys.executable, "-m", "reftkit.commands.cli", "sft", "--model", "tiny", "--train_file", "train.jsonl",
             "--output_dir", str(out), "--epochs", "1000", "--batch_size", "16", "--save_every", "1", "--no-progress",
             "--no-eval_every_epoch", *LENGTHS]
     process = subprocess.Popen(argv, cwd=data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""Named GGUF models (reftkit.pretrained): conversion to a cached safetensors checkpoint, offline.
+"""Named GGUF models (reftkit.modeling.pretrained): conversion to a cached safetensors checkpoint, offline.
 
 The conversion tests run on a tiny Llama GGUF written here with the `gguf` package (Q4_1 weights,
 as in the SmolLM2 file, and a byte-level BPE tokenizer in the metadata), so they need neither the
@@ -17,9 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reftkit import cli, pretrained
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.pretrained import GgufSource, MissingPackageError, ensure_checkpoint, load_gguf, resolve
+from reftkit.commands import cli
+
+from reftkit.modeling import pretrained
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.modeling.pretrained import GgufSource, MissingPackageError, ensure_checkpoint, load_gguf, resolve
 
 NAME = "smollm2-135m"
 TEXT = "the cat has 12 + 3 = 15 fish"
@@ -134,7 +136,7 @@ def test_second_use_loads_the_cache_without_converting(cache, installed, monkeyp
 
 
 def test_training_loader_accepts_the_name(cache, installed):
-    from reftkit.runtime import load_model_and_tokenizer
+    from reftkit.modeling.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(NAME, [], seed=0)
     assert model.config.vocab_size == len(tokenizer)

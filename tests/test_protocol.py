@@ -11,16 +11,16 @@ from transformers import AutoModelForSequenceClassification
 
 from conftest import LENGTHS
 from reftkit.config import EvalConfig, OfflineSTConfig, OnlineSTConfig, RerankerConfig, ReproduceConfig
-from reftkit.cot import program_header, response_text
+from reftkit.grading.cot import program_header, response_text
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.prompts import IGNORE_INDEX
-from reftkit.reranker import new_reranker, reranker_text, score_texts
+from reftkit.data.prompts import IGNORE_INDEX
+from reftkit.grading.reward_model import new_reranker, reranker_text, score_texts
 from reftkit.trainers.reranker import pos_weight
-from reftkit.sampling import correct_examples, example_from_sample, read_samples, summarize
+from reftkit.commands.sample import correct_examples, example_from_sample, read_samples, summarize
 from reftkit.trainers import offline_st
 from reftkit.trainers.online_st import mixed_nll, train_online_st
-from reftkit.runtime import make_accelerator
+from reftkit.training.device import make_accelerator
 
 
 def write_rows(path, rows):
@@ -153,7 +153,7 @@ def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_
                          epochs=4, batch_size=8, lr=3e-3, progress=False, **LENGTHS)
     final = train_reranker(cfg, train)
     model = AutoModelForSequenceClassification.from_pretrained(final)  # a plain HF classifier
-    from reftkit.model import load_tokenizer
+    from reftkit.modeling.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(final))
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
@@ -186,7 +186,7 @@ def reproduce_config(tmp_path, model, train_file, test_file, **kw):
 
 @pytest.mark.slow
 def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, tiny_checkpoint, monkeypatch):
-    from reftkit import reproduce
+    from reftkit.commands import reproduce
 
     files = []
     for name, examples in zip(("train", "test"), splits, strict=True):
@@ -259,7 +259,7 @@ def test_reproduce_config_errors_name_the_stage_and_key():
 @pytest.mark.slow
 def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_question(warm_checkpoint, splits, tmp_path):
     from reftkit.writers import write_examples
-    from reftkit.evaluate_cli import run_eval
+    from reftkit.commands.evaluate import run_eval
 
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     write_examples(train, splits[0])
@@ -281,9 +281,9 @@ def test_sample_draws_many_samples_of_a_question_in_chunks_of_eval_batch_size(tm
     At most eval_batch_size rows are in flight, whatever k; the rows are as before: k per question,
     in (question, sample) order, sample numbers 0..k-1, and the same seed gives the same samples."""
     from conftest import LENGTHS
-    from reftkit import evaluate as evaluate_module
+    from reftkit.rollout import decoding as evaluate_module
     from reftkit.config import SampleConfig
-    from reftkit.sampling import run_sample
+    from reftkit.commands.sample import run_sample
     from reftkit.writers import write_examples
 
     calls = []

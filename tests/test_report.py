@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 
-from reftkit.report import Paired, mcnemar_p, paired_counts, results_table, sampled_tokens
+from reftkit.commands.report import Paired, mcnemar_p, paired_counts, results_table, sampled_tokens
 
 
 def test_mcnemar_exact_hand_computed():

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig
 
-from reftkit.model import PolicyWithValueHead
-from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.prompts import collate_prompts, encode_prompt
-from reftkit.rollout import Sampling, generate, response_mask
+from reftkit.modeling.model import PolicyWithValueHead
+from reftkit.modeling.scoring import lm_response_logprobs, response_slice, token_logprobs
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.data.prompts import collate_prompts, encode_prompt
+from reftkit.rollout.generation import Sampling, generate, response_mask
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_training_forward_matches_generate_scores_under_left_padding(checkpoint,
     from_generate = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
 
-    logits, _ = PolicyWithValueHead(lm).eval()(out.sequences, attention)
+    logits, _ = PolicyWithValueHead(lm).eval().position_logits(out.sequences, attention)
     from_policy = token_logprobs(response_slice(logits, plen), responses)
     from_ref = lm_response_logprobs(lm, out.sequences, attention, plen)
     assert torch.allclose(from_policy * mask, from_generate * mask, atol=1e-4)
@@ -52,7 +52,7 @@ def test_training_forward_matches_generate_scores_under_left_padding(checkpoint,
 @pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "gpt2_checkpoint"])
 @pytest.mark.parametrize("do_sample, k", [(False, 1), (True, 3)])
 def test_shared_prefill_samples_exactly_what_plain_generate_samples(checkpoint, do_sample, k, splits, request):
-    """Each prompt prefilled once and the cache grown in place (reftkit.kvcache) changes the cost,
+    """Each prompt prefilled once and the cache grown in place (reftkit.modeling.kvcache) changes the cost,
     not the tokens: the same seed gives the same responses as transformers' own generate call.
     Responses reach past the cache's first buffer (prompt + max_new_tokens) only if it grows wrong."""
     path = str(request.getfixturevalue(checkpoint))
@@ -69,7 +69,7 @@ def test_shared_prefill_samples_exactly_what_plain_generate_samples(checkpoint, 
 
 
 def test_the_growing_cache_doubles_and_keeps_what_it_held():
-    from reftkit.kvcache import GrowingLayer
+    from reftkit.modeling.kvcache import GrowingLayer
 
     keys = torch.arange(2 * 3 * 4, dtype=torch.float).view(1, 2, 3, 4)
     layer = GrowingLayer(keys, -keys, capacity=4)

@@ -15,13 +15,14 @@ import pytest
 
 import reftkit
 from conftest import LENGTHS
-from reftkit import checkpoints
-from reftkit import runtime
-from reftkit.checkpoints import RUN_FILE, STATE_FILE, RunError, config_changes, step_checkpoints
+from reftkit.training import checkpoints
+from reftkit.training import metrics
+from reftkit.training.checkpoints import RUN_FILE, STATE_FILE, config_changes, step_checkpoints
+from reftkit.training.errors import RunError
 from reftkit.config import EvalConfig, OfflineSTConfig, RerankerConfig, SampleConfig
 from reftkit.data.readers import DataError
-from reftkit import rundir
-from reftkit.rundir import LOCK_FILE, try_lock
+from reftkit.training import rundir
+from reftkit.training.rundir import LOCK_FILE, try_lock
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.offline_st import train_offline_st
 from reftkit.trainers.reft import train_reft
@@ -35,9 +36,9 @@ def saved_names(monkeypatch):
     """The name of every checkpoint directory written, in order."""
     names, real = [], checkpoints.save_checkpoint
 
-    def recording(accelerator, model, lm_of, tokenizer, output_dir, name, *args, **kwargs):
+    def recording(accelerator, model, tokenizer, output_dir, name, *args, **kwargs):
         names.append(name)
-        return real(accelerator, model, lm_of, tokenizer, output_dir, name, *args, **kwargs)
+        return real(accelerator, model, tokenizer, output_dir, name, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", recording)
     return names
@@ -48,7 +49,7 @@ class Interrupt(Exception):
 
 
 def interrupt_at_log(monkeypatch, calls):
-    real, count = runtime.Metrics.log, {"n": 0}
+    real, count = metrics.Metrics.log, {"n": 0}
 
     def log(self, record, step):
         if count["n"] == calls:
@@ -56,7 +57,7 @@ def interrupt_at_log(monkeypatch, calls):
         count["n"] += 1
         return real(self, record, step)
 
-    monkeypatch.setattr(runtime.Metrics, "log", log)
+    monkeypatch.setattr(metrics.Metrics, "log", log)
 
 
 # ----------------------------------------------------------------------------- 1. inputs are never removed
@@ -107,8 +108,8 @@ def test_offline_st_refuses_its_samples_inside_what_it_removes(tmp_path, splits,
 
 
 def test_eval_and_sample_refuse_an_input_they_would_overwrite(tmp_path, splits, tiny_checkpoint):
-    from reftkit.evaluate_cli import run_eval
-    from reftkit.sampling import run_sample
+    from reftkit.commands.evaluate import run_eval
+    from reftkit.commands.sample import run_sample
 
     out, model = tmp_path / "E", shutil.copytree(tiny_checkpoint, tmp_path / "model")
     write_examples(out / "predictions.jsonl", splits[1])  # an earlier eval's file, given as the test set
@@ -307,7 +308,7 @@ def test_a_step_at_an_epochs_end_is_checkpointed_once(tmp_path, splits, tiny_che
 
 
 def test_eval_into_a_training_runs_directory_is_refused(tmp_path, splits, tiny_checkpoint):
-    from reftkit.evaluate_cli import run_eval
+    from reftkit.commands.evaluate import run_eval
 
     run = tmp_path / "run"
     final = train_sft(sft_config(run, tiny_checkpoint, epochs=1), splits[0])
@@ -322,7 +323,7 @@ def test_eval_into_a_training_runs_directory_is_refused(tmp_path, splits, tiny_c
 
 
 def test_reproduce_counts_the_train_time_of_every_part(tmp_path, splits, tiny_checkpoint, monkeypatch):
-    from reftkit.reproduce import STAGE_FILE, resumable_training
+    from reftkit.commands.reproduce import STAGE_FILE, resumable_training
 
     real = sft_module.lm_loss
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import LENGTHS
-from reftkit import checkpoints
-from reftkit.checkpoints import (
-    RUN_FILE, STATE_FILE, NonFiniteError, RunError, config_changes, latest_checkpoint, prune_checkpoints,
-    step_checkpoints,
+from reftkit.training import checkpoints
+from reftkit.training.checkpoints import (
+    RUN_FILE, STATE_FILE, config_changes, latest_checkpoint, prune_checkpoints, step_checkpoints,
 )
+from reftkit.training.errors import NonFiniteError, RunError
 from reftkit.config import OnlineSTConfig, ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
@@ -128,7 +128,7 @@ def test_run_summary_counts_cut_prompts_and_targets(tmp_path, splits, tiny_check
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_fsdp_or_deepspeed_without_a_gpu_is_refused_not_run_as_ddp(monkeypatch, variable):
-    from reftkit.runtime import make_accelerator
+    from reftkit.training.device import make_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -138,7 +138,7 @@ def test_fsdp_or_deepspeed_without_a_gpu_is_refused_not_run_as_ddp(monkeypatch, 
 
 
 def test_demo_refuses_an_earlier_demos_directory(tmp_path, monkeypatch):
-    from reftkit import demo
+    from reftkit.commands import demo
     from reftkit.config import DemoConfig
 
     (tmp_path / "results.json").write_text("{}")
@@ -166,7 +166,7 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_chec
 
 
 def test_eval_checks_writability_before_decoding(tmp_path, splits, tiny_checkpoint, monkeypatch):
-    from reftkit import evaluate_cli
+    from reftkit.commands import evaluate as evaluate_cli
     from reftkit.config import EvalConfig
     from reftkit.writers import write_examples
 

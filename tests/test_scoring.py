@@ -5,11 +5,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit import ppo
-from reftkit.lora import add_lora
-from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing
-from reftkit.kvcache import supports_shared_prefix
-from reftkit.scoring import length_buckets, score_responses
+from reftkit.rl import ppo
+from reftkit.modeling.lora import add_lora
+from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing
+from reftkit.modeling.kvcache import supports_shared_prefix
+from reftkit.modeling.scoring import length_buckets, score_responses
 
 PAD, EOS, VOCAB, K = 0, 1, 48, 3
 
@@ -67,7 +67,7 @@ def loss_and_grads(policy, share: bool):
     mask = attention[:, plen:].float()
     policy.zero_grad()
     with checkpointing_in_eval_mode(policy):
-        logprobs, values = policy(sequences, attention, plen, question, 1.0, share)
+        logprobs, values = policy.response_scores(sequences, attention, plen, question, 1.0, share)
         old = logprobs.detach() - 0.05 * torch.arange(mask.shape[1]) / mask.shape[1]  # ratio != 1: clipping active
         advantages = torch.linspace(-1, 1, mask.numel()).view_as(mask)
         loss, _ = ppo.ppo_objective(logprobs, values, old, values.detach() + 0.1, advantages * mask,
@@ -109,7 +109,7 @@ def test_the_reference_scoring_without_a_value_head_matches_too():
 def test_each_prompt_runs_once_and_no_response_pads_to_the_longest(monkeypatch):
     """What the shared way computes: one prompt row per question, then each response's tokens but
     its last (only a target), in buckets; with no cost per forward call, no padding at all."""
-    from reftkit import scoring
+    from reftkit.modeling import scoring
 
     monkeypatch.setattr(scoring, "BUCKET_OVERHEAD_TOKENS", 0)
     lm = model("llama").eval()
@@ -164,7 +164,8 @@ def test_the_trainer_honours_share_prompts(tmp_path, splits, tiny_checkpoint, mo
     """`share_prompts` reaches sampling's prefill, the rollout's scoring and every update (and
     false reaches none of them): counted at the shared paths themselves."""
     from conftest import LENGTHS
-    from reftkit import rollout, scoring
+    from reftkit.rollout import generation as rollout
+    from reftkit.modeling import scoring
     from reftkit.config import ReFTConfig
     from reftkit.trainers.reft import train_reft
 

@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import LENGTHS
-from reftkit import checkpoints as checkpoints_module
-from reftkit import runtime as training_module
+from reftkit.training import checkpoints as checkpoints_module
+from reftkit.training.metrics import Metrics
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
-from reftkit.checkpoints import latest_checkpoint
+from reftkit.training.checkpoints import latest_checkpoint
 
 
 def weights(path):
@@ -110,7 +110,7 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
     full = train_sft(sft_config(tmp_path / "full", tiny_checkpoint, save_every=1), train)
     # 3 steps per epoch: die after logging step 5, i.e. in epoch 2 with one batch of it consumed
     # and checkpointed (checkpoint-4): resume must skip exactly that batch of the same shuffle.
-    interrupt_after(monkeypatch, training_module.Metrics, "log", calls=4)
+    interrupt_after(monkeypatch, Metrics, "log", calls=4)
     with pytest.raises(Interrupt):
         train_sft(sft_config(tmp_path / "cut", tiny_checkpoint, save_every=1), train)
     monkeypatch.undo()
@@ -151,7 +151,7 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, ti
 @pytest.mark.parametrize("cot", ["natural", "program"])
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, cot):
     from reftkit.config import DemoConfig
-    from reftkit.demo import run_demo
+    from reftkit.commands.demo import run_demo
 
     cfg = DemoConfig(output_dir=tmp_path, cot=cot, n_train=64, n_test=16, warmup={"epochs": 1}, sft={"epochs": 1},
                      reft={"max_train_examples": 16, "epochs": 1, "batch_size": 8, "num_samples": 2,
@@ -232,7 +232,7 @@ def test_value_head_trains_at_value_head_lr_and_the_lm_at_lr(tmp_path, splits, t
 
 def test_adamw_is_fused_on_cpu_and_steps_as_the_plain_loop():
     """make_optimizer takes AdamW's fused kernel where torch has it (this CPU); it updates as the loop does."""
-    from reftkit.runtime import make_optimizer
+    from reftkit.training.optim import make_optimizer
 
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]

@@ -1,8 +1,8 @@
-"""Majority voting, pass@k and reranking over k samples: the rules in reftkit/voting.py."""
+"""Majority voting, pass@k and reranking over k samples: the rules in reftkit/grading/voting.py."""
 
 from reftkit.data.records import Example
-from reftkit.sampling import summarize
-from reftkit.voting import answer_groups, majority_vote, pass_at_k, rerank
+from reftkit.commands.sample import summarize
+from reftkit.grading.voting import answer_groups, majority_vote, pass_at_k, rerank
 
 
 def test_majority_wins():
@@ -62,7 +62,7 @@ def test_summarize_counts_vote_pass_and_rerank_per_question():
 
 def _grouped_by_scanning(answers, tol=1e-2, multiple_choice=False):
     """The rule as the module states it: join the first group whose first member is the same answer."""
-    from reftkit.answers import same_answer
+    from reftkit.grading.answers import same_answer
 
     groups = []
     for i, answer in enumerate(answers):
@@ -77,7 +77,7 @@ def test_grouping_many_answers_follows_the_rule_without_comparing_each_to_every_
     the groups are the rule's, and the comparisons stay a few per sample."""
     import random
 
-    from reftkit import voting
+    from reftkit.grading import voting
 
     rng = random.Random(0)
     pool = ["2", "2.005", "1.999", "2.01", "-3", "0", "1e-05", "0.00001", "abc", "1000000", "999999.995", "7/2"]

@@ -15,10 +15,15 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, Strict, ValidationError, create_model, field_validator, model_validator,
+)
 
-from reftkit.cot import CotStyle
+from reftkit.grading.cot import CotStyle
 from reftkit.executor.config import check_workers, usable_cpus as _usable_cpus
+from reftkit.rl.methods import ESTIMATORS, RL_METHODS, Estimator, advantage_help
+
+AdvantageName = Literal[tuple(ESTIMATORS)]
 
 
 # Strict types: a YAML `batch_size: "8"` or `save_every: true` is an error, not silently converted
@@ -163,11 +168,6 @@ class SamplingOptions(_Config):
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
 
-    def sampling(self, max_new_tokens: int):
-        from reftkit.rollout import Sampling  # lazy: torch stays out of config parsing
-
-        return Sampling(True, self.temperature, self.top_k, self.top_p, max_new_tokens)
-
 
 class SamplesInput(SamplingOptions):
     """Samples on the training questions, from a file or drawn from `model` first."""
@@ -223,7 +223,7 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
     correct_reward: float = Field(1.0, description="reward of a correct final answer")
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
-    advantage: Literal["gae", "grpo", "drgrpo", "rloo"] = Field("gae", description="advantage estimator: gae = the paper's PPO with a value head; grpo = (r - group mean) / group std; drgrpo = r - group mean, token losses / max response length; rloo = r - mean of the other samples. The last three have no critic and need num_samples >= 2")
+    advantage: AdvantageName = Field("gae", description=advantage_help())
     kl_in: Literal["reward", "loss"] = Field("reward", description="where the KL to the reference goes: per-token k1 in the reward (the paper; summed per sequence for the group estimators), or GRPO's k3 estimate in the loss")
     sft_coef: float = Field(0.0, ge=0, le=1, description="mu: each update minimises (1 - mu) * L_RL + mu * L_SFT on its questions' reference CoTs (CHORD's global coefficient); 0 = off")
     sft_coef_schedule: Literal["constant", "linear"] = Field("constant", description="sft_coef constant, or decayed linearly to 0 over training")
@@ -231,11 +231,11 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
 
     @model_validator(mode="after")
     def _estimator_options(self):
-        if self.advantage != "gae":
+        if not self.estimator.critic:
             given = sorted(set(CRITIC_OPTIONS) & self.model_fields_set)
             if given:
                 raise ValueError(f"{', '.join(given)}: options of the value head and GAE; advantage={self.advantage} has neither")
-        if (self.advantage != "gae" or self.drop_uniform_groups) and self.num_samples < 2:
+        if max(self.estimator.min_samples, 2 if self.drop_uniform_groups else 1) > self.num_samples:
             raise ValueError(f"num_samples must be >= 2 for advantage={self.advantage} or drop_uniform_groups "
                              "(a group of one sample has no baseline)")
         if self.sft_coef_schedule != "constant" and not self.sft_coef:
@@ -247,8 +247,17 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
         return self.sft_coef > 0  # PPO needs questions and gold answers; the SFT term the reference CoTs
 
     @property
+    def estimator(self) -> Estimator:
+        return ESTIMATORS[self.advantage]
+
+    @property
     def critic(self) -> bool:
-        return self.advantage == "gae"
+        return self.estimator.critic
+
+    @property
+    def loss_norm_length(self) -> int | None:
+        """The constant a sequence's token sum is divided by (rl.ppo.reduce_tokens); None: the token mean."""
+        return self.max_length - self.max_prompt_tokens if self.estimator.loss == "constant_length" else None
 
     @property
     def kl_beta(self) -> float:
@@ -307,15 +316,10 @@ class SampleConfig(RunOptions, DataOptions, SandboxOptions, EvalData, SamplingOp
     reranker: str | None = Field(None, description="reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k")
 
 
-MethodName = Literal["sft", "offline_st", "online_st", "reft", "grpo", "drgrpo", "rloo", "reft_sft"]
-# The RL family beside the paper's PPO: each is a `reftkit reft` run that takes ReFT's budget (its
-# section's options, less the critic's when it has none) plus these options, then its own section.
-# reft_sft is ReFT + CHORD's SFT term: mu = 0.1, decayed linearly to 0 (a small pull towards the
-# references that fades, so the end of training is pure RL as in CHORD's schedule).
-RL_METHODS: dict[str, dict[str, Any]] = {
-    "grpo": {"advantage": "grpo"}, "drgrpo": {"advantage": "drgrpo"}, "rloo": {"advantage": "rloo"},
-    "reft_sft": {"sft_coef": 0.1, "sft_coef_schedule": "linear"},
-}
+# The RL family beside the paper's PPO (reftkit.rl.methods.RL_METHODS): each is a `reftkit reft` run
+# that takes ReFT's budget (its section's options, less the critic's when it has none) plus the
+# method's options, then its own section.
+MethodName = Literal[("sft", "offline_st", "online_st", "reft", *RL_METHODS)]
 CRITIC_OPTIONS = ("vf_coef", "value_clip_range", "value_head_lr", "gamma", "lam", "whiten_advantages")
 # Stage sections of `reftkit reproduce` and the config each one validates into.
 STAGES: dict[str, type[_Config]] = {
@@ -394,7 +398,7 @@ class DemoConfig(_Config):
                 for name in ("warmup", "sft", "reft")}
 
 
-class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
+class _ReproduceBase(RunOptions, DataOptions, SandboxOptions, Tracking):
     """The paper's protocol in one run: warm-up SFT, then SFT, Offline-ST, Online-ST and ReFT from the
     same warm-up; each evaluated top-1, by vote@k and by rerank@k on eval_file (the test set).
 
@@ -418,10 +422,6 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
     reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options")
     reranker: dict[str, Any] = Field(default_factory=dict, description="`reftkit train-reranker` options")
     eval: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options on the test set (num_samples = k)")
-    grpo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of GRPO, over ReFT's budget (the reft section less the critic's options) and advantage: grpo")
-    drgrpo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of Dr. GRPO, over ReFT's budget and advantage: drgrpo")
-    rloo: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of RLOO, over ReFT's budget and advantage: rloo")
-    reft_sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options of ReFT + SFT term, over the reft section and sft_coef 0.1 decayed linearly")
 
     @model_validator(mode="after")
     def _stages_valid(self):
@@ -453,9 +453,19 @@ class ReproduceConfig(RunOptions, DataOptions, SandboxOptions, Tracking):
         base = "reft" if name in RL_METHODS else name  # the RL family starts from ReFT's options
         options = {**(DEMO_STAGES.get(base, {}) if self.demo else {}), **(self.reft if base == "reft" else {})}
         if name in RL_METHODS:
-            if "advantage" in RL_METHODS[name]:  # no critic: the value head's options do not apply
+            if not RL_METHODS[name].estimator.critic:  # no critic: the value head's options do not apply
                 options = {k: v for k, v in options.items() if k not in CRITIC_OPTIONS}
-            options |= RL_METHODS[name]
+            options |= RL_METHODS[name].options
         values = {**only_fields(shared, config), "output_dir": self.output_dir / name, **options,
                   **getattr(self, name), **fixed}
         return stage_config(name, values)
+
+
+# `reftkit reproduce`'s config: the sections above plus one per RL method of the registry (`grpo: {...}`).
+ReproduceConfig = create_model(
+    "ReproduceConfig", __base__=_ReproduceBase, __doc__=_ReproduceBase.__doc__, __module__=__name__,
+    **{m.name: (dict[str, Any], Field(default_factory=dict, description=(
+        f"`reftkit reft` options of {m.display}, over ReFT's budget (the reft section"
+        f"{'' if m.estimator.critic else ' less the critic options'}) and {m.summary}")))
+       for m in RL_METHODS.values()},
+)

@@ -1,7 +1,7 @@
 """Numbers as answers write them: the one number of a short answer text, read exactly, and one canonical text.
 
-Shared by the readers (gold answers), reftkit.answers (model answers) and reftkit.faithfulness; imports
-nothing of reftkit, so neither depends on the other. The rules are listed in reftkit.answers.
+Shared by the readers (gold answers), reftkit.grading.answers (model answers) and reftkit.grading.faithfulness; imports
+nothing of reftkit, so neither depends on the other. The rules are listed in reftkit.grading.answers.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def clean_answer_text(text: str) -> str:
 
 def parse_number(text: str) -> Number | None:
     """The number a short answer text states, or None when it states none or more than one (see
-    reftkit.answers for the rules). Never raises."""
+    reftkit.grading.answers for the rules). Never raises."""
     cleaned = clean_answer_text(text)
     found = _NUMBER_RE.finditer(cleaned)
     match = next(found, None)

@@ -26,7 +26,7 @@ from typing import Any
 
 from reftkit.data.numbers import format_number, number_of, parse_number
 from reftkit.data.records import Example
-from reftkit.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
+from reftkit.modeling.hub import cache_only_note, could_be_hub_id, hub_unreachable, missing_path_message
 
 FORMATS = ("reft", "gsm8k", "svamp", "mathqa", "mathqa-numeric", "hf")
 FIELD_KEYS = ("question", "cot", "answer", "id", "options")
@@ -119,7 +119,7 @@ def _text(row: Mapping[str, Any], key: str, *, required: bool = False) -> str:
 
 
 # Gold answers are machine-written numbers ("72", "1,200", "203.0", "<203>", "$5", "25%", "1 1/2"), read
-# exactly as one number (reftkit.answers' rules) or refused: no letters ("about 5", "3 or 4"), and nothing
+# exactly as one number (reftkit.grading.answers' rules) or refused: no letters ("about 5", "3 or 4"), and nothing
 # that is two numbers ("3-4", "1 000": thousands are written with commas, "1,000").
 _BARE_NUMBER_CHARS = re.compile(r"[\s0-9.,+\-/$%<>eE]+")
 _SPACED_THOUSANDS = re.compile(r"[0-9]\s+[0-9]{3}(?![0-9])")

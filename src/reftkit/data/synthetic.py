@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 import random
 
-from reftkit.cot import CotStyle, program_header
+from reftkit.grading.cot import CotStyle, program_header
 from reftkit.data.records import Example
 
 NAMES = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Lily", "Omar", "Nina", "Ravi"]

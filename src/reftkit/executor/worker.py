@@ -82,11 +82,14 @@ def _sympy_warmup() -> None:
 
 
 class Zygote:
+    """The worker's set-up: every isolation layer prepared, probed in a child and reported (`layers`), then
+    the `ChildRunner` that runs programs in forked children (`runner`), health-checked once."""
+
     def __init__(self, config: ExecutorConfig, preload: list[str], scratch: str) -> None:
         self.config = config
         self.layers: dict[str, str] = {"process": f"on: clean interpreter (pid {os.getpid()})"}
         self._raw_fork = False  # until start-up is done and the worker is known to be single-threaded
-        self._children_fd = children_list()
+        children_fd = children_list()
         self._unshare_namespaces()
         roots = self._preload(preload)
         self.ctx = self._context(scratch, roots)
@@ -95,13 +98,13 @@ class Zygote:
         self._confine_self()
         self._raw_fork = len(sys._current_frames()) == 1  # no other Python thread to leave half-copied
         self._prepare_pid_namespace()
+        self.runner = ChildRunner(config, self.ctx, self._raw_fork, children_fd, self.ns_init_pid)
         self._probe()
         self._finalise_layers()
-        self._known_good = compile(f"def {config.entry}():\n    return 6 * 7\n", "<health check>", "exec")
         moved = self._apply_in_worker()
         prepare_steps(self.ctx)
         if moved:
-            self.check_health()  # the layers as now split between worker and child, once, before any program
+            self.runner.check_health()  # the layers as now split between worker and child, once, before any program
         warm_child_path(self.ctx)  # its code specialised once here, not written (and copied) by every child
         gc.collect()
         gc.freeze()  # children need not touch (copy) the pages of long-lived objects when collecting
@@ -378,7 +381,7 @@ class Zygote:
             raise RuntimeError(f"sandbox probe program failed: {report['result']}")
 
     def _probe_once(self) -> dict | None:
-        reply = self._fork_and_collect(lambda fd: probe_main(self.ctx, fd))
+        reply = self.runner.fork_and_collect(lambda fd: probe_main(self.ctx, fd))
         try:
             report = json.loads(reply["data"])
             return {"failures": dict(report["failures"]), "result": dict(report["result"])}
@@ -399,7 +402,17 @@ class Zygote:
         self.layers["static_check"] = "on: AST check of names, attributes and imports"
         self.layers["restricted_builtins"] = "on: no open/eval/exec/compile/getattr/...; allow-listed imports"
 
-    # ----------------------------------------------------------------------------------------- running
+
+class ChildRunner:
+    """Runs programs in children forked from the prepared worker, programs_per_child to a child, and
+    collects each one's result frame; a child that ends abnormally is charged to the program it was
+    running. `serve` is the worker's loop: chunks in from the trainer, results out."""
+
+    def __init__(self, config: ExecutorConfig, ctx: ChildContext, raw_fork: bool, children_fd: int | None,
+                 ns_init_pid: int | None) -> None:
+        self.config, self.ctx, self.ns_init_pid = config, ctx, ns_init_pid
+        self._raw_fork, self._children_fd = raw_fork, children_fd
+        self._known_good = compile(f"def {config.entry}():\n    return 6 * 7\n", "<health check>", "exec")
 
     def run_chunk(self, sources: list[str]) -> list[dict]:
         """One result per source. Every program is parsed, checked and compiled before the first fork: the
@@ -438,7 +451,7 @@ class Zygote:
         cap = _frame_cap(self.config)
         limit = self.config.timeout_s + (_SHARED_SLACK_S if self.ctx.shared else 0)
         deadline = time.monotonic() + len(codes) * limit
-        reply = self._fork_and_collect(lambda fd: child_main(self.ctx, codes, fd), deadline, len(codes) * (cap + 12))
+        reply = self.fork_and_collect(lambda fd: child_main(self.ctx, codes, fd), deadline, len(codes) * (cap + 12))
         frames = split_frames(reply["data"], cap)
         done = []
         for data in frames[: len(codes)]:
@@ -455,7 +468,7 @@ class Zygote:
         charged = ending or _res(Status.ERROR, "no result (malformed or missing)")
         return done[:culprit] + [charged] + [r for code in codes[culprit + 1 :] for r in self._run_group([code])]
 
-    def _fork_and_collect(self, child, deadline: float | None = None, cap: int | None = None) -> dict:
+    def fork_and_collect(self, child, deadline: float | None = None, cap: int | None = None) -> dict:
         """Forks `child(write_fd)`; collects its output until it exits, the deadline passes or the output
         cap is hit (then kills its process group). Returns data, why it stopped, exit status, CPU time."""
         if deadline is None:
@@ -522,6 +535,8 @@ class Zygote:
                 _send({"broken": str(exc)})  # the pool replaces this worker and runs the chunk again
                 return
             _send({"r": [dict(result, i=i) for (i, _), result in zip(tasks, results, strict=True)]})
+
+
 
 
 class WorkerBroken(RuntimeError):
@@ -667,7 +682,7 @@ def main() -> None:
     config = ExecutorConfig(**setup["config"])
     zygote = Zygote(config, setup["preload"], setup["scratch"])
     _send({"ready": True, "pid": os.getpid(), "layers": zygote.layers})
-    zygote.serve()
+    zygote.runner.serve()
 
 
 if __name__ == "__main__":

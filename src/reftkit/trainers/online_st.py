@@ -12,17 +12,18 @@ from pathlib import Path
 
 import torch
 
-from reftkit.batching import shuffled_loader
-from reftkit.rundir import owns_output_dir
+from reftkit.data.batching import shuffled_loader
+from reftkit.training.rundir import owns_output_dir
 from reftkit.config import OnlineSTConfig
-from reftkit.cot import open_grader, warn_if_sandbox_limited
+from reftkit.grading.cot import open_grader, warn_if_sandbox_limited
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade, row_status_counts
-from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
-from reftkit.sampling import correct_examples
-from reftkit.runtime import make_optimizer
-from reftkit.preflight import preflight
-from reftkit.trainers.fit import SupervisedRun, greedy_eval_hook, start_lm_run, steps_per_epoch
+from reftkit.rollout.decoding import decode_and_grade, row_status_counts
+from reftkit.rollout.generation import Sampling
+from reftkit.data.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
+from reftkit.commands.sample import correct_examples
+from reftkit.training.optim import make_optimizer
+from reftkit.training.preflight import preflight
+from reftkit.training.loop import TrainingRun, start_lm_run, steps_per_epoch
 
 def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
     """(1 - w) * mean NLL of reference tokens + w * mean NLL of own-sample tokens.
@@ -48,16 +49,15 @@ def train_online_st(cfg: OnlineSTConfig, train: list[Example] | None = None,
 def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set: list[Example] | None,
                      grader) -> Path:
     accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "online-st", train, eval_set)
-    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
+    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot, run.cuts)
     loader = shuffled_loader(list(range(len(train))), lambda: [len(f.input_ids) for f in references], cfg.batch_size,
                              cfg.seed, cfg.group_by_length)
     steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    sampling = cfg.sampling(cfg.max_length - cfg.max_prompt_tokens)
-    loop = SupervisedRun(accelerator, cfg, run, model, tokenizer, optimizer, scheduler, name="online_st",
-                         steps_per_epoch=steps)
-    after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set, grader, cfg)
+    sampling = Sampling.of(cfg)
+    loop = TrainingRun(accelerator, cfg, run, model, tokenizer, optimizer, scheduler, name="online_st",
+                       steps_per_epoch=steps, eval_set=eval_set, grader=grader)
     model.train()
     limits_warned = False
     for epoch in loop.epochs():
@@ -66,11 +66,12 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
             # 1. Sample num_samples responses per question from the current policy; keep the correct ones.
             rows = decode_and_grade(accelerator, accelerator.unwrap_model(model), tokenizer, questions, grader,
                                     sampling, num_samples=cfg.num_samples, batch_size=len(questions) * cfg.num_samples,
-                                    max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True)
+                                    max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=False, local=True,
+                                    cuts=run.cuts)
             own = correct_examples(rows, questions, cfg.cot)
             # 2. One SFT step on the questions' reference CoTs mixed with those samples.
             features = [references[j] for j in indices.tolist()]
-            features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)
+            features += encode_sft_examples(tokenizer, own, cfg.max_prompt_tokens, cfg.max_length, cfg.cot, run.cuts)
             batch = {k: v.to(accelerator.device) for k, v in collate_sft(features, tokenizer.pad_token_id).items()}
             is_own = torch.arange(len(features), device=accelerator.device) >= len(questions)
             statuses = row_status_counts(rows) if cfg.cot == "program" else {}  # how the programs ended
@@ -87,5 +88,5 @@ def _train_online_st(cfg: OnlineSTConfig, train: list[Example] | None, eval_set:
                 loop.step(mixed_nll(logits, batch["labels"], is_own, cfg.self_weight),
                           {"train_accuracy": stats[0] / stats[1], "own_samples": int(stats[2]), **statuses},
                           epoch, i)
-        loop.end_epoch(epoch, after_epoch)
+        loop.end_epoch(epoch)
     return loop.finish()

@@ -17,37 +17,29 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from reftkit import ppo
-from reftkit.answers import reward_from_grade
-from reftkit.batching import shuffled_loader
 from reftkit.config import ReFTConfig
-from reftkit.cot import open_grader, status_counts, warn_if_sandbox_limited
+from reftkit.data.batching import shuffled_loader
+from reftkit.data.prompts import (
+    IGNORE_INDEX, Truncations, collate_sft, encode_prompt, encode_prompts, encode_sft_examples,
+)
 from reftkit.data.records import Example
-from reftkit.evaluate import eval_record, evaluate_run
-from reftkit.lora import reference_lm
-from reftkit.preflight import preflight
-from reftkit.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm, load_tokenizer
-from reftkit.scoring import lm_response_logprobs, response_slice, token_logprobs
-from reftkit.prompts import IGNORE_INDEX, collate_sft, encode_prompt, encode_prompts, encode_sft_examples
-from reftkit.rollout import Sampling, generate
-from reftkit.engines import check_engine, logprob_gap, make_engine
-from reftkit.checkpoints import (
-    NonFiniteError, claim_output_dir, resume_from, save_final, save_step_checkpoint, step_checkpoint_due,
-    weights_finite,
-)
-from reftkit.rundir import owns_output_dir
-from reftkit.runtime import (
-    Metrics, epoch_batches, guarded_step, load_examples_for, make_accelerator, make_optimizer, prepare_lm_for_training,
-    training_examples,
-)
+from reftkit.grading.answers import reward_from_grade
+from reftkit.grading.cot import open_grader, status_counts, warn_if_sandbox_limited
+from reftkit.modeling.lora import reference_lm
+from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
+from reftkit.modeling.scoring import lm_response_logprobs, response_slice, token_logprobs
+from reftkit.rl import ppo
+from reftkit.rollout.engines import check_engine, logprob_gap, make_engine
+from reftkit.rollout.generation import Sampling, generate
+from reftkit.training.checkpoints import weights_finite
+from reftkit.training.errors import NonFiniteError
+from reftkit.training.loop import TrainingRun, start_lm_run, steps_per_epoch
+from reftkit.training.optim import guarded_step, make_optimizer
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import owns_output_dir
 
 log = logging.getLogger("reftkit")
-
-
-def _lm(policy: PolicyWithValueHead):
-    return policy.lm
 
 
 @dataclass
@@ -75,8 +67,8 @@ def _take(value, idx: torch.Tensor):
 
 def policy_outputs(policy, sequences, attention_mask, prompt_len, temperature, question=None, share=True):
     """(log-probs [N, T], values [N, T] or None) of the response tokens under the (wrapped) policy;
-    rows of the same `question` run its prompt once when `share` (reftkit.scoring)."""
-    return policy(sequences, attention_mask, prompt_len, question, temperature, share)
+    rows of the same `question` run its prompt once when `share` (reftkit.modeling.scoring)."""
+    return policy("response_scores", sequences, attention_mask, prompt_len, question, temperature, share)
 
 
 def minibatch_order(batch: RolloutBatch, generator: torch.Generator, whole_questions: bool) -> torch.Tensor:
@@ -92,16 +84,16 @@ def minibatch_order(batch: RolloutBatch, generator: torch.Generator, whole_quest
 
 @torch.no_grad()
 def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader,
-                 engine=None):
+                 engine=None, cuts: Truncations | None = None):
     """Samples, grades and scores one batch of questions. Returns (RolloutBatch, stats)."""
     with accelerator.autocast():  # same precision for sampling, pi_old, pi_ref and the update
-        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine)
+        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts)
 
 
-def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine=None):
+def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine=None, cuts=None):
     k = cfg.num_samples
-    sampling = Sampling(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
-    prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot)  # cuts counted and warned
+    sampling = Sampling.of(cfg)
+    prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot, cuts=cuts)  # counted, warned once
     # A question's k samples are consecutive rows on this process: group statistics are exact.
     clock = time.perf_counter()
     out = engine.sample(prompts, sampling, k) if engine else \
@@ -184,7 +176,8 @@ def outputs_with_references(policy, rows: RolloutBatch, references: list, pad_id
     def widen(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, full - t.shape[1]), value=value)
 
-    logits, values = policy(torch.cat([widen(rows.sequences, pad_id), widen(refs["input_ids"], pad_id)]),
+    logits, values = policy("position_logits",
+                            torch.cat([widen(rows.sequences, pad_id), widen(refs["input_ids"], pad_id)]),
                             torch.cat([widen(rows.attention_mask, 0), widen(refs["attention_mask"], 0)]))
     own, ref_logits = logits[:n, :width], logits[n:]
     logprobs = token_logprobs(response_slice(own, rows.prompt_len), rows.sequences[:, rows.prompt_len:], temperature)
@@ -219,7 +212,6 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
     n = batch.sequences.shape[0]
     sums: dict[str, torch.Tensor] = {}  # summed on the device: read once per rollout batch, not per minibatch
     updates = skipped = 0
-    norm_length = cfg.max_length - cfg.max_prompt_tokens if cfg.advantage == "drgrpo" else None
     for ppo_epoch in range(cfg.ppo_epochs):
         order = minibatch_order(batch, generator, cfg.share_prompts and sft is None)
         if cfg.mini_batch_size >= n and sft is None:
@@ -240,7 +232,7 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
                 loss, terms = ppo.ppo_objective(
                     logprobs, values, rows.old_logprobs, rows.old_values, rows.advantages, rows.returns, rows.mask,
                     cfg.clip_range, cfg.value_clip_range, cfg.vf_coef, ref_logprobs=rows.ref_logprobs,
-                    kl_coef=cfg.kl_beta, norm_length=norm_length)
+                    kl_coef=cfg.kl_beta, norm_length=cfg.loss_norm_length)
                 if sft is not None:
                     loss, terms["sft_loss"] = (1 - mu) * loss + mu * sft_loss, sft_loss
             accelerator.backward(loss)
@@ -268,14 +260,10 @@ def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: li
 
 
 def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
-    accelerator = make_accelerator(cfg)
-    check_engine(cfg.rollout_engine, accelerator.num_processes)  # installed? before the run directory is claimed
-    run = claim_output_dir(accelerator, cfg, "reft")
-    train = training_examples(train, cfg, require_cot=cfg.train_needs_cot)
-    if eval_set is None and cfg.eval_file:
-        eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
-    tokenizer = load_tokenizer(cfg.model)
-    policy = PolicyWithValueHead(prepare_lm_for_training(load_causal_lm(cfg.model), cfg), critic=cfg.critic)
+    accelerator, run, train, eval_set, lm, tokenizer = start_lm_run(
+        cfg, "reft", train, eval_set, require_cot=cfg.train_needs_cot,
+        before_claim=lambda acc: check_engine(cfg.rollout_engine, acc.num_processes))  # installed?
+    policy = PolicyWithValueHead(lm, critic=cfg.critic)
     policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
     ref_lm = None  # with LoRA the reference is the policy with its adapters off: no second copy; kl_coef 0: none
     if cfg.kl_beta > 0 and (not cfg.lora_r or cfg.ref_model not in (None, cfg.model)):
@@ -286,46 +274,33 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
 
     loader = shuffled_loader(list(range(len(train))), prompt_lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
     updates_per_batch = cfg.ppo_epochs * -(-cfg.batch_size * cfg.num_samples // cfg.mini_batch_size)
-    batches_per_epoch = -(-len(loader) // accelerator.num_processes)
+    batches_per_epoch = steps_per_epoch(accelerator, loader)
     groups = [{"params": policy.lm.parameters()}]
     if policy.value_head is not None:
         groups.append({"params": policy.value_head.parameters(), "lr": cfg.value_head_lr or cfg.lr})
-    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot) \
+    references = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot, run.cuts) \
         if cfg.sft_coef else None
     optimizer, scheduler = make_optimizer(groups, cfg, updates_per_batch * batches_per_epoch * cfg.epochs)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
-    run = resume_from(accelerator, cfg, run) if cfg.resume else run
-    progress = run.progress
+    loop = TrainingRun(accelerator, cfg, run, policy, tokenizer, optimizer, scheduler, name="reft",
+                       steps_per_epoch=batches_per_epoch, eval_set=eval_set, grader=grader)
+    progress = loop.progress
     policy.eval()  # no dropout: the ratio pi/pi_old must be exactly 1 before the first update
-    metrics = Metrics(accelerator, cfg, "reft", run.resumed_at)
     engine = make_engine(cfg.rollout_engine, accelerator.unwrap_model(policy).lm, tokenizer, seed=cfg.seed,
                          max_model_len=cfg.max_length, bf16=accelerator.mixed_precision == "bf16",
                          sleep_mode=cfg.vllm_sleep_mode, num_processes=accelerator.num_processes,
                          share_prompts=cfg.share_prompts)
     engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)  # the resumed weights, if any
 
-    def run_eval(tag: str) -> None:
-        if not eval_set:
-            return
-        read_outs: dict = {}  # program CoT: the programs' exit statuses; multiple choice: consistency
-        acc = evaluate_run(accelerator, accelerator.unwrap_model(policy).lm, tokenizer, eval_set, grader, cfg,
-                           cfg.output_dir / f"predictions-{tag}.jsonl", read_outs=read_outs)
-        metrics.log(eval_record(acc, read_outs), progress.step)
-        log.info("%s: eval accuracy %.4f", tag, acc)
-
-    def checkpoint() -> None:
-        save_step_checkpoint(accelerator, policy, _lm, tokenizer, cfg, run, progress)
-
-    bar = tqdm(total=batches_per_epoch * cfg.epochs, initial=progress.step, desc="reft",
-               disable=not (cfg.progress and accelerator.is_main_process))
     first_step, updates_made, limits_warned = progress.step, 0, False
-    for epoch in range(progress.epoch, cfg.epochs):
-        for i, indices in epoch_batches(accelerator, loader, progress, epoch):
+    for epoch in loop.epochs():
+        for i, indices in loop.batches(loader, epoch):
+            # 1. Rollout: sample, grade and score the batch's questions with the current policy.
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
-                                           [train[j] for j in indices.tolist()], cfg, grader, engine)
+                                           [train[j] for j in indices.tolist()], cfg, grader, engine, run.cuts)
             engine.sleep()  # vLLM sleep mode: the engine's memory is free for the update
-            # Minibatch order: a function of (seed, step), identical on every process and after --resume.
+            # 2. Update: ppo_epochs passes over the rollout. Minibatch order: a function of (seed, step),
+            # identical on every process and after --resume.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
             sft = None
             if references is not None:
@@ -336,27 +311,18 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
             record.update(ppo_update(accelerator, policy, optimizer, scheduler, rollout, cfg, generator,
                                      progress.step + 1, sft))
             record["time_update"] = time.perf_counter() - clock
-            progress.step += 1
+            loop.record({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, epoch, i,
+                        reward=f"{record['reward']:.2f}", acc=f"{record['train_accuracy']:.2f}", kl=f"{record['kl']:.2f}")
             updates_made += record["updates"]
             if accelerator.is_main_process:
                 warn_if_all_dropped(record, progress.step, cfg)
                 # once a run: the counts of every batch are in metrics.jsonl
                 limits_warned = limits_warned or warn_if_sandbox_limited(record, cfg, f"rollout batch {progress.step}")
             engine.push_weights(accelerator.unwrap_model(policy).lm, progress.step)
-            progress.epoch, progress.batch_in_epoch = epoch, i + 1
-            metrics.log({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, progress.step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['train_accuracy']:.2f}",
-                            kl=f"{record['kl']:.2f}")
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                run_eval(f"step{progress.step}")
-            if step_checkpoint_due(cfg, progress, len(loader)):
-                checkpoint()
-        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-        if not cfg.eval_every:
-            run_eval(f"epoch{epoch + 1}")
-        checkpoint()
-    bar.close()
+                loop.evaluate(f"step{progress.step}")
+            loop.checkpoint_if_due()
+        loop.end_epoch(epoch, evaluate=not cfg.eval_every)
     engine.close()
     if accelerator.is_main_process and progress.step > first_step and not updates_made:
         why = (f"every group was dropped (--drop_uniform_groups: each question's {cfg.num_samples} samples got one "
@@ -365,7 +331,4 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
         log.warning("no PPO update in any of the %d rollout batches of this run (steps %d-%d): %s, so the model "
                     "saved is the one it started from (updates, dropped_groups and skipped_updates per step are in "
                     "metrics.jsonl)", progress.step - first_step, first_step + 1, progress.step, why)
-    final = save_final(accelerator, policy, _lm, tokenizer, cfg, run)
-    metrics.close()
-    return final
-
+    return loop.finish()

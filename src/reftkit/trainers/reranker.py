@@ -1,4 +1,4 @@
-"""Reranker recipe: train the outcome reward model (`reftkit.reranker`) on graded samples of the
+"""Reranker recipe: train the outcome reward model (`reftkit.grading.reward_model`) on graded samples of the
 training questions, drawn from the SFT model or read from `reftkit sample`'s samples.jsonl.
 
 Classes are balanced by weighting, not by dropping samples: the loss is binary cross-entropy with
@@ -14,18 +14,20 @@ from pathlib import Path
 
 import torch
 
-from reftkit.batching import shuffled_loader
-from reftkit.checkpoints import claim_output_dir
-from reftkit.rundir import owns_output_dir
+from reftkit.data.batching import shuffled_loader
+from reftkit.training.checkpoints import claim_output_dir
+from reftkit.training.rundir import owns_output_dir
 from reftkit.config import RerankerConfig
-from reftkit.cot import open_grader
+from reftkit.grading.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from reftkit.preflight import preflight
-from reftkit.reranker import collate, encode_texts, new_reranker, reranker_text
-from reftkit.runtime import make_accelerator, make_optimizer, training_examples
-from reftkit.sampling import draw_samples, read_samples
-from reftkit.trainers.fit import fit, steps_per_epoch
+from reftkit.modeling.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from reftkit.training.preflight import preflight
+from reftkit.grading.reward_model import collate, encode_texts, new_reranker, reranker_text
+from reftkit.training.device import make_accelerator
+from reftkit.training.optim import make_optimizer
+from reftkit.data.loading import training_examples
+from reftkit.commands.sample import draw_samples, read_samples
+from reftkit.training.loop import fit, steps_per_epoch
 
 
 def pos_weight(labels: Sequence[float]) -> float:

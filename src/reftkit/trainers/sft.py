@@ -5,15 +5,15 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from reftkit.batching import shuffled_loader
-from reftkit.rundir import owns_output_dir
+from reftkit.data.batching import shuffled_loader
+from reftkit.training.rundir import owns_output_dir
 from reftkit.config import SFTConfig
-from reftkit.cot import open_grader
+from reftkit.grading.cot import open_grader
 from reftkit.data.records import Example
-from reftkit.preflight import preflight
-from reftkit.prompts import collate_sft, encode_sft_examples
-from reftkit.runtime import make_optimizer
-from reftkit.trainers.fit import fit, greedy_eval_hook, start_lm_run, steps_per_epoch
+from reftkit.training.preflight import preflight
+from reftkit.data.prompts import collate_sft, encode_sft_examples
+from reftkit.training.optim import make_optimizer
+from reftkit.training.loop import fit, start_lm_run, steps_per_epoch
 
 @owns_output_dir
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
@@ -25,17 +25,14 @@ def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list
 
 def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
     accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "sft", train, eval_set)
-    features = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot)  # cuts warned
+    features = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot, run.cuts)
     loader = shuffled_loader(features, lambda: [len(f.input_ids) for f in features], cfg.batch_size, cfg.seed,
                              cfg.group_by_length, collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))
     steps = steps_per_epoch(accelerator, loader, cfg.grad_accum)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, steps * cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-
-    after_epoch = greedy_eval_hook(accelerator, model, tokenizer, eval_set if cfg.eval_every_epoch else None, grader,
-                                   cfg)
     return fit(accelerator, cfg, run, model, tokenizer, loader, optimizer, scheduler, lm_loss, name="sft",
-               steps_per_epoch=steps, after_epoch=after_epoch)
+               steps_per_epoch=steps, eval_set=eval_set if cfg.eval_every_epoch else None, grader=grader)
 
 
 def lm_loss(model, batch: dict) -> tuple:

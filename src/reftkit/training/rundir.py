@@ -1,6 +1,5 @@
 """A run directory's guards that need no model: one live run per directory (an flock held for the
-run's life), inputs that must not lie where a run writes, fingerprints of the data it trains on,
-and the errors that stop a run. What a training run may find there is reftkit.checkpoints'."""
+run's life), inputs that must not lie where a run writes, fingerprints of the data it trains on. What a training run may find there is reftkit.training.checkpoints'."""
 
 from __future__ import annotations
 
@@ -20,16 +19,14 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
+from reftkit.training.errors import RunError
+
 log = logging.getLogger("reftkit")
 
 LOCK_FILE = ".reftkit.lock"  # flock-ed by the live run; the kernel drops the lock when its process dies
 # Options that name something a command reads: none may lie where the run writes or removes.
 INPUT_FIELDS = ("model", "ref_model", "train_file", "eval_file", "samples_file", "reranker")
 DATA_FIELDS = ("train_file", "samples_file")  # what is trained on: a resumed run must read the same bytes
-
-
-class RunError(ValueError):
-    """A run cannot start, continue or save as asked; the message says why and what to do."""
 
 
 def check_writable(directory: Path) -> None:
@@ -70,7 +67,7 @@ def holding_output_dir(directory: Path | str, cfg=None):
     `accelerate launch` run are the same run). A command run inside another on the same directory
     (Offline-ST's SFT) shares the hold; any exit releases it, and a killed process's lock is
     released by the kernel, so none is ever stale."""
-    from reftkit.runtime import process_state  # lazy: runtime imports checkpoints, which imports this module
+    from reftkit.training.device import process_state  # lazy: runtime imports checkpoints, which imports this module
 
     out, held = Path(directory), []
     is_main = process_state().is_main_process

@@ -2,7 +2,7 @@
 model, sampling, training) and before a run claims its output_dir, so a mistyped path or an impossible
 setting costs seconds and leaves nothing behind. Every command calls `preflight(cfg)` first.
 
-Checked here: the models (`model`, `ref_model`, `reranker`): found (reftkit.model.model_source), their
+Checked here: the models (`model`, `ref_model`, `reranker`): found (reftkit.modeling.model.model_source), their
 config and tokenizer loadable, and enough positions for max_length (position_limit); the data files
 (`train_file`, `eval_file`), read and validated as the command reads them (a Hub dataset name is left to
 the command); `samples_file`. The sandbox's limits are checked when the config is built (SandboxOptions).
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from reftkit.config import EvalConfig, ReproduceConfig, SampleConfig, TrainData
-from reftkit.hub import missing_path_message
+from reftkit.modeling.hub import missing_path_message
 
 # Config fields of relative positions (RoPE, ALiBi): no table to run past, so no hard length limit.
 _RELATIVE_POSITIONS = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct",
@@ -56,7 +56,7 @@ def _check_data(cfg, train_given: bool, eval_given: bool) -> None:
     """Reads the data files the command will read, as it reads them (rows validated, CoTs required where it
     trains on them); a missing file the command needs is refused as it would refuse it."""
     from reftkit.data.readers import is_hub_dataset
-    from reftkit.runtime import load_examples_for
+    from reftkit.data.loading import load_examples_for
 
     checks = []  # (role, path, required, needs_cot)
     if not train_given and (not isinstance(cfg, EvalConfig) or cfg.few_shot):  # eval: only few-shot reads it
@@ -73,7 +73,7 @@ def _check_data(cfg, train_given: bool, eval_given: bool) -> None:
 def check_model(name: str, lengths: dict[str, int], *, what: str = "model", tokenizer: bool = True) -> None:
     """`name` is found, its config (and with `tokenizer` its tokenizer) loads, and it has positions for the
     longest of `lengths`. `what`: the option that names it, in the messages."""
-    from reftkit.model import load_tokenizer
+    from reftkit.modeling.model import load_tokenizer
 
     try:
         config = _model_config(name)
@@ -111,7 +111,7 @@ def _model_config(name: str):
     config (the model's own loading then reports it)."""
     from transformers import AutoConfig
 
-    from reftkit.model import load_pretrained, model_source
+    from reftkit.modeling.model import load_pretrained, model_source
 
     source, _ = model_source(name)
     adapter = Path(source) / "adapter_config.json"

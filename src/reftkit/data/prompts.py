@@ -1,7 +1,7 @@
 """The paper's prompt format and its tokenization (the SFT loss covers response tokens only).
 
 Cutting is never silent: prompts cut to max_prompt_tokens and SFT targets cut at max_length are
-counted per process (`truncation_counts`, for a run's summary) and warned about once per kind.
+counted in the run's `Truncations` (its summary in reftkit_run.json) and warned about once per kind.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reftkit.cot import CotStyle, question_text, response_prefix, response_text
+from reftkit.grading.cot import CotStyle, question_text, response_prefix, response_text
 from reftkit.data.records import Example
 
 log = logging.getLogger("reftkit")
@@ -99,10 +99,10 @@ def encode_prompt(tokenizer, example: Example, max_prompt_tokens: int, cot: CotS
 
 
 def encode_prompts(tokenizer, examples: Sequence[Example], max_prompt_tokens: int, cot: CotStyle = "natural",
-                   shots: Sequence[Example] = ()) -> list[list[int]]:
-    """`encode_prompt` of each example, the prompts cut to max_prompt_tokens counted (and warned about)."""
+                   shots: Sequence[Example] = (), cuts: Truncations | None = None) -> list[list[int]]:
+    """`encode_prompt` of each example, the prompts cut to max_prompt_tokens counted in `cuts` (and warned about)."""
     encoded = [_encode_prompt(tokenizer, ex, max_prompt_tokens, cot, shots) for ex in examples]
-    note_truncation("prompts", sum(cut for _, cut in encoded), len(encoded), max_prompt_tokens)
+    (cuts or Truncations()).note("prompts", sum(cut for _, cut in encoded), len(encoded), max_prompt_tokens)
     return [ids for ids, _ in encoded]
 
 
@@ -118,11 +118,12 @@ def encode_sft(tokenizer, example: Example, max_prompt_tokens: int, max_length: 
 
 
 def encode_sft_examples(tokenizer, examples: Sequence[Example], max_prompt_tokens: int, max_length: int,
-                        cot: CotStyle = "natural") -> list[Encoded]:
-    """`encode_sft` of each example, cut prompts and cut targets counted (and warned about)."""
+                        cot: CotStyle = "natural", cuts: Truncations | None = None) -> list[Encoded]:
+    """`encode_sft` of each example, cut prompts and cut targets counted in `cuts` (and warned about)."""
     encoded = [encode_sft(tokenizer, ex, max_prompt_tokens, max_length, cot) for ex in examples]
-    note_truncation("prompts", sum(e.prompt_truncated for e in encoded), len(encoded), max_prompt_tokens)
-    note_truncation("sft_targets", sum(e.truncated for e in encoded), len(encoded), max_length)
+    cuts = cuts or Truncations()
+    cuts.note("prompts", sum(e.prompt_truncated for e in encoded), len(encoded), max_prompt_tokens)
+    cuts.note("sft_targets", sum(e.truncated for e in encoded), len(encoded), max_length)
     return encoded
 
 
@@ -134,33 +135,29 @@ _CUT_MESSAGES = {
     "sft_targets": "%d of %d SFT targets (prompt, reference CoT, EOS) exceed max_length=%d and were cut to "
                    "their first %d tokens (the answer and EOS are lost): raise max_length",
 }
-_cut_counts: dict[str, list[int]] = {}  # kind -> [cut, seen] in this process
-_warned: set[str] = set()
 
 
-def note_truncation(kind: str, cut: int, seen: int, limit: int) -> None:
-    """Counts `cut` of `seen` rows of `kind` ("prompts", "sft_targets") cut at `limit` tokens; the
-    first cut of a kind is warned about with its counts, later ones only counted."""
-    counts = _cut_counts.setdefault(kind, [0, 0])
-    counts[0] += cut
-    counts[1] += seen
-    if cut and kind not in _warned:
-        _warned.add(kind)
-        log.warning(_CUT_MESSAGES[kind] + "; later cuts are counted in the run summary, not warned about",
-                    cut, seen, limit, limit)
+class Truncations:
+    """One run's rows cut at the length limits, per kind ("prompts", "sft_targets"): counted for the
+    run's summary, the first cut of each kind warned about with its counts, later ones only counted.
+    A function given none counts into a fresh one (its own call's warning)."""
 
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}  # kind -> [cut, seen]
 
-def truncation_counts() -> dict[str, int]:
-    """Rows cut and rows seen per kind in this process since `reset_truncation_counts`, for a run
-    summary: {"prompts_cut": 16, "prompts": 16, "sft_targets_cut": 0, "sft_targets": 48}."""
-    return {key: value for kind, (cut, seen) in _cut_counts.items() for key, value in ((f"{kind}_cut", cut),
-                                                                                        (kind, seen))}
+    def note(self, kind: str, cut: int, seen: int, limit: int) -> None:
+        counts = self.counts.setdefault(kind, [0, 0])
+        first_cut = cut and not counts[0]
+        counts[0] += cut
+        counts[1] += seen
+        if first_cut:
+            log.warning(_CUT_MESSAGES[kind] + "; later cuts are counted in the run summary, not warned about",
+                        cut, seen, limit, limit)
 
-
-def reset_truncation_counts() -> None:
-    """Zero the counts and warn again (a run's start, when one process runs several)."""
-    _cut_counts.clear()
-    _warned.clear()
+    def summary(self) -> dict[str, int]:
+        """{"prompts_cut": 16, "prompts": 16, "sft_targets_cut": 0, "sft_targets": 48}: rows cut and rows seen."""
+        return {key: value for kind, (cut, seen) in self.counts.items()
+                for key, value in ((f"{kind}_cut", cut), (kind, seen))}
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+from reftkit.rl.methods import ESTIMATORS
+
 # Sums a tensor over all processes (e.g. `accelerator.reduce(t, "sum")`); identity on one process.
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -115,29 +117,15 @@ def reduce_tokens(x: torch.Tensor, mask: torch.Tensor, norm_length: int | None) 
 def group_advantages(
     scores: torch.Tensor,  # [B] outcome reward per sequence; the k samples of a question are consecutive
     k: int,
-    estimator: str,  # "grpo" | "drgrpo" | "rloo"
-    eps: float = 1e-6,
+    estimator: str,  # a critic-free entry of reftkit.rl.methods.ESTIMATORS: "grpo" | "drgrpo" | "rloo"
 ) -> torch.Tensor:
-    """Critic-free advantages [B] from each question's group of k samples.
-
-    grpo:   (r_i - mean) / (std + eps), std the unbiased sample std of the group (0 when k = 1)
-    drgrpo: r_i - mean
-    rloo:   r_i - mean of the other k - 1 = k / (k - 1) * (r_i - mean)   (needs k >= 2)
-    """
-    groups = scores.float().view(-1, k)  # [B / k, k]
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        std = groups.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(centred[:, :1])
-        out = centred / (std + eps)
-    elif estimator == "drgrpo":
-        out = centred
-    elif estimator == "rloo":
-        if k < 2:
-            raise ValueError("rloo needs at least 2 samples per question")
-        out = centred * k / (k - 1)
-    else:
+    """Critic-free advantages [B] from each question's group of k samples (the estimator's group function)."""
+    method = ESTIMATORS.get(estimator)
+    if method is None or method.group is None:
         raise ValueError(f"unknown group estimator {estimator!r}")
-    return out.reshape(-1)
+    if k < method.min_samples:
+        raise ValueError(f"{estimator} needs at least {method.min_samples} samples per question")
+    return method.group(scores.float().view(-1, k)).reshape(-1)
 
 
 def uniform_groups(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 
-from reftkit.answers import same_answer
+from reftkit.grading.answers import same_answer
 from reftkit.data.numbers import parse_number
 
 

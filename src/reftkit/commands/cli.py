@@ -38,17 +38,17 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "sft": Command("reftkit.trainers.sft", "train_sft", SFTConfig, "supervised fine-tuning (warm-up)"),
     "reft": Command("reftkit.trainers.reft", "train_reft", ReFTConfig, "ReFT: PPO from an SFT checkpoint"),
-    "eval": Command("reftkit.evaluate_cli", "run_eval", EvalConfig, "greedy accuracy of a checkpoint"),
-    "sample": Command("reftkit.sampling", "run_sample", SampleConfig, "k samples per question: vote@k, pass@k, rerank@k"),
+    "eval": Command("reftkit.commands.evaluate", "run_eval", EvalConfig, "greedy accuracy of a checkpoint"),
+    "sample": Command("reftkit.commands.sample", "run_sample", SampleConfig, "k samples per question: vote@k, pass@k, rerank@k"),
     "offline-st": Command("reftkit.trainers.offline_st", "train_offline_st", OfflineSTConfig,
                           "offline self-training: SFT on the data plus the model's own correct samples"),
     "online-st": Command("reftkit.trainers.online_st", "train_online_st", OnlineSTConfig,
                          "online self-training: SFT on the policy's correct samples, mixed with the data"),
     "train-reranker": Command("reftkit.trainers.reranker", "train_reranker", RerankerConfig,
                               "outcome reward model for rerank@k, from an SFT checkpoint"),
-    "reproduce": Command("reftkit.reproduce", "run_reproduce", ReproduceConfig,
+    "reproduce": Command("reftkit.commands.reproduce", "run_reproduce", ReproduceConfig,
                          "the paper's protocol: every method and inference strategy, one table"),
-    "demo": Command("reftkit.demo", "run_demo", DemoConfig, "synthetic end-to-end demo: SFT, then ReFT vs SFT"),
+    "demo": Command("reftkit.commands.demo", "run_demo", DemoConfig, "synthetic end-to-end demo: SFT, then ReFT vs SFT"),
 }
 
 CONVENTIONS = (
@@ -286,7 +286,7 @@ def interrupted_hint(command: str, cfg: BaseModel | None) -> str:
         return "; rerun the same command to continue (finished stages are skipped, an interrupted one resumes)"
     if "resume" not in type(cfg).model_fields:
         return ""
-    from reftkit.checkpoints import latest_checkpoint
+    from reftkit.training.checkpoints import latest_checkpoint
 
     checkpoint = latest_checkpoint(Path(out))
     return f"; {checkpoint} is kept: continue with the same command and --resume" if checkpoint else ""

@@ -2,21 +2,23 @@
 
 On multiple-choice data the summary (metrics.jsonl and the log line) also reports the consistency
 rate: the share of predictions whose picked option matches the number their reasoning ended on,
-with the counts behind it (reftkit.faithfulness). With program CoT it reports how the programs
-ended (programs_ok, programs_timeout, ...: reftkit.cot.status_counts)."""
+with the counts behind it (reftkit.grading.faithfulness). With program CoT it reports how the programs
+ended (programs_ok, programs_timeout, ...: reftkit.grading.cot.status_counts)."""
 
 from __future__ import annotations
 
 import logging
 
-from reftkit.checkpoints import check_results_dir
-from reftkit.rundir import on_main_process, owns_output_dir
+from reftkit.training.checkpoints import check_results_dir
+from reftkit.training.rundir import on_main_process, owns_output_dir
 from reftkit.config import EvalConfig
-from reftkit.cot import open_grader
-from reftkit.evaluate import evaluate_run
-from reftkit.model import load_causal_lm, load_tokenizer
-from reftkit.preflight import preflight
-from reftkit.runtime import Metrics, load_examples_for, make_accelerator
+from reftkit.grading.cot import open_grader
+from reftkit.rollout.decoding import evaluate_run
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.training.preflight import preflight
+from reftkit.training.metrics import Metrics
+from reftkit.data.loading import load_examples_for
+from reftkit.training.device import make_accelerator
 
 log = logging.getLogger("reftkit")
 

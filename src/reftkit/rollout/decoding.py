@@ -10,13 +10,13 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from reftkit.answers import Grade, Grader
+from reftkit.grading.answers import Grade, Grader
 from reftkit.config import DataOptions
-from reftkit.cot import CotStyle, response_prefix, status_counts, warn_if_sandbox_limited
+from reftkit.grading.cot import CotStyle, response_prefix, status_counts, warn_if_sandbox_limited
 from reftkit.data.records import Example
-from reftkit.faithfulness import consistency_summary, prediction_consistency
-from reftkit.prompts import FEW_SHOT_STOP, encode_prompts
-from reftkit.rollout import Sampling, generate
+from reftkit.grading.faithfulness import consistency_summary, prediction_consistency
+from reftkit.data.prompts import FEW_SHOT_STOP, Truncations, encode_prompts
+from reftkit.rollout.generation import Sampling, generate
 from reftkit.writers import write_jsonl
 
 
@@ -36,6 +36,7 @@ def decode_and_grade(
     desc: str = "eval",
     local: bool = False,
     shots: Sequence[Example] = (),
+    cuts: Truncations | None = None,
 ) -> list[dict]:
     """`num_samples` graded responses per example, one row per response, ordered by (example,
     sample): each process decodes its shard and all get all rows; with `local`, each process
@@ -47,11 +48,12 @@ def decode_and_grade(
     memory follows batch_size, never k (for k <= batch_size, one call per batch, as before).
     `shots` are worked examples put before every prompt (few-shot prompting of a base model).
     A multiple-choice row also carries `consistent`: whether the picked option matches the number
-    its reasoning ended on (True/False, None when unknown; rules in reftkit.faithfulness).
+    its reasoning ended on (True/False, None when unknown; rules in reftkit.grading.faithfulness).
+    Prompts cut at max_prompt_tokens are counted in `cuts` (a run's), warned about once.
     """
     rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
     shard = list(range(rank, len(examples), world))
-    prompts = dict(zip(shard, encode_prompts(tokenizer, [examples[i] for i in shard], max_prompt_tokens, cot, shots),
+    prompts = dict(zip(shard, encode_prompts(tokenizer, [examples[i] for i in shard], max_prompt_tokens, cot, shots, cuts),
                        strict=True))
     order = sorted(shard, key=lambda i: len(prompts[i]))
     per_batch = max(1, batch_size // num_samples)
@@ -98,14 +100,16 @@ def evaluate(
     cot: CotStyle = "natural",
     shots: Sequence[Example] = (),
     read_outs: dict | None = None,
+    cuts: Truncations | None = None,
 ) -> float:
     """Top-1 (greedy) accuracy over all processes; with `shots`, a response ends where the model
     starts a new question. `read_outs`, when given, is filled with the multiple-choice consistency
-    counts (`reftkit.faithfulness.consistency_summary`; nothing for numeric data) and, for program
-    CoT, the programs' exit statuses (`reftkit.cot.status_counts`)."""
+    counts (`reftkit.grading.faithfulness.consistency_summary`; nothing for numeric data) and, for program
+    CoT, the programs' exit statuses (`reftkit.grading.cot.status_counts`)."""
     greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens, stop=FEW_SHOT_STOP if shots else None)
     rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, greedy, batch_size=batch_size,
-                            max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress, shots=shots)
+                            max_prompt_tokens=max_prompt_tokens, cot=cot, progress=progress, shots=shots,
+                            cuts=cuts)
     if predictions_path is not None and accelerator.is_main_process:
         write_jsonl(predictions_path, ({k: v for k, v in r.items() if k not in ("index", "sample")} for r in rows))
     if read_outs is not None:
@@ -126,14 +130,14 @@ def eval_record(accuracy: float, read_outs: dict) -> dict:
 
 def evaluate_run(accelerator: Accelerator, lm: PreTrainedModel, tokenizer, examples: list[Example], grader: Grader,
                  cfg: DataOptions, predictions_path: Path, shots: Sequence[Example] = (),
-                 read_outs: dict | None = None) -> float:
+                 read_outs: dict | None = None, cuts: Truncations | None = None) -> float:
     """`evaluate` with a run config's batch size, lengths and progress setting; warns when the
     sandbox's limits stopped a noticeable share of the programs (program CoT)."""
     read_outs = {} if read_outs is None else read_outs
     acc = evaluate(accelerator, lm, tokenizer, examples, grader, batch_size=cfg.eval_batch_size,
                    max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_length - cfg.max_prompt_tokens,
                    progress=cfg.progress, predictions_path=predictions_path, cot=cfg.cot, shots=shots,
-                   read_outs=read_outs)
+                   read_outs=read_outs, cuts=cuts)
     if accelerator.is_main_process:
         warn_if_sandbox_limited(read_outs, cfg, f"eval ({predictions_path.name})")
     return acc

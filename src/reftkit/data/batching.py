@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from reftkit.runtime import loader_generator
 
 # Examples are sorted by length inside windows of this many batches. Larger windows pad less but
 # make batch composition more predictable; 50 is the Hugging Face Trainer's value.
@@ -70,3 +69,10 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1 - real / padded if padded else 0.0
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own RNG. Without it each new iterator draws from the global torch RNG, which
+    also drives sampling, so a resumed run (new iterator after the RNG restore) would sample
+    differently from an uninterrupted one."""
+    return torch.Generator().manual_seed(seed)

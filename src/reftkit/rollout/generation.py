@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from reftkit.kvcache import cache_argument, growing_cache, logits_to_keep, recording_cache, supports_shared_prefix
-from reftkit.prompts import collate_prompts
-from reftkit.scoring import position_ids_for
+from reftkit.modeling.kvcache import cache_argument, growing_cache, logits_to_keep, recording_cache, supports_shared_prefix
+from reftkit.data.prompts import collate_prompts
+from reftkit.modeling.scoring import position_ids_for
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 400
     stop: str | None = None  # a response also ends before this text (few-shot prompting)
+
+    @classmethod
+    def of(cls, cfg) -> Sampling:
+        """A command's sampling (its SamplingOptions), up to the response budget max_length - max_prompt_tokens."""
+        return cls(True, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_length - cfg.max_prompt_tokens)
 
 
 @dataclass
@@ -45,7 +50,7 @@ def generate(
 ) -> Generated:
     """Samples (or greedily decodes) `num_return_sequences` responses per prompt, in prompt order,
     with transformers' `generate`. With `share_prompts` (and a model that allows it) each prompt is
-    prefilled once for its rows and the KV cache grows in place (reftkit.kvcache): the same tokens
+    prefilled once for its rows and the KV cache grows in place (reftkit.modeling.kvcache): the same tokens
     as the plain call, for less compute and copying."""
     batch = {k: v.to(lm.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
     config = GenerationConfig(
@@ -86,7 +91,7 @@ def assemble(batch: dict[str, torch.Tensor], responses: torch.Tensor, tokenizer,
              num_return_sequences: int) -> Generated:
     """The `Generated` of collated prompts and their right-padded responses [N, T] (in prompt order,
     `num_return_sequences` rows per prompt): masks up to the first EOS, texts decoded and cut at
-    `stop`. `generate` and the vLLM engine (reftkit.engines) both lay out a rollout through it."""
+    `stop`. `generate` and the vLLM engine (reftkit.rollout.engines) both lay out a rollout through it."""
     prompt_len = batch["input_ids"].shape[1]
     sequences = torch.cat([batch["input_ids"].repeat_interleave(num_return_sequences, dim=0), responses], dim=1)
     mask = response_mask(responses, tokenizer.eos_token_id)

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.hub import cache_only_note, cached_hub_dir, could_be_hub_id, hub_unreachable, missing_path_message
-from reftkit.pretrained import resolve
-from reftkit.scoring import position_ids_for, score_responses
+from reftkit.modeling.hub import cache_only_note, cached_hub_dir, could_be_hub_id, hub_unreachable, missing_path_message
+from reftkit.modeling.pretrained import resolve
+from reftkit.modeling.scoring import position_ids_for, score_responses
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 _MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a peft adapter on one
@@ -23,9 +23,9 @@ TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 
 def model_source(name_or_path: str) -> tuple[str, str]:
     """(what `from_pretrained` loads, how a name that is not a local path was resolved: "" for a local
-    directory) for an HF name, a directory, or a reftkit name such as `smollm2-135m` (see reftkit.pretrained).
+    directory) for an HF name, a directory, or a reftkit name such as `smollm2-135m` (see reftkit.modeling.pretrained).
     A local directory is read from disk only, never the network. A missing path that cannot be a Hub id
-    (see reftkit.hub), a directory without a model, and a Hub id while the Hub cannot be reached that is not
+    (see reftkit.modeling.hub), a directory without a model, and a Hub id while the Hub cannot be reached that is not
     in the local cache are one-line errors before anything loads; a cached one is its snapshot directory."""
     source = resolve(name_or_path)
     path = Path(source).expanduser()
@@ -144,15 +144,24 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(dtype=lm.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int | None = None,
-                groups: torch.Tensor | None = None, temperature: float = 1.0, share: bool = True):
-        """With `prompt_len`: (log-probs [B, T], values [B, T] or None) of the response tokens, each
-        group's prompt run once (see reftkit.scoring.score_responses). Without: (logits [B, L, V],
-        values [B, L] or None) of every position. Either way one forward call: under DDP one
-        forward per backward."""
-        if prompt_len is not None:
-            return score_responses(self.lm, input_ids, attention_mask, prompt_len, groups, temperature,
-                                   self.value_head, share)
+    def forward(self, method: str, *args, **kwargs):
+        """Runs `response_scores` or `position_logits` by name. A policy that the accelerator wrapped
+        (DDP, FSDP) is called as `policy("response_scores", ...)`, so that the call goes through the
+        wrapper's forward (one forward per backward: gradients sync); an unwrapped policy may call the
+        methods directly."""
+        if method not in ("response_scores", "position_logits"):
+            raise ValueError(f"unknown policy method {method!r}")
+        return getattr(self, method)(*args, **kwargs)
+
+    def response_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                        groups: torch.Tensor | None = None, temperature: float = 1.0, share: bool = True):
+        """(log-probs [B, T], values [B, T] or None) of the response tokens (after `prompt_len`), each
+        group's prompt run once (see reftkit.modeling.scoring.score_responses)."""
+        return score_responses(self.lm, input_ids, attention_mask, prompt_len, groups, temperature, self.value_head,
+                               share)
+
+    def position_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(logits [B, L, V], values [B, L] or None) of every position."""
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -181,6 +190,11 @@ class PolicyWithValueHead(nn.Module):
             return False
         self.value_head.load_state_dict(load_file(str(path)))
         return True
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The causal LM of `model` (unwrapped): a policy's LM, or the model itself."""
+    return model.lm if isinstance(model, PolicyWithValueHead) else model
 
 
 def enable_gradient_checkpointing(lm: PreTrainedModel) -> None:

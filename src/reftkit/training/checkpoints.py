@@ -25,17 +25,19 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from reftkit.config import TrainerOptions
-from reftkit.lora import plain_model_and_state
-from reftkit.prompts import reset_truncation_counts, truncation_counts
-from reftkit.rundir import (
-    LOCK_FILE, RunError, check_inputs, check_writable, data_changes, data_fingerprints, on_main_process,
+from reftkit.modeling.lora import plain_model_and_state
+from reftkit.modeling.model import PolicyWithValueHead, language_model
+from reftkit.data.prompts import Truncations
+from reftkit.training.errors import NonFiniteError, RunError
+from reftkit.training.rundir import (
+    LOCK_FILE, check_inputs, check_writable, data_changes, data_fingerprints, on_main_process,
 )
 from reftkit.writers import write_json
 
@@ -53,10 +55,6 @@ RESUMABLE = frozenset({"resume", "overwrite_output_dir", "output_dir", "progress
                        "eval_batch_size", "max_eval_examples", "eval_every", "eval_every_epoch", "save_every",
                        "exec_workers", "nonfinite"})
 NOT_SETTINGS = frozenset({"resume", "overwrite_output_dir"})  # how a run was started: never a change to report
-
-
-class NonFiniteError(RunError):
-    """A non-finite loss, gradient or weight; the run stopped and saved nothing non-finite."""
 
 
 @dataclass
@@ -78,6 +76,7 @@ class Run:
     data: dict[str, str] = field(default_factory=dict)  # sha256 of the data files (rundir.data_fingerprints)
     seconds_before: float = 0.0  # training seconds of the parts before this one (0 unless resumed)
     started: float = field(default_factory=time.time)
+    cuts: Truncations = field(default_factory=Truncations)  # rows this run cut at the length limits (its summary)
 
     def seconds(self) -> float:
         """Training seconds so far, over every part of a resumed run."""
@@ -183,7 +182,6 @@ def claim_output_dir(accelerator: Accelerator, cfg: TrainerOptions, command: str
     names the run to resume (`resume_from` then loads its checkpoint). Only the main process writes;
     the caller holds the directory (`owns_output_dir`), so no other run checks or claims it meanwhile."""
     out = Path(cfg.output_dir)
-    reset_truncation_counts()  # this run's summary counts its own cuts (a pipeline runs several in one process)
     data = data_fingerprints(cfg)
 
     def claim() -> None:
@@ -266,7 +264,7 @@ def resume_from(accelerator: Accelerator, cfg: TrainerOptions, run: Run) -> Run:
             log.warning("--resume: continuing %s with changed settings: %s", ckpt, "; ".join(accepted))
         progress = Progress(**state["progress"])
         log.info("resumed from %s at step %d", ckpt, progress.step)
-        return Run(run.id, progress, progress.step, run.data, state.get("seconds") or 0.0, run.started)
+        return replace(run, progress=progress, resumed_at=progress.step, seconds_before=state.get("seconds") or 0.0)
     hint = "" if all("is damaged" in p for p in problems) else (
         ". Files that are whole but do not load were written for another model: one the run builds differently "
         "now (--model tiny builds its vocabulary from the training data) or one replaced at the same path")
@@ -300,23 +298,23 @@ def weights_finite(model) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def save_hf_model(accelerator: Accelerator, model, lm_of, tokenizer, directory: Path) -> None:
+def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -> None:
     """Writes a plain HF directory: `from_pretrained(directory)` loads the policy without reftkit."""
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)  # gathers shards under FSDP / ZeRO-3
-    lm = lm_of(unwrapped)
+    lm = language_model(unwrapped)  # a policy with a value head: its LM as the plain model, the head beside it
     prefix = "lm." if lm is not unwrapped else ""
     lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if state else None
     lm, lm_state = plain_model_and_state(lm, lm_state)  # LoRA: merged weights, no peft needed to load
     lm.save_pretrained(directory, state_dict=lm_state, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(directory)
-        if hasattr(unwrapped, "save_value_head"):
+        if isinstance(unwrapped, PolicyWithValueHead):
             unwrapped.save_value_head(directory)
 
 
 def save_checkpoint(
-    accelerator: Accelerator, model, lm_of, tokenizer, output_dir: Path, name: str, progress: Progress | None,
+    accelerator: Accelerator, model, tokenizer, output_dir: Path, name: str, progress: Progress | None,
     config: dict, run: Run | None = None,
 ) -> Path:
     """Writes output_dir/name atomically: into a temporary directory, renamed when complete.
@@ -335,7 +333,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
-        save_hf_model(accelerator, model, lm_of, tokenizer, tmp)
+        save_hf_model(accelerator, model, tokenizer, tmp)
         if progress is not None:
             accelerator.save_state(str(tmp / ACCELERATE_DIR))
         accelerator.wait_for_everyone()
@@ -364,10 +362,10 @@ def prune_checkpoints(accelerator: Accelerator, output_dir: Path, run_id: str, k
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_step_checkpoint(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run,
+def save_step_checkpoint(accelerator: Accelerator, model, tokenizer, cfg: TrainerOptions, run: Run,
                          progress: Progress) -> None:
     """checkpoint-{step} with everything --resume needs; this run's older ones beyond the last two go."""
-    save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}", progress,
+    save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, f"checkpoint-{progress.step}", progress,
                     cfg.model_dump(mode="json"), run)
     prune_checkpoints(accelerator, cfg.output_dir, run.id)
 
@@ -378,14 +376,14 @@ def step_checkpoint_due(cfg: TrainerOptions, progress: Progress, batches_in_epoc
     return bool(cfg.save_every) and progress.step % cfg.save_every == 0 and progress.batch_in_epoch < batches_in_epoch
 
 
-def save_final(accelerator: Accelerator, model, lm_of, tokenizer, cfg: TrainerOptions, run: Run) -> Path:
+def save_final(accelerator: Accelerator, model, tokenizer, cfg: TrainerOptions, run: Run) -> Path:
     """final/, then the run's summary in reftkit_run.json: when it finished and how many prompts and
     SFT targets were cut at the length limits (main process's counts)."""
-    final = save_checkpoint(accelerator, model, lm_of, tokenizer, cfg.output_dir, "final", None,
+    final = save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, "final", None,
                             cfg.model_dump(mode="json"), run)
     run_file = Path(cfg.output_dir) / RUN_FILE
     if accelerator.is_main_process and run_file.exists():
-        summary = {"finished": time.time(), **truncation_counts()}
+        summary = {"finished": time.time(), **run.cuts.summary()}
         write_json(run_file, {**json.loads(run_file.read_text()), "summary": summary})
         log.info("run summary: %s", summary)
     return final

@@ -15,7 +15,7 @@ functions, no torch, no I/O. Rules (each one tested in tests/test_faithfulness.p
   reads only an option letter from it (a returned number picks no option). A returned letter
   says nothing about the number the program computed, so program rows are unknown.
 * consistent: the picked option's value equals the reasoning's number under the reward's
-  equality (`reftkit.answers.close`: exact between integers and fractions, else abs diff <= 1e-2);
+  equality (`reftkit.grading.answers.close`: exact between integers and fractions, else abs diff <= 1e-2);
   inconsistent: it does not; unknown (None): no option picked, an option without a value, or no
   number in the reasoning. The rate is consistent / (consistent + inconsistent); unknowns are
   counted apart, never in the rate.
@@ -26,8 +26,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from reftkit.answers import Grade, close, reasoning_of
-from reftkit.cot import CotStyle
+from reftkit.grading.answers import Grade, close, reasoning_of
+from reftkit.grading.cot import CotStyle
 from reftkit.data.numbers import Number, parse_number
 from reftkit.data.records import Example
 

@@ -19,8 +19,8 @@ from accelerate.utils import gather_object
 from transformers import AutoModelForSequenceClassification
 
 from reftkit.data.records import Example
-from reftkit.model import load_pretrained, load_tokenizer
-from reftkit.prompts import pad_right, prompt_text, tail_token_ids
+from reftkit.modeling.model import load_pretrained, load_tokenizer
+from reftkit.data.prompts import pad_right, prompt_text, tail_token_ids
 
 
 def reranker_text(example: Example, output: str) -> str:

@@ -2,7 +2,7 @@
 
 samples.jsonl holds one row per sample: id, question, sample (0..k-1), output (what the model
 wrote, after any generation prefix such as P-CoT's function header), extracted, gold, correct,
-detail (programs: exit status), for multiple choice consistent (reftkit.faithfulness) and,
+detail (programs: exit status), for multiple choice consistent (reftkit.grading.faithfulness) and,
 with a reranker, score. Offline self-training and the reranker read it back, joined to the
 training examples by id.
 """
@@ -14,18 +14,19 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from reftkit.answers import reasoning_of
-from reftkit.checkpoints import check_results_dir
-from reftkit.rundir import on_main_process, owns_output_dir
+from reftkit.grading.answers import reasoning_of
+from reftkit.training.checkpoints import check_results_dir
+from reftkit.training.rundir import on_main_process, owns_output_dir
 from reftkit.config import SampleConfig
-from reftkit.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
+from reftkit.grading.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.evaluate import decode_and_grade, row_status_counts
-from reftkit.faithfulness import consistency_summary
-from reftkit.reranker import score_samples
+from reftkit.rollout.decoding import decode_and_grade, row_status_counts
+from reftkit.rollout.generation import Sampling
+from reftkit.grading.faithfulness import consistency_summary
+from reftkit.grading.reward_model import score_samples
 from reftkit.writers import write_json, write_jsonl
-from reftkit.voting import majority_vote, pass_at_k, rerank
+from reftkit.grading.voting import majority_vote, pass_at_k, rerank
 
 log = logging.getLogger("reftkit")
 SAMPLES_FILE, RESULTS_FILE = "samples.jsonl", "results.json"
@@ -34,7 +35,7 @@ SAMPLES_FILE, RESULTS_FILE = "samples.jsonl", "results.json"
 def draw_samples(accelerator, lm, tokenizer, examples: list[Example], grader, cfg) -> list[dict]:
     """`cfg.num_samples` graded samples per example (cfg: any config with sampling options)."""
     lm = lm.to(accelerator.device).eval()
-    rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, cfg.sampling(cfg.max_length - cfg.max_prompt_tokens),
+    rows = decode_and_grade(accelerator, lm, tokenizer, examples, grader, Sampling.of(cfg),
                             num_samples=cfg.num_samples, batch_size=cfg.eval_batch_size,
                             max_prompt_tokens=cfg.max_prompt_tokens, cot=cfg.cot, progress=cfg.progress, desc="sample")
     if accelerator.is_main_process:
@@ -70,9 +71,10 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary. Every input (the reranker
     too) is checked before sampling, and the samples are written before they are scored."""
-    from reftkit.model import load_causal_lm, load_tokenizer
-    from reftkit.preflight import preflight
-    from reftkit.runtime import load_examples_for, make_accelerator
+    from reftkit.modeling.model import load_causal_lm, load_tokenizer
+    from reftkit.training.preflight import preflight
+    from reftkit.data.loading import load_examples_for
+    from reftkit.training.device import make_accelerator
 
     preflight(cfg)
     accelerator = make_accelerator(cfg)

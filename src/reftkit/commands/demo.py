@@ -12,20 +12,22 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.checkpoints import RunError, check_writable, on_main_process, previous_outputs
-from reftkit.rundir import owns_output_dir
+from reftkit.training.errors import RunError
+
+from reftkit.training.checkpoints import check_writable, on_main_process, previous_outputs
+from reftkit.training.rundir import owns_output_dir
 from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
-from reftkit.runtime import process_state
+from reftkit.training.device import process_state
 
 
 @owns_output_dir
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the three stages and prints (and returns) test accuracy and wall-clock per stage."""
     from reftkit.writers import write_examples
-    from reftkit.evaluate_cli import run_eval
+    from reftkit.commands.evaluate import run_eval
     from reftkit.config import EvalConfig
 
     out = Path(cfg.output_dir)

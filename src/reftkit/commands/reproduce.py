@@ -22,20 +22,21 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from reftkit.config import RL_METHODS, DemoConfig, EvalConfig, ReproduceConfig, only_fields
-from reftkit.report import (
+from reftkit.rl.methods import ESTIMATORS, RL_METHODS
+from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
+from reftkit.commands.report import (
     paired_counts, plot_accuracy, plot_curves, read_predictions, results_table, sampled_tokens,
 )
 from reftkit.writers import write_examples, write_json
-from reftkit.sampling import RESULTS_FILE, run_sample
-from reftkit.checkpoints import STATE_FILE, latest_checkpoint
-from reftkit.preflight import preflight
-from reftkit.rundir import owns_output_dir
-from reftkit.runtime import process_state
+from reftkit.commands.sample import RESULTS_FILE, run_sample
+from reftkit.training.checkpoints import STATE_FILE, latest_checkpoint
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import owns_output_dir
+from reftkit.training.device import process_state
 
 log = logging.getLogger("reftkit")
 METHOD_NAMES = {"warmup": "warm-up SFT", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST",
-                "reft": "ReFT", "grpo": "GRPO", "drgrpo": "Dr. GRPO", "rloo": "RLOO", "reft_sft": "ReFT + SFT term"}
+                "reft": ESTIMATORS["gae"].display, **{m.name: m.display for m in RL_METHODS.values()}}
 STAGE_FILE = "stage.json"  # wall-clock seconds of a finished stage
 
 
@@ -88,7 +89,7 @@ def sample_stage(cfg: ReproduceConfig, name: str, directory: Path, **fixed) -> P
 
 def eval_stage(cfg: ReproduceConfig, method: str, model: Path, reranker: Path, test_file: str) -> dict:
     """Top-1 (greedy) plus vote@k, pass@k and rerank@k of one method's model on the test set."""
-    from reftkit.evaluate_cli import run_eval
+    from reftkit.commands.evaluate import run_eval
 
     directory = cfg.output_dir / "eval" / method
     summary_file = directory / "summary.json"

@@ -1,0 +1,1 @@
+"""The `reftkit` command line and what each command runs that is not a trainer."""

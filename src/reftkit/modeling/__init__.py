@@ -1,0 +1,1 @@
+"""Models: loading any causal LM, the value head, LoRA, the tiny built-in model, KV caches and log-prob scoring."""

@@ -1,0 +1,1 @@
+"""RL maths: the PPO objective, advantage estimators and the registry of RL methods."""

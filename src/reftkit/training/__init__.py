@@ -1,0 +1,1 @@
+"""Training infrastructure: the accelerator, optimiser, metrics, run directories, checkpoints and the run loop."""
