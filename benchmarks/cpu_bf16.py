@@ -59,8 +59,8 @@ def run_worker(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     import reftkit.rollout.generation
-    import reftkit.training.loop as fit
     import reftkit.trainers.reft as reft
+    import reftkit.training.loop as fit
     from reftkit.commands.cli import main
 
     out = Path(spec["run_dir"])
@@ -115,7 +115,9 @@ def measure(args, spec: dict, work: Path, index: int) -> dict:
         raise SystemExit(f"{spec['what']} --bf16 {spec['bf16']} failed:\n{done.stderr[-4000:]}")
     result = json.loads(Path(spec["result"]).read_text())
     result.update(load_before=load_before, load_after=_load())
-    print(f"  {spec['what']:4s} --bf16 {spec['bf16']:3s} {result['seconds']:7.1f} s  (load {load_before:.1f})", flush=True)
+    print((
+        f"  {spec['what']:4s} --bf16 {spec['bf16']:3s} {result['seconds']:7.1f} s  (load {load_before:.1f})"
+    ), flush=True)
     return result
 
 
@@ -196,7 +198,8 @@ def summarise(runs: dict) -> dict:
     for what, by_precision in runs.items():
         parts = {}
         for bf16, results in by_precision.items():
-            keys = [k for k in ("seconds", "generation", "grading", "other_rollout", "update", "generation_tokens_per_s")
+            keys = [k for k in ("seconds", "generation", "grading", "other_rollout", "update",
+                                "generation_tokens_per_s")
                     if k in results[0]]
             parts[bf16] = {k: statistics.median(r[k] for r in results) for k in keys}
         pairs = [a["seconds"] / b["seconds"] for a, b in zip(by_precision["no"], by_precision["yes"], strict=True)]

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from reftkit.grading.answers import Grade
 from reftkit.config import DEMO_LENGTHS, ReFTConfig
-from reftkit.data.synthetic import make_splits
-from reftkit.modeling.model import PolicyWithValueHead
 from reftkit.data.prompts import prompt_text, response_text
-from reftkit.training.device import make_accelerator
-from reftkit.training.optim import make_optimizer
+from reftkit.data.synthetic import make_splits
+from reftkit.grading.answers import Grade
+from reftkit.modeling.model import PolicyWithValueHead
 from reftkit.modeling.tiny import build_model, build_tokenizer
 from reftkit.trainers.reft import make_rollout, ppo_update
+from reftkit.training.device import make_accelerator
+from reftkit.training.optim import make_optimizer
 
 
 class EveryOtherCorrect:

@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--trainer-memory-gb", type=float, default=1.0,
                         help="touched memory the process holds in the second phase (model weights, optimizer)")
     parser.add_argument("--trainer-rounds", type=int, default=1)
-    parser.add_argument("--doc", default="", help="also write the markdown report to this path (docs/executor-speed.md "
+    parser.add_argument("--doc", default="", help="also write the markdown report to this path (docs/reports/executor-speed-history.md "
                                                   "keeps every run's report: paste, do not overwrite)")
     args = parser.parse_args()
 
@@ -343,7 +343,9 @@ def _table(n: int, table: dict, args) -> list[str]:
     median, rate = _medians_and_rates(n, table)
     ours = table["answers"]["reftkit"]
     mine = [k for k in OURS if k in rate]
-    ratio_heads = " | ".join(f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this" for k in mine)
+    ratio_heads = " | ".join((
+        f"reftkit {'default' if k == 'reftkit' else 'programs_per_child'} speed / this"
+    ) for k in mine)
     rows = [f"| approach | programs / s | median s for all | {ratio_heads} | isolation | answers |",
             "|---|---|---|" + "---|" * len(mine) + "---|---|"]
     for key, answers in table["answers"].items():
@@ -353,7 +355,9 @@ def _table(n: int, table: dict, args) -> list[str]:
         agree = sum(_agree(a, b) for a, b in zip(ours, answers, strict=True))
         check = (f"{sum(a is not None for a in ours)}/{n} answered" if key == "reftkit" else
                  f"{agree}/{n} agree with {'default' if key == 'shared' else 'reftkit'}")
-        rows.append(f"| {name} | {rate[key]:.0f} | {median[key]:.2f} | {ratios} | {ISOLATION.get(key, 'none')} | {check} |")
+        rows.append(
+            f"| {name} | {rate[key]:.0f} | {median[key]:.2f} | {ratios} | {ISOLATION.get(key, 'none')} | {check} |"
+        )
     return rows
 
 

@@ -227,12 +227,12 @@ def training_rows(device, shape, args, budget, record) -> None:
 def train_once(device, shape, args, budget, record, rows: int) -> None:
     """reftkit's PPO update on a synthetic full-length rollout, timed; the first minibatch's ratio
     against the rollout's scoring pass."""
-    from reftkit.rl import ppo
     from reftkit.config import ReFTConfig
     from reftkit.modeling.model import PolicyWithValueHead
+    from reftkit.rl import ppo
+    from reftkit.trainers import reft
     from reftkit.training.device import make_accelerator
     from reftkit.training.optim import make_optimizer
-    from reftkit.trainers import reft
 
     seq, width = args.train_prompt_len + args.train_response_len, args.train_response_len
     cfg = ReFTConfig(model="random", output_dir=tempfile.mkdtemp(), bf16="yes", mini_batch_size=rows, ppo_epochs=1,
@@ -325,7 +325,8 @@ def table(record: dict) -> str:
         frac = r.get("fraction_of_roofline")
         lines.append(f"| {r['path']} | {r['batch']} | {f(r['tokens_per_s'])} | {f(r['decode_step_ms'], 2)} | "
                      f"{f(r['decode_tokens_per_s'])} | {f(r.get('roofline_tokens_per_s'))} | "
-                     f"{f(r.get('roofline_with_kv_tokens_per_s'))} | {'n/a' if frac is None else f'{100 * frac:.1f}%'} |")
+                     f"{f(r.get('roofline_with_kv_tokens_per_s'))} | "
+                     f"{'n/a' if frac is None else f'{100 * frac:.1f}%'} |")
     lines += ["", "| PPO update | rows x seq | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
     for r in record["training"]:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -343,7 +344,8 @@ def table(record: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
-    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU allowed): checks the script runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model and sizes (CPU allowed): checks the script runs")
     parser.add_argument("--budget_s", type=float, default=420.0, help="hard wall-clock budget, model building included")
     parser.add_argument("--hbm_tbs", type=float, default=None, help="override the HBM bandwidth, TB/s")
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the peak dense bf16 rate, TFLOP/s")

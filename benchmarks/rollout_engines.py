@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from reftkit.config import DEMO_LENGTHS
-from reftkit.data.synthetic import make_splits
-from reftkit.rollout.engines import logprob_gap, make_engine
-from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.data.prompts import encode_prompts, prompt_text, response_text
-from reftkit.rollout.generation import Sampling, generate
+from reftkit.data.synthetic import make_splits
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.modeling.scoring import lm_response_logprobs
 from reftkit.modeling.tiny import build_model, build_tokenizer
+from reftkit.rollout.engines import logprob_gap, make_engine
+from reftkit.rollout.generation import Sampling, generate
 
 
 def model_source(name: str, workdir: Path, train) -> str:

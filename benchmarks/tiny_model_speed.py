@@ -1,6 +1,6 @@
 """Training throughput of two tiny Llama sizes, measured side by side in one run.
 
-    python benchmarks/tiny_model_speed.py [--doc docs/tiny-model-speed.md]
+    python benchmarks/tiny_model_speed.py [--doc docs/reports/tiny-model-speed.md]
 
 Forward + backward + AdamW step on 32 x 60-token batches (the demo's sequence length),
 alternating the two models so both see the same machine load; reports the median step time.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from reftkit.data.synthetic import make_splits
 from reftkit.data.prompts import prompt_text, response_text
+from reftkit.data.synthetic import make_splits
 from reftkit.modeling.tiny import build_model, build_tokenizer
 
 SIZES = {"demo model (width 128, 4 layers)": (128, 4), "smaller (width 96, 3 layers)": (96, 3)}
@@ -27,7 +27,7 @@ SIZES = {"demo model (width 128, 4 layers)": (128, 4), "smaller (width 96, 3 lay
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doc", type=Path, default=Path("docs/tiny-model-speed.md"))
+    parser.add_argument("--doc", type=Path, default=Path("docs/reports/tiny-model-speed.md"))
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     train, _ = make_splits(200, 10, seed=0)

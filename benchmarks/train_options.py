@@ -51,8 +51,8 @@ def missing_inputs(data: Path) -> str | None:
 def encoded_pool(data: Path, tokenizer, pool: int) -> list:
     import torch
 
-    from reftkit.data.readers import load_examples
     from reftkit.data.prompts import encode_sft
+    from reftkit.data.readers import load_examples
 
     examples = load_examples(data).examples
     chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:pool].tolist()
@@ -75,10 +75,15 @@ def worker(name: str, data: Path, pool: int) -> dict:
     import torch
 
     from reftkit.data.batching import padding_fraction
-    from reftkit.modeling.lora import add_lora, reference_lm
-    from reftkit.modeling.model import PolicyWithValueHead, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-    from reftkit.modeling.scoring import lm_response_logprobs
     from reftkit.data.prompts import collate_sft
+    from reftkit.modeling.lora import add_lora, reference_lm
+    from reftkit.modeling.model import (
+        PolicyWithValueHead,
+        enable_gradient_checkpointing,
+        load_causal_lm,
+        load_tokenizer,
+    )
+    from reftkit.modeling.scoring import lm_response_logprobs
 
     use_lora, checkpointing, grouped, reft = CONFIGS[name]
     torch.manual_seed(0)
@@ -115,7 +120,8 @@ def worker(name: str, data: Path, pool: int) -> dict:
     for batch in collate:
         step(batch)
     seconds = (time.perf_counter() - start) / len(collate)
-    return {"name": name, "s_per_step": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"name": name, "s_per_step": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_load_mib": loaded_rss, "steps": len(collate),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "padding_fraction": padding_fraction(batches, lengths),

@@ -155,9 +155,9 @@ def warmup_checkpoint(args) -> Path:
 def prompts_file(args, model_dir: str, work: Path) -> tuple[Path, int]:
     """The benchmark's questions as a GSM8K JSONL file, and the longest prompt in tokens (so no prompt is cut)."""
     _use_this_checkout()
+    from reftkit.data.prompts import encode_prompt
     from reftkit.data.readers import load_examples
     from reftkit.modeling.model import load_tokenizer
-    from reftkit.data.prompts import encode_prompt
 
     n = args.shape["questions"] * (1 + args.shape["timed_steps"])
     rows = [line for line in args.data.read_text().splitlines() if line.strip()][:n]
@@ -239,10 +239,10 @@ def _trl_worker(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from reftkit.grading.answers import NaturalLanguageGrader, reward_from_grade
-    from reftkit.data.readers import load_examples
-    from reftkit.modeling.model import load_tokenizer
     from reftkit.data.prompts import encode_prompt, prompt_text
+    from reftkit.data.readers import load_examples
+    from reftkit.grading.answers import NaturalLanguageGrader, reward_from_grade
+    from reftkit.modeling.model import load_tokenizer
 
     examples = {ex.id: ex for ex in load_examples(spec["prompts"], "gsm8k").examples}
     order = [i for batch in spec["order"] for i in batch] if spec["order"] else list(examples)
@@ -334,7 +334,8 @@ def measure(args, spec: dict, work: Path, index: int) -> dict:
     result = json.loads(Path(spec["result"]).read_text())
     result.update(load_before=load_before, load_after=_load(), process_seconds=time.perf_counter() - start)
     walls = [s["wall"] for s in result["steps"]]
-    print(f"  {spec['tool']:13s} {spec['mode']:7s} beta {spec['beta']:<5g} median step {statistics.median(walls):6.2f} s "
+    print(f"  {spec['tool']:13s} {spec['mode']:7s} beta {spec['beta']:<5g} "
+          f"median step {statistics.median(walls):6.2f} s "
           f"(steps {', '.join(f'{w:.2f}' for w in walls)}), load {load_before:.1f}", flush=True)
     return result
 
@@ -376,12 +377,14 @@ def markdown(args, summary: dict, meta: dict) -> str:
         f"Model: {meta['model']}; shape: {s['questions']} questions x {s['samples']} samples = {n} sequences of "
         f"<= {s['max_new_tokens']} new tokens per step, minibatch {s['mini_batch']} "
         f"({POLICY_EPOCHS * n // s['mini_batch']} AdamW steps per step), {POLICY_EPOCHS} policy epochs, lr {LR:g}, "
-        f"prompts <= {meta['max_prompt_tokens']} tokens (none cut), {'bf16 autocast' if args.bf16 else 'fp32'}; 1 warm-up + {s['timed_steps']} timed steps "
+        f"prompts <= {meta['max_prompt_tokens']} tokens (none cut), {'bf16 autocast' if args.bf16 else 'fp32'}; "
+        f"1 warm-up + {s['timed_steps']} timed steps "
         f"per run, {args.reps} interleaved repetition(s)",
     ]
     for block, data in summary.items():
         mode, beta = block.split(", ")
-        what = "natural stopping at EOS" if mode == "natural" else f"every response forced to {s['max_new_tokens']} tokens"
+        what = ("natural stopping at EOS" if mode == "natural"
+                else f"every response forced to {s['max_new_tokens']} tokens")
         lines += ["", f"### {what}, {beta}", "",
                   "| tool | sequences/s (median, min-max) | step s | generation s | grading s | other rollout passes s "
                   "| update s | rest s | new tokens/step | generation tok/s | reward |",
@@ -393,7 +396,8 @@ def markdown(args, summary: dict, meta: dict) -> str:
                          f"{t['update']:.2f} | {t['rest']:.2f} | {t['new_tokens']:.0f} | "
                          f"{t['generation_tokens_per_s']:.0f} | {t['reward']:.3f} |")
         for name, r in data["ratios"].items():
-            lines.append(f"\n{name} (sequences/s): **{r['median']:.2f}x** (pairs {', '.join(f'{p:.2f}' for p in r['pairs'])})")
+            lines.append(f"\n{name} (sequences/s): **{r['median']:.2f}x** "
+                         f"(pairs {', '.join(f'{p:.2f}' for p in r['pairs'])})")
     return "\n".join(lines) + "\n"
 
 

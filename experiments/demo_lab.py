@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from reftkit.commands.evaluate import run_eval
+from reftkit.config import DEMO_LENGTHS as LENGTHS
 from reftkit.config import EvalConfig, ReFTConfig, SFTConfig
 from reftkit.data.synthetic import make_splits
-from reftkit.config import DEMO_LENGTHS as LENGTHS
-from reftkit.commands.evaluate import run_eval
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
 

@@ -18,8 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from reftkit.config import DemoConfig
 from reftkit.commands.demo import run_demo
+from reftkit.config import DemoConfig
 
 
 def machine() -> str:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--doc", type=Path, help="default: docs/demo-results[-program].md")
     args = parser.parse_args(argv)
-    doc = args.doc or Path("docs/demo-results.md" if args.cot == "natural" else "docs/demo-results-program.md")
+    doc = args.doc or Path("docs/reports/demo-results-natural.md" if args.cot == "natural" else "docs/reports/demo-results-program.md")
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
         cfg = DemoConfig(seed=seed, cot=args.cot, output_dir=args.output_dir / f"seed{seed}", progress=False,

@@ -5,7 +5,7 @@ one table of the mean and spread per method and a paired test of each against Re
 
 Each seed is one `reproduce --demo` run (resumable: a finished seed is read back, not rerun). With
 --run_only the script runs the given seeds and writes nothing to docs/, so seeds can run in
-separate processes; a final call without it (same seeds) writes docs/methods-demo.md.
+separate processes; a final call without it (same seeds) writes docs/reports/methods-demo.md.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from reftkit.config import ReproduceConfig
-from reftkit.rl.methods import RL_METHODS
 from reftkit.commands.report import mcnemar_p, paired_counts, read_metrics, read_predictions
 from reftkit.commands.reproduce import METHOD_NAMES, run_reproduce
+from reftkit.config import ReproduceConfig
+from reftkit.rl.methods import RL_METHODS
 
 METHODS = ["sft", "offline_st", "online_st", "reft", *RL_METHODS]
 READ_OUTS = {"top1": "top-1", "vote": "vote@k", "pass": "pass@k"}
@@ -94,8 +94,13 @@ def summary(out: Path, per_seed: dict[int, dict], command: str) -> str:
             a, b, p = pooled_vs_reft(out, seeds, method)
             cells.append(f"{a} / {b}, p = {p:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "How each RL method trained (mean over seeds of its last 10 rollout batches; `reftkit.commands.report.read_metrics`):",
-              "", "| method | train accuracy of samples | reward | KL to the warm-up | response tokens |", "|---|---|---|---|---|"]
+    lines += ["", (
+        "How each RL method trained (mean over seeds of its last 10 rollout batches; "
+        "`reftkit.commands.report.read_metrics`):"
+    ),
+              "", (
+                  "| method | train accuracy of samples | reward | KL to the warm-up | response tokens |"
+              ), "|---|---|---|---|---|"]
     for method in ["online_st", "reft", *RL_METHODS]:
         rows = [r for s in seeds for r in [r for r in read_metrics(out / f"seed{s}" / method / "metrics.jsonl")
                                            if "train_accuracy" in r][-10:]]

@@ -1,7 +1,7 @@
 """Does PPO improve what it optimises? Repeated rollouts + updates on ONE fixed batch of training questions.
 
     python experiments/ppo_fixed_batch.py --checkpoint runs/demo-seeds/seed1/warmup/final --seed 1 \
-        [--rounds 12] [--lr 5e-5] [--doc docs/ppo-fixed-batch.md]
+        [--rounds 12] [--lr 5e-5] [--doc docs/reports/ppo-fixed-batch.md]
 
 Uses the demo's synthetic training questions for `--seed` (the ones the checkpoint was warmed up
 on) and the trainer's own `make_rollout` / `ppo_update`. Reports sample accuracy per round, and
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from reftkit.grading.answers import NaturalLanguageGrader
+from reftkit.config import DEMO_LENGTHS as LENGTHS
 from reftkit.config import DemoConfig, ReFTConfig
 from reftkit.data.synthetic import make_splits
-from reftkit.config import DEMO_LENGTHS as LENGTHS
+from reftkit.grading.answers import NaturalLanguageGrader
 from reftkit.modeling.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
 from reftkit.trainers.reft import make_rollout, policy_outputs, ppo_update
 from reftkit.training.device import make_accelerator
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True, help="the demo seed whose training questions to use")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--doc", type=Path, default=Path("docs/ppo-fixed-batch.md"))
+    parser.add_argument("--doc", type=Path, default=Path("docs/reports/ppo-fixed-batch.md"))
     args = parser.parse_args()
     if not (args.checkpoint / "config.json").exists():
         print(f"skipped: no checkpoint at {args.checkpoint}")

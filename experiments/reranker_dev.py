@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
+from reftkit.commands.sample import read_samples, summarize
 from reftkit.config import DEMO_LENGTHS, RerankerConfig
 from reftkit.data.readers import load_examples
 from reftkit.grading.reward_model import score_samples
 from reftkit.trainers.reranker import train_reranker
-from reftkit.commands.sample import read_samples, summarize
 from reftkit.training.device import make_accelerator
 
 

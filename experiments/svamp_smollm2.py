@@ -85,8 +85,8 @@ def make_split(args, out: Path) -> tuple[Path, Path]:
 
 def evaluate(directory: Path, model: Path, eval_file: Path, common: dict, args) -> dict:
     """Greedy top-1 of `model` on `eval_file`; done when summary.json exists."""
-    from reftkit.config import EvalConfig
     from reftkit.commands.evaluate import run_eval
+    from reftkit.config import EvalConfig
     from reftkit.writers import write_json
 
     summary = directory / "summary.json"
@@ -102,8 +102,8 @@ def evaluate(directory: Path, model: Path, eval_file: Path, common: dict, args) 
 
 
 def run(args) -> dict:
-    from reftkit.config import ReFTConfig, SFTConfig
     from reftkit.commands.reproduce import resumable_training, stage_seconds
+    from reftkit.config import ReFTConfig, SFTConfig
     from reftkit.trainers.reft import train_reft
     from reftkit.trainers.sft import train_sft
 
@@ -187,11 +187,13 @@ def plot(out: Path, data: dict[str, list[dict]], results: dict) -> None:
 
     panels = [("train reward", lambda r: r.get("reward")), ("train accuracy", lambda r: r.get("train_accuracy")),
               ("KL to the warm-up", lambda r: r.get("kl")), ("response tokens", lambda r: r.get("response_tokens")),
-              ("programs that did not run", failed_share), ("dev accuracy (curve subset)", lambda r: r.get("eval_accuracy"))]
+              ("programs that did not run", failed_share),
+              ("dev accuracy (curve subset)", lambda r: r.get("eval_accuracy"))]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, read) in zip(axes.flat, panels, strict=True):
         for arm, rows in data.items():
-            points = [(r["step"], read(r)) for r in rows if read(r) is not None and ("reward" in r or title.startswith("dev"))]
+            points = [(r["step"], read(r)) for r in rows
+                      if read(r) is not None and ("reward" in r or title.startswith("dev"))]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=arm)
         ax.set_title(title)
@@ -208,11 +210,15 @@ def table(results: dict, tests: dict) -> str:
     lines = ["| model | dev top-1 | training s |" + (" eval_file top-1 |" if results["eval_file"] else ""),
              "|---|---|---|" + ("---|" if results["eval_file"] else "")]
     for key, name in names.items():
-        row = f"| {name} | {100 * results['dev'][key]['accuracy']:.1f}% | {results['train_seconds'].get(key) or 0:.0f} |"
+        row = (
+            f"| {name} | {100 * results['dev'][key]['accuracy']:.1f}% | {results['train_seconds'].get(key) or 0:.0f} |"
+        )
         if results["eval_file"]:
             row += f" {100 * results['eval_file'][key]['accuracy']:.1f}% |" if key in results["eval_file"] else " - |"
         lines.append(row)
-    lines += ["", "| pair (dev) | only first right | only second right | both right | McNemar p |", "|---|---|---|---|---|"]
+    lines += ["", (
+        "| pair (dev) | only first right | only second right | both right | McNemar p |"
+    ), "|---|---|---|---|---|"]
     lines += [f"| {pair} | {p['only_a_right']} | {p['only_b_right']} | {p['both_right']} | {p['mcnemar_p']:.3f} |"
               for pair, p in tests.items()]
     return "\n".join(lines)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from reftkit.training import device
 from reftkit.config import SFTConfig
-from reftkit.data.synthetic import make_splits
 from reftkit.data.prompts import prompt_text, response_text
+from reftkit.data.synthetic import make_splits
 from reftkit.modeling.tiny import build_model, build_tokenizer
+from reftkit.training import device
 
 LENGTHS = {"max_prompt_tokens": 64, "max_length": 112}
 

@@ -13,14 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import LENGTHS, tiny_model_dir, warmup_config  # noqa: E402
-
-from reftkit.rl import ppo  # noqa: E402
-from reftkit.training.errors import RunError  # noqa: E402
 from reftkit.config import ReFTConfig  # noqa: E402
 from reftkit.data.synthetic import make_splits  # noqa: E402
+from reftkit.rl import ppo  # noqa: E402
 from reftkit.trainers import reft as reft_module  # noqa: E402
 from reftkit.trainers.sft import train_sft  # noqa: E402
 from reftkit.training.device import process_state  # noqa: E402
+from reftkit.training.errors import RunError  # noqa: E402
 
 out = Path(sys.argv[1])
 state = process_state()

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from reftkit.data.numbers import number_of
+from reftkit.data.records import Example
 from reftkit.grading.answers import (
     TRIGGER,
     Grade,
@@ -22,8 +24,6 @@ from reftkit.grading.answers import (
     reward_from_grade,
 )
 from reftkit.grading.cot import ProgramGrader
-from reftkit.data.numbers import number_of
-from reftkit.data.records import Example
 
 
 def numeric(answer: str) -> Example:

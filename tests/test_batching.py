@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
 from conftest import LENGTHS
-from reftkit.training.metrics import Metrics
-from reftkit.data.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.config import SFTConfig
+from reftkit.data.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.sft import train_sft
 from reftkit.training.checkpoints import latest_checkpoint
+from reftkit.training.metrics import Metrics
 
 N, BATCH = 1003, 8  # not a multiple of the batch size: one short batch
 

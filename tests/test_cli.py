@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from reftkit import __version__, yamlfile
-
 from reftkit.commands import cli
 from reftkit.config import DemoConfig, EvalConfig, ReFTConfig, SFTConfig
 from reftkit.data.readers import DataError

@@ -6,6 +6,10 @@ import json
 import pytest
 
 from reftkit.config import EvalConfig
+from reftkit.data import load_examples
+from reftkit.data.prompts import encode_prompt, encode_sft, prompt_text, response_text
+from reftkit.data.records import Example
+from reftkit.data.synthetic import make_splits
 from reftkit.grading.cot import (
     ProgramGrader,
     open_grader,
@@ -14,10 +18,6 @@ from reftkit.grading.cot import (
     response_prefix,
     warn_if_not_programs,
 )
-from reftkit.data import load_examples
-from reftkit.data.records import Example
-from reftkit.data.synthetic import make_splits
-from reftkit.data.prompts import encode_prompt, encode_sft, prompt_text, response_text
 from reftkit.modeling.tiny import build_tokenizer
 
 SVAMP_STYLE = '''def solution():
@@ -33,7 +33,9 @@ def test_program_body_strips_the_header_the_prompt_supplies():
 
 
 def test_program_prompt_plus_target_is_the_whole_program():
-    ex = Example(id="q1", question="there are 2 bananas . each comes in a package of 13 .", cot=SVAMP_STYLE, answer="26")
+    ex = Example(id="q1", question=(
+        "there are 2 bananas . each comes in a package of 13 ."
+    ), cot=SVAMP_STYLE, answer="26")
     prompt = prompt_text(ex, "program")
     assert prompt.startswith("Question:\n") and prompt.endswith('"""\n')
     assert prompt.split("Answer reasoning:\n")[1] + response_text(ex, "program") == SVAMP_STYLE
@@ -173,7 +175,8 @@ class HalfTimeouts:
     def run(self, programs):
         from reftkit.executor import ExecResult, Status
 
-        return [ExecResult(Status.OK, value="-0.5151") if i % 2 == 0 else ExecResult(Status.TIMEOUT, detail="wall-clock")
+        return [ExecResult(Status.OK, value="-0.5151") if i % 2 == 0
+                else ExecResult(Status.TIMEOUT, detail="wall-clock")
                 for i in range(len(programs))]
 
 
@@ -231,8 +234,8 @@ def test_reft_eval_and_sample_report_the_programs_statuses(tmp_path, splits, tin
 
 def test_natural_cot_reports_no_program_statuses(tmp_path, splits, tiny_checkpoint):
     from conftest import LENGTHS
-    from reftkit.config import SampleConfig
     from reftkit.commands.sample import run_sample
+    from reftkit.config import SampleConfig
     from reftkit.writers import write_examples
 
     write_examples(tmp_path / "test.jsonl", splits[1][:2])

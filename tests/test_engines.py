@@ -9,17 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import LENGTHS
 from reftkit.config import ReFTConfig
-from reftkit.rollout.engines import (
-    EngineGenerated, HFEngine, MissingEngineError, check_engine, export_weights, generated_from_tokens, logprob_gap,
-    request_seed, sampling_kwargs,
-)
+from reftkit.data.prompts import encode_prompt
 from reftkit.modeling.lora import add_lora
 from reftkit.modeling.model import load_causal_lm, load_tokenizer
-from reftkit.data.prompts import encode_prompt
+from reftkit.rollout.engines import (
+    EngineGenerated,
+    HFEngine,
+    MissingEngineError,
+    check_engine,
+    export_weights,
+    generated_from_tokens,
+    logprob_gap,
+    request_seed,
+    sampling_kwargs,
+)
 from reftkit.rollout.generation import Sampling, generate
-
-from conftest import LENGTHS
 
 
 def test_sampling_options_are_the_hf_paths():

@@ -15,15 +15,14 @@ try:
 except Exception as error:  # not installed, or installed against another torch (docs/rollout-engines.md)
     pytest.skip(f"vLLM cannot be imported: {error}", allow_module_level=True)
 
+from conftest import LENGTHS
 from reftkit.config import ReFTConfig
-from reftkit.rollout.engines import VLLMEngine, make_engine, sampling_kwargs
+from reftkit.data.prompts import encode_prompt, prompt_text, response_text
 from reftkit.modeling.lora import add_lora
 from reftkit.modeling.model import load_causal_lm, load_tokenizer
-from reftkit.data.prompts import encode_prompt, prompt_text, response_text
-from reftkit.rollout.generation import Sampling, generate
 from reftkit.modeling.tiny import build_model, build_tokenizer
-
-from conftest import LENGTHS
+from reftkit.rollout.engines import VLLMEngine, make_engine, sampling_kwargs
+from reftkit.rollout.generation import Sampling, generate
 
 pytestmark = pytest.mark.slow
 EAGER = {"enforce_eager": True}  # no compilation: the engine starts in seconds

@@ -706,7 +706,9 @@ IMPORTER_ATTACKS = {  # name -> (program, (status, value, detail)), run with the
 }
 SEGV = "def solution():\n    return __import__('ctypes').string_at(0)\n"  # a crash, as after an escape
 SILENT_EXIT = "def solution():\n    __import__('os')._exit(0)\n"  # ends the child cleanly, without a result
-SHARED_ATTACKS = {name: ([f"def solution():\n    return {k}\n" for k in range(3)], None) for name in ("segv", "exit", "cpu")}
+SHARED_ATTACKS = {name: ([(
+    f"def solution():\n    return {k}\n"
+) for k in range(3)], None) for name in ("segv", "exit", "cpu")}
 for _name, _hostile in (("segv", SEGV), ("exit", SILENT_EXIT), ("cpu", LOOP)):
     SHARED_ATTACKS[_name][0].insert(1, _hostile)
 

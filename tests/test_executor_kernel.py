@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_executor import ATTACKS, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, _wait_for, prog
 
 from reftkit.executor import ExecResult, ExecutorConfig, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import Importer
 from reftkit.executor.sandbox import encode_result, frame, kernel_refusal
+from test_executor import ATTACKS, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, _wait_for, prog
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 KERNEL_CONFIG = dataclasses.replace(CONFIG, python_layers=False)
@@ -53,9 +53,11 @@ PIPE = "import fcntl, os, struct\ndef solution():\n    r, w = os.pipe()\n"
 # name -> (program, a word the detail must contain). WORKER_PID and RUNNER_PID are filled in by the test.
 ESCAPED = {
     # other processes' resource limits (issue 15: a worker's RLIMIT_NOFILE set to 4 broke it for good)
-    "prlimit_worker": ("import resource\ndef solution():\n    resource.prlimit(WORKER_PID, resource.RLIMIT_NOFILE, (4, 4))\n"
+    "prlimit_worker": ("import resource\ndef solution():\n"
+                       "    resource.prlimit(WORKER_PID, resource.RLIMIT_NOFILE, (4, 4))\n"
                        "    return 1\n", "seccomp"),
-    "prlimit_runner": ("import resource\ndef solution():\n    resource.prlimit(RUNNER_PID, resource.RLIMIT_CPU, (1, 1))\n"
+    "prlimit_runner": ("import resource\ndef solution():\n"
+                       "    resource.prlimit(RUNNER_PID, resource.RLIMIT_CPU, (1, 1))\n"
                        "    return 1\n", "seccomp"),
     "prlimit_pid_1": ("import resource\ndef solution():\n    resource.prlimit(1, resource.RLIMIT_NOFILE, (4, 4))\n"
                       "    return 1\n", "seccomp"),
@@ -166,7 +168,8 @@ def kernel_run(request, tmp_path_factory) -> dict:
         worker_limits = _ready_limits(ex)
         names = {"CANARY": canary, "CREATED": created, "WORKER_PID": worker_pid, "RUNNER_PID": os.getpid(),
                  "NR_PRLIMIT": seccomp.syscall_numbers(kernel.ARCH, {"p": (302, 261)})["p"]}
-        suites = {**{f"main:{n}": s for n, (s, _) in ATTACKS.items()}, **{f"esc:{n}": s for n, (s, _) in ESCAPED.items()}}
+        suites = {**{f"main:{n}": s for n, (s, _) in ATTACKS.items()},
+                  **{f"esc:{n}": s for n, (s, _) in ESCAPED.items()}}
         results = ex.run([_fill(s, names) for s in suites.values()] + [BENIGN])
         after = {"workers": {pid: _limits(pid) for pid in worker_limits if Path(f"/proc/{pid}").exists()},
                  "children": [_children(w.proc.pid) for w in ex._workers],

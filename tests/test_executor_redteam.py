@@ -31,13 +31,22 @@ import time
 from pathlib import Path
 
 import pytest
-from test_executor import BEHAVIOUR, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, OK, TIMEOUT, prog
-from test_executor_kernel import _children, _limits, _ns_init, _own_limits, _ready_limits, _run_bpf, _strictest, _sysvipc
 
 from reftkit.executor import ExecResult, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import COMPILE_COST_LIMIT, check_program, compile_cost
 from reftkit.executor.sandbox import encode_result, frame
 from reftkit.executor.warm import _PROGRAMS as WARM_PROGRAMS
+from test_executor import BEHAVIOUR, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, OK, TIMEOUT, prog
+from test_executor_kernel import (
+    _children,
+    _limits,
+    _ns_init,
+    _own_limits,
+    _ready_limits,
+    _run_bpf,
+    _strictest,
+    _sysvipc,
+)
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 
@@ -89,15 +98,19 @@ PROBES = {
     "acl_chmod_canary": (RAW + f"def solution():\n    buf, args = xattr_args({ACL_777!r})\n"
                          "    return sc(NR_SETXATTRAT, -100, b'CANARY', 0, b'system.posix_acl_access', args, 16)\n",
                          FORBIDDEN, "blocked system call setxattrat"),
-    "remove_xattr_of_canary": (RAW + "def solution():\n    return sc(NR_REMOVEXATTRAT, -100, b'CANARY', 0, b'user.keep')\n",
+    "remove_xattr_of_canary": (RAW + "def solution():\n"
+                               "    return sc(NR_REMOVEXATTRAT, -100, b'CANARY', 0, b'user.keep')\n",
                                FORBIDDEN, "blocked system call removexattrat"),
-    "file_setattr_canary": (RAW + "def solution():\n    attr = ctypes.create_string_buffer(struct.pack('=QIIII', 0x80, 0, 0, 0, 0), 24)\n"
+    "file_setattr_canary": (RAW + "def solution():\n"
+                            "    attr = ctypes.create_string_buffer(struct.pack('=QIIII', 0x80, 0, 0, 0, 0), 24)\n"
                             "    return sc(NR_FILE_SETATTR, -100, b'CANARY', attr, 24, 0)\n",
                             FORBIDDEN, "blocked system call file_setattr"),
     "old_fsetxattr_on_victim": ("import os\ndef solution():\n    fd = os.open('VICTIM', os.O_RDONLY)\n"
-                                "    os.setxattr(fd, 'user.pwned', b'x')\n", FORBIDDEN, "blocked system call fsetxattr"),
+                                "    os.setxattr(fd, 'user.pwned', b'x')\n",
+                                FORBIDDEN, "blocked system call fsetxattr"),
     # inode flags through ioctl on a descriptor opened for reading (needs ownership, not write access)
-    **{f"ioctl_{name}_victim": ("import fcntl, os, struct\ndef solution():\n    fd = os.open('VICTIM', os.O_RDONLY)\n"
+    **{f"ioctl_{name}_victim": ("import fcntl, os, struct\ndef solution():\n"
+                                "    fd = os.open('VICTIM', os.O_RDONLY)\n"
                                 f"    return len(fcntl.ioctl(fd, {request:#x}, {arg}))\n",
                                 FORBIDDEN, "blocked system call ioctl") for name, request, arg in (
         ("setflags", 0x40086602, "struct.pack('l', 0x40)"),
@@ -120,9 +133,11 @@ PROBES = {
                 return f"{os.get_blocking(r)} {os.isatty(r)} {exc.errno}"
         """), OK, ""),
     # fcntl requests that signal or stall other processes, or change the inode for everyone
-    "fcntl_setlease_victim": ("import fcntl, os\ndef solution():\n    return fcntl.fcntl(os.open('VICTIM', os.O_RDONLY), 1024, 0)\n",
+    "fcntl_setlease_victim": ("import fcntl, os\ndef solution():\n"
+                              "    return fcntl.fcntl(os.open('VICTIM', os.O_RDONLY), 1024, 0)\n",
                               FORBIDDEN, KILLED),
-    "fcntl_notify_dir": ("import fcntl, os\ndef solution():\n    return fcntl.fcntl(os.open('.', os.O_RDONLY), 1026, 3)\n",
+    "fcntl_notify_dir": ("import fcntl, os\ndef solution():\n"
+                         "    return fcntl.fcntl(os.open('.', os.O_RDONLY), 1026, 3)\n",
                          FORBIDDEN, KILLED),
     "fcntl_set_rw_hint_victim": ("import fcntl, os, struct\ndef solution():\n    fd = os.open('VICTIM', os.O_RDONLY)\n"
                                  "    return len(fcntl.fcntl(fd, 1036, struct.pack('Q', 5)))\n", FORBIDDEN, KILLED),
@@ -139,26 +154,32 @@ PROBES = {
     "inotify_outside_read_roots": (RAW + "def solution():\n    fd = sc(NR_INOTIFY_INIT1, 0)\n"
                                    "    return sc(NR_INOTIFY_ADD_WATCH, fd, b'WORKDIR', 0xFFF)\n", FORBIDDEN, KILLED),
     # mounts and clocks
-    "listmount": (RAW + "def solution():\n    req = ctypes.create_string_buffer(struct.pack('=IIQQQ', 32, 0, 2**64 - 1, 0, 0), 32)\n"
+    "listmount": (RAW + "def solution():\n"
+                  "    req = ctypes.create_string_buffer(struct.pack('=IIQQQ', 32, 0, 2**64 - 1, 0, 0), 32)\n"
                   "    return sc(NR_LISTMOUNT, req, (ctypes.c_uint64 * 64)(), 64, 0)\n", FORBIDDEN, KILLED),
     "open_tree_attr": (RAW + "def solution():\n    return sc(NR_OPEN_TREE_ATTR, -100, b'/', 1, None, 0)\n",
                        FORBIDDEN, KILLED),
-    "adjtimex": (RAW + "def solution():\n    return sc(NR_ADJTIMEX, ctypes.create_string_buffer(256))\n", FORBIDDEN, KILLED),
+    "adjtimex": (RAW + "def solution():\n    return sc(NR_ADJTIMEX, ctypes.create_string_buffer(256))\n",
+                 FORBIDDEN, KILLED),
     "clock_adjtime": (RAW + "def solution():\n    return sc(NR_CLOCK_ADJTIME, 0, ctypes.create_string_buffer(256))\n",
                       FORBIDDEN, KILLED),
     # a call newer than the audit of the table: ENOSYS from the filter, whatever the kernel has
-    "unaudited_syscall": (RAW + f"def solution():\n    return sc({seccomp.FIRST_UNAUDITED}, 0, 0, 0)\n", ERROR, "Errno 38"),
+    "unaudited_syscall": (RAW + f"def solution():\n    return sc({seccomp.FIRST_UNAUDITED}, 0, 0, 0)\n",
+                          ERROR, "Errno 38"),
     # files: reads outside the read roots, writes anywhere
     "o_path_then_read": ("import os\ndef solution():\n    os.fchdir(os.open('/etc', os.O_PATH))\n"
                          "    return open('passwd').read()\n", FORBIDDEN, "EACCES"),
-    "openat2_resolve": (RAW + "def solution():\n    how = ctypes.create_string_buffer(struct.pack('=QQQ', 0, 0, 8), 24)\n"
-                        "    return sc(NR_OPENAT2, -100, b'/etc/passwd', how, 24)\n", FORBIDDEN, "blocked system call openat2"),
+    "openat2_resolve": (RAW + "def solution():\n"
+                        "    how = ctypes.create_string_buffer(struct.pack('=QQQ', 0, 0, 8), 24)\n"
+                        "    return sc(NR_OPENAT2, -100, b'/etc/passwd', how, 24)\n",
+                        FORBIDDEN, "blocked system call openat2"),
     "o_tmpfile": ("import os\ndef solution():\n    return os.open('/tmp', os.O_TMPFILE | os.O_RDWR, 0o600)\n",
                   FORBIDDEN, "blocked system call openat"),
     "hard_link_into_read_root": ("import os\ndef solution():\n    os.link('CANARY', 'VICTIM.link')\n",
                                  FORBIDDEN, "blocked system call link"),
     "proc_self_environ": ("def solution():\n    return open('/proc/self/environ').read()\n", FORBIDDEN, "EACCES"),
-    "proc_runner_cwd": ("import os\ndef solution():\n    return os.readlink('/proc/RUNNER_PID/cwd')\n", FORBIDDEN, "EACCES"),
+    "proc_runner_cwd": ("import os\ndef solution():\n    return os.readlink('/proc/RUNNER_PID/cwd')\n",
+                        FORBIDDEN, "EACCES"),
     "sys_read": ("def solution():\n    return open('/sys/kernel/mm/transparent_hugepage/enabled').read()\n",
                  FORBIDDEN, "EACCES"),
     "memfd_write": ("import os\ndef solution():\n    return os.write(os.memfd_create('x'), b'x' * 100)\n",
@@ -172,7 +193,8 @@ PROBES = {
     # process groups and signals: the worker's kill still lands, nothing stays behind
     "setpgid_into_pid_1s_group": ("import os\ndef solution():\n    os.setpgid(0, 1)\n    while True:\n        pass\n",
                                   TIMEOUT, "limit"),
-    "all_signals_blocked": ("import signal\ndef solution():\n    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))\n"
+    "all_signals_blocked": ("import signal\ndef solution():\n"
+                            "    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))\n"
                             "    while True:\n        pass\n", TIMEOUT, "limit"),
 }
 
@@ -426,7 +448,8 @@ def test_compile_cost_of_ordinary_programs_is_far_below_the_limit():
     for _ in range(20_000):  # far deeper than the recursion limit: the estimate is iterative
         deep = ast.BinOp(deep, ast.Add(), ast.Constant(1))
     assert compile_cost(ast.Expression(deep)) == 1 + 20_000 * 3 + 1
-    returns = "def solution(x):\n    try:\n" + "".join(f"        if x == {i}:\n            return {i}\n" for i in range(50))
+    returns = "def solution(x):\n    try:\n" + "".join(f"        if x == {i}:\n            return {i}\n"
+                                                      for i in range(50))
     returns += "    finally:\n        x = [" + ",".join(["1"] * 200) + "]\n"
     assert compile_cost(ast.parse(returns)) > 50 * 200  # each return copies the finally body
     assert check_program(ast.parse(_finally_bomb(14)), frozenset()) is None
@@ -457,7 +480,8 @@ kernel.landlock_ruleset = no_landlock
 scratch = tempfile.mkdtemp(); os.chmod(scratch, 0o555)
 protocol = os.dup(1)  # as worker.main: the protocol descriptor is fd 3, so the next one the worker opens is fd 4
 zygote = Zygote(ExecutorConfig(timeout_s=2.0, python_layers=False), ["math"], scratch)
-source = "import os\ndef solution():\n    return ' '.join(str(fd) for fd in range(3, 16) if os.path.exists(f'/proc/self/fd/{fd}'))\n"
+source = ("import os\ndef solution():\n"
+          "    return ' '.join(str(fd) for fd in range(3, 16) if os.path.exists(f'/proc/self/fd/{fd}'))\n")
 print(json.dumps({"layers": zygote.layers, "results": zygote.runner.run_chunk([source])}))
 """
 
@@ -473,8 +497,10 @@ def test_without_landlock_a_child_holds_no_descriptor_of_the_worker():
 
 
 
-FLAGS_SETTER = "import fcntl, os\ndef solution():\n    fcntl.fcntl(0, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)\n    return 1\n"
-FLAGS_READER = "import fcntl, os\ndef solution():\n    return fcntl.fcntl(0, fcntl.F_GETFL) & (os.O_APPEND | os.O_NONBLOCK)\n"
+FLAGS_SETTER = ("import fcntl, os\ndef solution():\n"
+                "    fcntl.fcntl(0, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)\n    return 1\n")
+FLAGS_READER = ("import fcntl, os\ndef solution():\n"
+                "    return fcntl.fcntl(0, fcntl.F_GETFL) & (os.O_APPEND | os.O_NONBLOCK)\n")
 
 
 def test_a_program_cannot_leave_flags_on_the_next_ones_standard_streams():

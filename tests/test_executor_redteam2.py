@@ -25,15 +25,15 @@ import re
 import time
 
 import pytest
-from test_executor import BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, prog
-from test_executor_kernel import _children, _ns_init
-from test_executor_redteam import KILLED, RAW, REDTEAM_CONFIG
 
-from reftkit.grading.answers import read_answer
-from reftkit.grading.cot import ProgramGrader, program_header
 from reftkit.data.records import Example
 from reftkit.executor import ExecResult, ProgramExecutor, kernel, seccomp
 from reftkit.executor.sandbox import encode_result, frame
+from reftkit.grading.answers import read_answer
+from reftkit.grading.cot import ProgramGrader, program_header
+from test_executor import BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, prog
+from test_executor_kernel import _children, _ns_init
+from test_executor_redteam import KILLED, RAW, REDTEAM_CONFIG
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 
@@ -78,7 +78,9 @@ RETURNED = {
     "sympy_exp_overflow": ("import sympy\n    return sympy.exp(10 ** 6)", OK),  # float() gives inf
     "sympy_rational_past_str_digits": ("import sympy\n    return sympy.Rational(10 ** 5000, 3)", ERROR),
     "sympy_power_explodes": ("import sympy\n    return sympy.Integer(10) ** (10 ** 9)", (MEMORY, TIMEOUT)),
-    "sympy_unevaluated_huge": ("import sympy\n    return sympy.Pow(10, 10 ** 12, evaluate=False)", (OK, ERROR, TIMEOUT)),
+    "sympy_unevaluated_huge": ((
+        "import sympy\n    return sympy.Pow(10, 10 ** 12, evaluate=False)"
+    ), (OK, ERROR, TIMEOUT)),
 }
 
 
@@ -188,10 +190,14 @@ SYSCALL_PROBES = {
             page.write(b'\\xb8\\x14\\x00\\x00\\x00\\xcd\\x80\\xc3')  # mov eax, 20 (i386 getpid); int 0x80; ret
             return ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
         """), FORBIDDEN, KILLED),
-        "x32_getpid": (RAW + "def solution():\n    return libc.syscall(ctypes.c_long(0x40000000 | 39))\n", FORBIDDEN, KILLED)}
+        "x32_getpid": (RAW + (
+            "def solution():\n    return libc.syscall(ctypes.c_long(0x40000000 | 39))\n"
+        ), FORBIDDEN, KILLED)}
        if X86 else {}),
     "number_minus_one": (RAW + "def solution():\n    return libc.syscall(ctypes.c_long(-1))\n", FORBIDDEN, KILLED),
-    "kill_with_high_bits": (RAW + f"def solution():\n    return libc.syscall(ctypes.c_long((1 << 32) | {_nr(62, 129)}), 1, 9)\n",
+    "kill_with_high_bits": (RAW + (
+        f"def solution():\n    return libc.syscall(ctypes.c_long((1 << 32) | {_nr(62, 129)}), 1, 9)\n"
+    ),
                             FORBIDDEN, KILLED),
     # memory of the host: poisoning and soft-offlining pages need CAP_SYS_ADMIN (or are not built in)
     "madv_hwpoison": (RAW + "import mmap\ndef solution():\n    m = mmap.mmap(-1, 4096)\n    m[0] = 1\n"
@@ -209,13 +215,17 @@ SYSCALL_PROBES = {
                              FORBIDDEN, "EPERM"),
     "mlockall": (RAW + f"def solution():\n    return sc({_nr(151, 230)}, 3)\n", (OK, ERROR), ""),
     # file data into the result pipe: no more than a write would do (no well-formed frame)
-    "sendfile_into_result_pipe": (RAW + f"def solution():\n    return sc({_nr(40, 71)}, 3, os.open({READ_ROOT_FILE!r}, os.O_RDONLY), 0, 100)\n",
+    "sendfile_into_result_pipe": (RAW + (
+        f"def solution():\n    return sc({_nr(40, 71)}, 3, os.open({READ_ROOT_FILE!r}, os.O_RDONLY), 0, 100)\n"
+    ),
                                   ERROR, "no result"),
 }
 if X86:  # no alarm(2) or uretprobe on aarch64
     SYSCALL_PROBES["alarm_on_itself"] = (RAW + "def solution():\n    sc(37, 1)\n    while True:\n        pass\n",
                                          TIMEOUT, "limit")
-    SYSCALL_PROBES["uretprobe_outside_a_probe"] = (RAW + "def solution():\n    return sc(335)\n", (ERROR, FORBIDDEN), "")
+    SYSCALL_PROBES["uretprobe_outside_a_probe"] = (RAW + (
+        "def solution():\n    return sc(335)\n"
+    ), (ERROR, FORBIDDEN), "")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,9 @@ import threading
 import time
 
 import pytest
+
+from reftkit.executor import ExecutorConfig, ProgramExecutor, kernel
+from reftkit.executor.policy import check_library_code
 from test_executor import (
     BENIGN,
     FORBIDDEN,
@@ -41,9 +44,6 @@ from test_executor import (
     prog,
     run_from_threads,
 )
-
-from reftkit.executor import ExecutorConfig, ProgramExecutor, kernel
-from reftkit.executor.policy import check_library_code
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 

@@ -16,11 +16,11 @@ in-Python layers on). Each program below returned `ok` holding a real module or 
 from __future__ import annotations
 
 import pytest
-from test_executor import FORBIDDEN, OK, prog
-from test_executor_redteam3 import PRODUCTION
 
 from reftkit.executor import ProgramExecutor
 from reftkit.executor.policy import check_library_code, check_program
+from test_executor import FORBIDDEN, OK, prog
+from test_executor_redteam3 import PRODUCTION
 
 ESCAPES = {
     "proxy_reinit_to_sys": """

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from conftest import LENGTHS
-from reftkit.grading.answers import TRIGGER, Grade, NaturalLanguageGrader, read_answer
+from reftkit.commands.sample import summarize
 from reftkit.data.numbers import parse_number
 from reftkit.data.records import Example
+from reftkit.grading.answers import TRIGGER, Grade, NaturalLanguageGrader, read_answer
 from reftkit.grading.faithfulness import (
     consistency_summary,
     is_consistent,
@@ -16,7 +17,6 @@ from reftkit.grading.faithfulness import (
     option_value,
     prediction_consistency,
 )
-from reftkit.commands.sample import summarize
 
 # "what is 5 ^ 4 ?": the gold option is c (625).
 POWER = Example("m0", "what is 5 ^ 4 ?", "", "c", ("24", "120", "625", "720", "1024"))
@@ -147,8 +147,11 @@ def test_summary_reports_consistency_beside_accuracy():
 def test_eval_log_line_names_the_rate_and_counts():
     from reftkit.commands.evaluate import consistency_note
 
-    counts = {"consistency": 2 / 3, "consistent": 2, "inconsistent": 1, "consistency_unknown": 1, "correct_inconsistent": 1}
-    assert consistency_note(counts) == ", consistency 0.6667 (2 consistent, 1 inconsistent of which 1 correct, 1 unknown)"
+    counts = {"consistency": 2 / 3, "consistent": 2, "inconsistent": 1, "consistency_unknown": 1,
+              "correct_inconsistent": 1}
+    assert consistency_note(counts) == (
+        ", consistency 0.6667 (2 consistent, 1 inconsistent of which 1 correct, 1 unknown)"
+    )
     assert consistency_note(counts | {"consistency": None}).startswith(", consistency n/a (")
     assert consistency_note({}) == ""
 
@@ -165,9 +168,9 @@ def test_eval_and_sample_report_consistency_on_multiple_choice_only(tmp_path, ti
     """The wiring: every predictions/samples row of an MCQ example carries `consistent` (as the rule
     gives it for that row's output), and eval's metrics.jsonl and sample's results.json hold the
     counts; numeric data gains nothing."""
-    from reftkit.config import EvalConfig, SampleConfig
     from reftkit.commands.evaluate import run_eval
     from reftkit.commands.sample import run_sample
+    from reftkit.config import EvalConfig, SampleConfig
     from reftkit.writers import write_examples
 
     mcq = [Example(f"m{i}", f"what is {i} + 2 ?", "", "c", (str(i), str(i + 1), str(i + 2))) for i in range(4)]

@@ -16,18 +16,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reftkit.commands import cli
 from reftkit.data import load_examples
-from reftkit.data.records import Example
-from reftkit.data.synthetic import make_splits
-from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.data.prompts import (
+    Truncations,
     encode_prompt,
     encode_prompts,
     encode_sft,
     encode_sft_examples,
-    Truncations,
     prompt_text,
     response_text,
 )
+from reftkit.data.records import Example
+from reftkit.data.synthetic import make_splits
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.modeling.tiny import build_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -143,8 +143,8 @@ def test_evaluation_with_a_tiny_prompt_budget_says_so(data, caplog):
     from accelerate import Accelerator
 
     from reftkit.grading.answers import NaturalLanguageGrader
-    from reftkit.rollout.decoding import evaluate
     from reftkit.modeling.tiny import build_model
+    from reftkit.rollout.decoding import evaluate
 
     train, test, tokenizer = data
     cuts = Truncations()
@@ -268,8 +268,8 @@ def cycle_through(start: str) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("module", ["reftkit.grading.answers", "reftkit.data", "reftkit.data.readers", "reftkit.data.prompts",
-                                    "reftkit.grading.cot"])
+@pytest.mark.parametrize("module", ["reftkit.grading.answers", "reftkit.data", "reftkit.data.readers",
+                                    "reftkit.data.prompts", "reftkit.grading.cot"])
 def test_the_data_layer_has_no_import_cycle(module):
     assert cycle_through(module) is None
 
@@ -378,7 +378,8 @@ def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch, tmp_path):
     with pytest.raises(ValueError) as info:
         load_causal_lm("someone/model")
     assert str(info.value) == ("cannot load model 'someone/model' (no such local path, so it was looked up as a "
-                               "Hugging Face Hub id): We couldn't connect to 'https://huggingface.co' to load the files.")
+                               "Hugging Face Hub id): We couldn't connect to 'https://huggingface.co' "
+                               "to load the files.")
 
 
 def test_a_huge_reference_cot_is_tokenized_from_a_bounded_window_with_the_same_ids(data):

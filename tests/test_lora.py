@@ -11,17 +11,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from conftest import LENGTHS
-from reftkit.training.metrics import Metrics
 from reftkit.config import ReFTConfig, SFTConfig
-from reftkit.modeling.lora import add_lora, lora_layers, merged_state_dict, reference_lm
-from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing, load_tokenizer
-from reftkit.modeling.scoring import lm_response_logprobs, token_logprobs
 from reftkit.data.prompts import encode_prompt
-from reftkit.rollout.generation import Sampling, generate
 from reftkit.modeling import loading as model_loading
+from reftkit.modeling.lora import add_lora, lora_layers, merged_state_dict, reference_lm
+from reftkit.modeling.model import (
+    PolicyWithValueHead,
+    checkpointing_in_eval_mode,
+    enable_gradient_checkpointing,
+    load_tokenizer,
+)
+from reftkit.modeling.scoring import lm_response_logprobs, token_logprobs
+from reftkit.rollout.generation import Sampling, generate
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
 from reftkit.training.checkpoints import ACCELERATE_DIR, latest_checkpoint
+from reftkit.training.metrics import Metrics
 
 PROMPT_LEN = 8
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import LENGTHS
 from reftkit.config import ReFTConfig, ReproduceConfig
+from reftkit.data.prompts import encode_sft_examples
 from reftkit.modeling import loading as model_loading
 from reftkit.modeling.model import PolicyWithValueHead, load_causal_lm
-from reftkit.data.prompts import encode_sft_examples
-from reftkit.trainers import reft as reft_module
 from reftkit.rl.methods import ESTIMATORS, RL_METHODS, methods_table
+from reftkit.trainers import reft as reft_module
 from reftkit.trainers.reft import train_reft
 
 

@@ -17,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import LENGTHS, REAL_CPU_BF16_UNITS
-from reftkit.rl import ppo
 from reftkit.config import ReFTConfig, SFTConfig
-from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
-from reftkit.training.device import make_accelerator
 from reftkit.modeling.loading import prepare_lm_for_training
+from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
+from reftkit.rl import ppo
+from reftkit.training.device import make_accelerator
 
 
 def bf16_reft_config(tmp_path, model, **kw):

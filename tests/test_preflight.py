@@ -13,17 +13,28 @@ from pathlib import Path
 
 import pytest
 from transformers import (
-    AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BloomConfig, FalconConfig, GPT2Config,
-    GPT2LMHeadModel, GPTJConfig, GPTNeoConfig, GPTNeoXConfig, LlamaConfig, MptConfig, OPTConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BloomConfig,
+    FalconConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTNeoConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MptConfig,
+    OPTConfig,
 )
 
 import reftkit
 from reftkit.commands import cli
 from reftkit.config import ReproduceConfig, SampleConfig
-from reftkit.modeling.model import load_causal_lm, load_pretrained, load_tokenizer
-from reftkit.training.preflight import check_model, position_limit
 from reftkit.data.prompts import prompt_text, response_text
+from reftkit.modeling.model import load_causal_lm, load_pretrained, load_tokenizer
 from reftkit.modeling.tiny import build_model, build_tokenizer
+from reftkit.training.preflight import check_model, position_limit
 from reftkit.writers import write_examples
 
 LENGTHS = ["--max_prompt_tokens", "64", "--max_length", "112"]

@@ -18,7 +18,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reftkit.commands import cli
-
 from reftkit.modeling import pretrained
 from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.modeling.pretrained import GgufSource, MissingPackageError, ensure_checkpoint, load_gguf, resolve

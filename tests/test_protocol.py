@@ -10,16 +10,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from conftest import LENGTHS
-from reftkit.config import EvalConfig, OfflineSTConfig, OnlineSTConfig, RerankerConfig, ReproduceConfig
-from reftkit.grading.cot import program_header, response_text
+from reftkit.commands.sample import correct_examples, example_from_sample, read_samples, summarize
+from reftkit.config import EvalConfig, OfflineSTConfig, OnlineSTConfig, ReproduceConfig, RerankerConfig
+from reftkit.data.prompts import IGNORE_INDEX
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.data.prompts import IGNORE_INDEX
+from reftkit.grading.cot import program_header, response_text
 from reftkit.grading.reward_model import new_reranker, reranker_text, score_texts
-from reftkit.trainers.reranker import pos_weight
-from reftkit.commands.sample import correct_examples, example_from_sample, read_samples, summarize
 from reftkit.trainers import offline_st
 from reftkit.trainers.online_st import mixed_nll, train_online_st
+from reftkit.trainers.reranker import pos_weight
 from reftkit.training.device import make_accelerator
 
 
@@ -80,7 +80,8 @@ def test_offline_st_trains_on_the_data_plus_distinct_correct_samples(tmp_path, s
     real, real_draw = offline_st.train_sft, offline_st.draw_samples
     monkeypatch.setattr(offline_st, "train_sft", spy)
     monkeypatch.setattr(offline_st, "draw_samples", spy_draw)
-    cfg = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run", samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
+    cfg = OfflineSTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run",
+                          samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
                           epochs=1, batch_size=16, lr=1e-3, eval_every_epoch=False, progress=False, **LENGTHS)
     final = offline_st.train_offline_st(cfg, train)
     assert len(seen["data"]) == len(train) + 2
@@ -149,7 +150,8 @@ def test_reranker_learns_to_score_correct_samples_higher(tmp_path, splits, warm_
     rows = []
     for ex in train[:24]:  # an easy signal: the reference solution vs. a wrong answer with no reasoning
         rows += [sample_row(ex, response_text(ex), True), sample_row(ex, "Therefore, the answer is: 0", False)]
-    cfg = RerankerConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run", samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
+    cfg = RerankerConfig(model=str(warm_checkpoint), output_dir=tmp_path / "run",
+                         samples_file=str(write_rows(tmp_path / "s.jsonl", rows)),
                          epochs=4, batch_size=8, lr=3e-3, progress=False, **LENGTHS)
     final = train_reranker(cfg, train)
     model = AutoModelForSequenceClassification.from_pretrained(final)  # a plain HF classifier
@@ -212,7 +214,8 @@ def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, 
     only_grpo = sum(greedy_of["GRPO"][i] and not greedy_of["ReFT"][i] for i in greedy_of["ReFT"])
     assert results["GRPO"]["vs_reft"]["only_a_right"] == only_grpo and 0 <= results["GRPO"]["vs_reft"]["mcnemar_p"] <= 1
     for r in results.values():  # shares of the 8 test questions; a voted or reranked right answer is a pass
-        assert r["k"] == 2 and all(r[key] * 8 == pytest.approx(round(r[key] * 8)) for key in ("top1", "vote", "rerank", "pass"))
+        assert r["k"] == 2 and all(r[key] * 8 == pytest.approx(round(r[key] * 8))
+                                   for key in ("top1", "vote", "rerank", "pass"))
         assert r["vote"] <= r["pass"] and r["rerank"] <= r["pass"]
     seconds = [results[m]["train_seconds"] for m in results]  # each stage's own training time, to 0.1 s
     assert all(s > 0 for s in seconds) and sum(seconds) <= elapsed + 0.05 * len(seconds)
@@ -231,7 +234,8 @@ def test_reproduce_writes_the_table_and_skips_finished_stages(tmp_path, splits, 
     summary = summarize(samples, splits[1][:8])
     assert [results["ReFT"][k] for k in ("vote", "rerank", "pass")] == [
         summary["vote_accuracy"], summary["rerank_accuracy"], summary["pass_accuracy"]]
-    greedy = [json.loads(line) for line in (out / "eval" / "reft" / "greedy" / "predictions.jsonl").read_text().splitlines()]
+    greedy = [json.loads(line)
+              for line in (out / "eval" / "reft" / "greedy" / "predictions.jsonl").read_text().splitlines()]
     assert len(greedy) == 8 and results["ReFT"]["top1"] == sum(g["correct"] for g in greedy) / 8
 
     # A rerun trains and samples nothing; with one method's model gone, only that method runs again.
@@ -258,8 +262,8 @@ def test_reproduce_config_errors_name_the_stage_and_key():
 
 @pytest.mark.slow
 def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_question(warm_checkpoint, splits, tmp_path):
-    from reftkit.writers import write_examples
     from reftkit.commands.evaluate import run_eval
+    from reftkit.writers import write_examples
 
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     write_examples(train, splits[0])
@@ -281,9 +285,9 @@ def test_sample_draws_many_samples_of_a_question_in_chunks_of_eval_batch_size(tm
     At most eval_batch_size rows are in flight, whatever k; the rows are as before: k per question,
     in (question, sample) order, sample numbers 0..k-1, and the same seed gives the same samples."""
     from conftest import LENGTHS
-    from reftkit.rollout import decoding as evaluate_module
-    from reftkit.config import SampleConfig
     from reftkit.commands.sample import run_sample
+    from reftkit.config import SampleConfig
+    from reftkit.rollout import decoding as evaluate_module
     from reftkit.writers import write_examples
 
     calls = []

@@ -513,7 +513,8 @@ def test_directory_of_json_files_is_read_in_name_order(tmp_path):
 
 def test_non_utf8_file_names_the_line(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_bytes(json.dumps(GSM8K_ROW).encode() + b"\n" + json.dumps(GSM8K_ROW).encode() + b"\n{\"q\": \"caf\xe9\"}\n")
+    path.write_bytes(json.dumps(GSM8K_ROW).encode() + b"\n" + json.dumps(GSM8K_ROW).encode()
+                     + b"\n{\"q\": \"caf\xe9\"}\n")
     _raises(path, "line 3: not UTF-8 text (byte 0xe9 at byte column 11)")
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([reft_item()]).encode())  # a byte-order mark is fine
     assert len(load_examples(path.rename(tmp_path / "bom.json")).examples) == 1

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from reftkit.modeling.model import PolicyWithValueHead
-from reftkit.modeling.scoring import lm_response_logprobs, response_slice, token_logprobs
-from reftkit.modeling.model import load_causal_lm, load_tokenizer
 from reftkit.data.prompts import collate_prompts, encode_prompt
+from reftkit.modeling.model import PolicyWithValueHead, load_causal_lm, load_tokenizer
+from reftkit.modeling.scoring import lm_response_logprobs, response_slice, token_logprobs
 from reftkit.rollout.generation import Sampling, generate, response_mask
 
 

@@ -15,19 +15,17 @@ import pytest
 
 import reftkit
 from conftest import LENGTHS
-from reftkit.training import checkpoints
-from reftkit.training import metrics
-from reftkit.training.checkpoints import RUN_FILE, STATE_FILE, config_changes, step_checkpoints
-from reftkit.training.errors import RunError
 from reftkit.config import EvalConfig, OfflineSTConfig, RerankerConfig, SampleConfig
 from reftkit.data.readers import DataError
-from reftkit.training import rundir
-from reftkit.training.rundir import LOCK_FILE, try_lock
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.offline_st import train_offline_st
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.reranker import train_reranker
 from reftkit.trainers.sft import train_sft
+from reftkit.training import checkpoints, metrics, rundir
+from reftkit.training.checkpoints import RUN_FILE, STATE_FILE, config_changes, step_checkpoints
+from reftkit.training.errors import RunError
+from reftkit.training.rundir import LOCK_FILE, try_lock
 from reftkit.writers import write_examples
 from test_run_safety import reft_config, sft_config, strict_rows, weights
 
@@ -266,7 +264,9 @@ def test_a_start_that_failed_on_a_bad_row_does_not_block_its_retry(tmp_path, spl
     with pytest.raises(DataError):
         train_sft(cfg)
     assert (run / RUN_FILE).exists()
-    with pytest.raises(RunError, match="no complete checkpoint .*stopped before its first checkpoint.*without --resume"):
+    with pytest.raises(RunError, match=(
+        "no complete checkpoint .*stopped before its first checkpoint.*without --resume"
+    )):
         train_sft(cfg.model_copy(update={"resume": True}))
     write_examples(data, splits[0])
     train_sft(cfg)  # the same command, after the fix

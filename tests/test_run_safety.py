@@ -13,16 +13,21 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import LENGTHS
-from reftkit.training import checkpoints
-from reftkit.training.checkpoints import (
-    RUN_FILE, STATE_FILE, config_changes, latest_checkpoint, prune_checkpoints, step_checkpoints,
-)
-from reftkit.training.errors import NonFiniteError, RunError
 from reftkit.config import OnlineSTConfig, ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
+from reftkit.training import checkpoints
+from reftkit.training.checkpoints import (
+    RUN_FILE,
+    STATE_FILE,
+    config_changes,
+    latest_checkpoint,
+    prune_checkpoints,
+    step_checkpoints,
+)
+from reftkit.training.errors import NonFiniteError, RunError
 
 
 def sft_config(out, model, **kw):

@@ -5,11 +5,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.rl import ppo
+from reftkit.modeling.kvcache import supports_shared_prefix
 from reftkit.modeling.lora import add_lora
 from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, enable_gradient_checkpointing
-from reftkit.modeling.kvcache import supports_shared_prefix
 from reftkit.modeling.scoring import length_buckets, score_responses
+from reftkit.rl import ppo
 
 PAD, EOS, VOCAB, K = 0, 1, 48, 3
 
@@ -21,8 +21,8 @@ def model(arch: str):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              pad_token_id=PAD, eos_token_id=EOS)
         return LlamaForCausalLM(config)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS, pad_token_id=PAD,
-                        eos_token_id=EOS)  # absolute positions: a wrong position id shows
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
+                        pad_token_id=PAD, eos_token_id=EOS)  # absolute positions: a wrong position id shows
     return GPT2LMHeadModel(config)
 
 
@@ -164,9 +164,9 @@ def test_the_trainer_honours_share_prompts(tmp_path, splits, tiny_checkpoint, mo
     """`share_prompts` reaches sampling's prefill, the rollout's scoring and every update (and
     false reaches none of them): counted at the shared paths themselves."""
     from conftest import LENGTHS
-    from reftkit.rollout import generation as rollout
-    from reftkit.modeling import scoring
     from reftkit.config import ReFTConfig
+    from reftkit.modeling import scoring
+    from reftkit.rollout import generation as rollout
     from reftkit.trainers.reft import train_reft
 
     calls = {"prefill": 0, "scoring": 0}

@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import LENGTHS
-from reftkit.training import checkpoints as checkpoints_module
-from reftkit.training.metrics import Metrics
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
+from reftkit.training import checkpoints as checkpoints_module
 from reftkit.training.checkpoints import latest_checkpoint
+from reftkit.training.metrics import Metrics
 
 
 def weights(path):
@@ -150,8 +150,8 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, splits, ti
 @pytest.mark.slow
 @pytest.mark.parametrize("cot", ["natural", "program"])
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, cot):
-    from reftkit.config import DemoConfig
     from reftkit.commands.demo import run_demo
+    from reftkit.config import DemoConfig
 
     cfg = DemoConfig(output_dir=tmp_path, cot=cot, n_train=64, n_test=16, warmup={"epochs": 1}, sft={"epochs": 1},
                      reft={"max_train_examples": 16, "epochs": 1, "batch_size": 8, "num_samples": 2,

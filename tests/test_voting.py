@@ -1,7 +1,7 @@
 """Majority voting, pass@k and reranking over k samples: the rules in reftkit/grading/voting.py."""
 
-from reftkit.data.records import Example
 from reftkit.commands.sample import summarize
+from reftkit.data.records import Example
 from reftkit.grading.voting import answer_groups, majority_vote, pass_at_k, rerank
 
 

@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, Strict, ValidationError, create_model, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
 )
 
+from reftkit.executor.config import check_workers
+from reftkit.executor.config import usable_cpus as _usable_cpus
 from reftkit.grading.cot import CotStyle
-from reftkit.executor.config import check_workers, usable_cpus as _usable_cpus
 from reftkit.rl.methods import ESTIMATORS, RL_METHODS, Estimator, advantage_help
 
 AdvantageName = Literal[tuple(ESTIMATORS)]
@@ -40,10 +48,15 @@ class _Config(BaseModel):
 class RunOptions(_Config):
     """Every command: the model, where results go, seed, precision, progress bars."""
 
-    model: str = Field("tiny", description="HF model name or directory; 'tiny' builds a small Llama and tokenizer in code from the training data")
+    model: str = Field("tiny", description=(
+        "HF model name or directory; 'tiny' builds a small Llama and tokenizer in code from the training data"
+    ))
     output_dir: LaxPath = Field(Path("runs/run"), description="run directory: checkpoints, metrics.jsonl, predictions")
     seed: int = Field(42, description="seed for data order, sampling and initialisation")
-    bf16: Literal["auto", "yes", "no"] = Field("auto", description="bf16 autocast (weights, optimiser state and checkpoints stay float32): auto = on for CUDA and for CPUs with bf16 matrix units (AMX, AVX-512 BF16, Arm BF16), else off")
+    bf16: Literal["auto", "yes", "no"] = Field("auto", description=(
+        "bf16 autocast (weights, optimiser state and checkpoints stay float32): auto = on for CUDA and for CPUs with "
+        "bf16 matrix units (AMX, AVX-512 BF16, Arm BF16), else off"
+    ))
     progress: bool = Field(True, description="show progress bars")
 
 
@@ -108,7 +121,9 @@ class SandboxOptions(_Config):
 
 
 class TrainData(_Config):
-    train_file: str | None = Field(None, description="training data (file, directory of JSON/JSONL files, or HF dataset name)")
+    train_file: str | None = Field(None, description=(
+        "training data (file, directory of JSON/JSONL files, or HF dataset name)"
+    ))
     max_train_examples: int | None = Field(None, gt=0, description="train on the first N training examples only")
 
     @property
@@ -120,20 +135,30 @@ class TrainData(_Config):
 
 class EvalData(_Config):
     eval_file: str | None = Field(None, description="evaluation data (a question and a gold answer per row)")
-    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
+    eval_batch_size: int = Field(64, gt=0, description=(
+        "responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks "
+        "of eval_batch_size)"
+    ))
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N examples only")
 
 
 class Tracking(_Config):
-    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="extra trackers (metrics.jsonl is always written)")
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description=(
+        "extra trackers (metrics.jsonl is always written)"
+    ))
 
 
 class RunDirOptions(Tracking):
     """A training run's directory: checkpoints, resuming, reuse (README, "Run directories")."""
 
     save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at the end of each epoch only)")
-    resume: bool = Field(False, description="continue the run in output_dir from its newest intact checkpoint (settings must match, README)")
-    overwrite_output_dir: bool = Field(False, description="start afresh in an output_dir that holds another run: its checkpoints, final model, metrics and predictions are removed first (other files stay)")
+    resume: bool = Field(False, description=(
+        "continue the run in output_dir from its newest intact checkpoint (settings must match, README)"
+    ))
+    overwrite_output_dir: bool = Field(False, description=(
+        "start afresh in an output_dir that holds another run: its checkpoints, final model, metrics and predictions "
+        "are removed first (other files stay)"
+    ))
 
 
 class OptimOptions(_Config):
@@ -142,23 +167,44 @@ class OptimOptions(_Config):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps for linear warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    nonfinite: Literal["stop", "skip"] = Field("stop", description="a non-finite loss or gradient: stop the run (nothing non-finite is saved; the last checkpoint stays), or skip that optimiser step and count it")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description=(
+        "a non-finite loss or gradient: stop the run (nothing non-finite is saved; the last checkpoint stays), or skip "
+        "that optimiser step and count it"
+    ))
 
 
 class MemoryOptions(_Config):
-    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass: less activation memory for about one more forward pass of compute")
-    group_by_length: bool = Field(False, description="batches of similar length, still shuffled per epoch; less padding, but batches are no longer uniformly random (off: the paper's setup)")
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each layer's activations in the backward pass: less activation memory for about one more forward "
+        "pass of compute"
+    ))
+    group_by_length: bool = Field(False, description=(
+        "batches of similar length, still shuffled per epoch; less padding, but batches are no longer uniformly random "
+        "(off: the paper's setup)"
+    ))
 
 
 class LoraOptions(_Config):
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = off (full fine-tuning). With LoRA only the adapters (and ReFT's value head) train, and ReFT's KL reference is the same model with its adapters disabled")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is scaled by lora_alpha / lora_r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input (SFT; ReFT runs its policy without dropout)")
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description="module names to adapt; all-linear = every linear layer of attention and MLP (not the output head)")
+    lora_r: int = Field(0, ge=0, description=(
+        "LoRA rank; 0 = off (full fine-tuning). With LoRA only the adapters (and ReFT's value head) train, and ReFT's "
+        "KL reference is the same model with its adapters disabled"
+    ))
+    lora_alpha: float = Field(16.0, gt=0, description=(
+        "LoRA scale numerator: the update is scaled by lora_alpha / lora_r"
+    ))
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description=(
+        "dropout on the adapters' input (SFT; ReFT runs its policy without dropout)"
+    ))
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description=(
+        "module names to adapt; all-linear = every linear layer of attention and MLP (not the output head)"
+    ))
 
 
 class AccumulationOptions(_Config):
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (gradient accumulation); the effective batch is batch_size x grad_accum x processes")
+    grad_accum: int = Field(1, gt=0, description=(
+        "micro-batches per optimiser step (gradient accumulation); the effective batch is batch_size x grad_accum x "
+        "processes"
+    ))
 
 
 class SamplingOptions(_Config):
@@ -172,15 +218,23 @@ class SamplingOptions(_Config):
 class SamplesInput(SamplingOptions):
     """Samples on the training questions, from a file or drawn from `model` first."""
 
-    samples_file: str | None = Field(None, description="samples.jsonl from `reftkit sample` on the training questions; default: draw num_samples per training question from `model`")
+    samples_file: str | None = Field(None, description=(
+        "samples.jsonl from `reftkit sample` on the training questions; default: draw num_samples per training "
+        "question from `model`"
+    ))
     num_samples: int = Field(100, gt=0, description="samples per training question when drawing them (the paper: 100)")
 
 
 class EngineOptions(_Config):
     """Where rollouts are sampled (docs/rollout-engines.md)."""
 
-    rollout_engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers' generate on the policy; vllm = an in-process vLLM engine (installed separately) that gets the policy's weights after every update, its samples rescored by the trainer's own forward")
-    vllm_sleep_mode: bool = Field(False, description="vllm engine, CUDA only: free the engine's weights and KV cache during each update (vLLM's sleep mode)")
+    rollout_engine: Literal["hf", "vllm"] = Field("hf", description=(
+        "hf = transformers' generate on the policy; vllm = an in-process vLLM engine (installed separately) that gets "
+        "the policy's weights after every update, its samples rescored by the trainer's own forward"
+    ))
+    vllm_sleep_mode: bool = Field(False, description=(
+        "vllm engine, CUDA only: free the engine's weights and KV cache during each update (vLLM's sleep mode)"
+    ))
 
 
 class TrainerOptions(RunOptions, DataOptions, SandboxOptions, TrainData, RunDirOptions, OptimOptions, MemoryOptions):
@@ -195,7 +249,9 @@ class SFTConfig(TrainerOptions, EvalData, LoraOptions, AccumulationOptions):
     epochs: int = Field(3, gt=0, description="passes over the training data")
     batch_size: int = Field(16, gt=0, description="examples per process per micro-batch")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description=(
+        "after warm-up: linear decay to 0, or constant"
+    ))
     eval_every_epoch: bool = Field(True, description="greedy accuracy on eval_file after each epoch")
 
 
@@ -210,31 +266,54 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
     lr_schedule: Literal["linear", "constant"] = Field("constant", description="the paper keeps the rate constant")
     ref_model: str | None = Field(None, description="frozen KL reference; default: the warm-up checkpoint (`model`)")
     mini_batch_size: int = Field(8, gt=0, description="responses per process per PPO update")
-    share_prompts: bool = Field(True, description="run each question's prompt once for its num_samples responses (sampling's prefill, old log-probs, values, reference, every update: cached keys and values) and responses in length buckets; minibatches then hold whole questions. Not in the updates with sft_coef > 0 (they run padded), nor in a vLLM engine's sampling (vLLM shares prefixes itself). false: every row padded and whole, minibatches of shuffled rows (the numbers of reftkit before this option)")
+    share_prompts: bool = Field(True, description=(
+        "run each question's prompt once for its num_samples responses (sampling's prefill, old log-probs, values, "
+        "reference, every update: cached keys and values) and responses in length buckets; minibatches then hold whole "
+        "questions. Not in the updates with sft_coef > 0 (they run padded), nor in a vLLM engine's sampling (vLLM "
+        "shares prefixes itself). false: every row padded and whole, minibatches of shuffled rows (the numbers of "
+        "reftkit before this option)"
+    ))
     ppo_epochs: int = Field(2, gt=0, description="optimisation passes over each rollout batch")
-    kl_coef: float | None = Field(None, ge=0, description="beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training")
+    kl_coef: float | None = Field(None, ge=0, description=(
+        "beta; default: 0.05 for natural CoT, 0.01 for program CoT (the paper). 0 collapses training"
+    ))
     gamma: float = Field(1.0, ge=0, le=1, description="discount (the paper: 1.0)")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip")
     value_clip_range: float = Field(0.2, gt=0, description="clip of the value update around the rollout value")
     vf_coef: float = Field(5.0, ge=0, description="value loss coefficient")
-    value_head_lr: float | None = Field(None, gt=0, description="learning rate of the value head; default: lr (the paper). A fresh head learns little at a policy's small lr")
+    value_head_lr: float | None = Field(None, gt=0, description=(
+        "learning rate of the value head; default: lr (the paper). A fresh head learns little at a policy's small lr"
+    ))
     whiten_advantages: bool = Field(True, description="whiten over the global batch (all processes)")
     correct_reward: float = Field(1.0, description="reward of a correct final answer")
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
     advantage: AdvantageName = Field("gae", description=advantage_help())
-    kl_in: Literal["reward", "loss"] = Field("reward", description="where the KL to the reference goes: per-token k1 in the reward (the paper; summed per sequence for the group estimators), or GRPO's k3 estimate in the loss")
-    sft_coef: float = Field(0.0, ge=0, le=1, description="mu: each update minimises (1 - mu) * L_RL + mu * L_SFT on its questions' reference CoTs (CHORD's global coefficient); 0 = off")
-    sft_coef_schedule: Literal["constant", "linear"] = Field("constant", description="sft_coef constant, or decayed linearly to 0 over training")
-    drop_uniform_groups: bool = Field(False, description="DAPO's dynamic sampling: drop the questions whose num_samples responses all got the same reward before the update (logged as dropped_groups)")
+    kl_in: Literal["reward", "loss"] = Field("reward", description=(
+        "where the KL to the reference goes: per-token k1 in the reward (the paper; summed per sequence for the group "
+        "estimators), or GRPO's k3 estimate in the loss"
+    ))
+    sft_coef: float = Field(0.0, ge=0, le=1, description=(
+        "mu: each update minimises (1 - mu) * L_RL + mu * L_SFT on its questions' reference CoTs (CHORD's global "
+        "coefficient); 0 = off"
+    ))
+    sft_coef_schedule: Literal["constant", "linear"] = Field("constant", description=(
+        "sft_coef constant, or decayed linearly to 0 over training"
+    ))
+    drop_uniform_groups: bool = Field(False, description=(
+        "DAPO's dynamic sampling: drop the questions whose num_samples responses all got the same reward before the "
+        "update (logged as dropped_groups)"
+    ))
 
     @model_validator(mode="after")
     def _estimator_options(self):
         if not self.estimator.critic:
             given = sorted(set(CRITIC_OPTIONS) & self.model_fields_set)
             if given:
-                raise ValueError(f"{', '.join(given)}: options of the value head and GAE; advantage={self.advantage} has neither")
+                raise ValueError(
+                    f"{', '.join(given)}: options of the value head and GAE; advantage={self.advantage} has neither"
+                )
         if max(self.estimator.min_samples, 2 if self.drop_uniform_groups else 1) > self.num_samples:
             raise ValueError(f"num_samples must be >= 2 for advantage={self.advantage} or drop_uniform_groups "
                              "(a group of one sample has no baseline)")
@@ -267,29 +346,44 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
 
 
 class OnlineSTConfig(TrainerOptions, EvalData, LoraOptions, AccumulationOptions, SamplingOptions):
-    """Online self-training: each batch, sample from the current policy and train on its correct samples mixed with the reference CoTs."""
+    """Online self-training: each batch, sample from the current policy and train on its correct samples
+    mixed with the reference CoTs."""
 
     epochs: int = Field(1, gt=0, description="passes over the training questions")
-    batch_size: int = Field(8, gt=0, description="questions per process per batch; a step trains on their reference CoTs plus up to num_samples correct samples each")
+    batch_size: int = Field(8, gt=0, description=(
+        "questions per process per batch; a step trains on their reference CoTs plus up to num_samples correct samples "
+        "each"
+    ))
     num_samples: int = Field(1, gt=0, description="sampled responses per question")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
-    self_weight: float = Field(0.5, ge=0, le=1, description="share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description=(
+        "after warm-up: linear decay to 0, or constant"
+    ))
+    self_weight: float = Field(0.5, ge=0, le=1, description=(
+        "share of the loss on the policy's own correct samples (the paper: 50/50); the rest is on the reference CoTs"
+    ))
 
 
 class OfflineSTConfig(SFTConfig, SamplesInput):
-    """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated) samples of `model`."""
+    """Offline self-training: SFT from `model` on the original data plus the correct (deduplicated)
+    samples of `model`."""
 
 
 class RerankerConfig(TrainerOptions, AccumulationOptions, SamplesInput):
-    """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on graded samples of the training questions.
+    """Outcome reward model: a sequence classifier initialised from an SFT checkpoint (`model`), trained on
+    graded samples of the training questions.
     No LoRA: its fresh score head must train fully."""
 
     epochs: int = Field(2, gt=0, description="passes over the samples")
     batch_size: int = Field(16, gt=0, description="samples per process per micro-batch")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: linear decay to 0, or constant")
-    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size), when drawing samples")
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description=(
+        "after warm-up: linear decay to 0, or constant"
+    ))
+    eval_batch_size: int = Field(64, gt=0, description=(
+        "responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks "
+        "of eval_batch_size), when drawing samples"
+    ))
 
     @property
     def train_needs_cot(self) -> bool:
@@ -300,7 +394,10 @@ class EvalConfig(RunOptions, DataOptions, SandboxOptions, EvalData, Tracking):
     """Greedy decoding and top-1 accuracy of a checkpoint (`model`) on eval_file."""
 
     train_file: str | None = Field(None, description="worked examples for few_shot (its first N rows)")
-    few_shot: int = Field(0, ge=0, description="put the first N examples of train_file before each question as worked examples (a base model that never saw the format); the answer ends where the model starts a new question. Raise max_prompt_tokens to fit them")
+    few_shot: int = Field(0, ge=0, description=(
+        "put the first N examples of train_file before each question as worked examples (a base model that never saw "
+        "the format); the answer ends where the model starts a new question. Raise max_prompt_tokens to fit them"
+    ))
 
     @model_validator(mode="after")
     def _shots_source(self):
@@ -313,7 +410,9 @@ class SampleConfig(RunOptions, DataOptions, SandboxOptions, EvalData, SamplingOp
     """k sampled responses per question, graded; accuracy by majority vote, pass@k and (with a reranker) rerank@k."""
 
     num_samples: int = Field(100, gt=0, description="k: sampled responses per question (the paper: 100)")
-    reranker: str | None = Field(None, description="reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k")
+    reranker: str | None = Field(None, description=(
+        "reward-model directory (`reftkit train-reranker`): scores every sample for rerank@k"
+    ))
 
 
 # The RL family beside the paper's PPO (reftkit.rl.methods.RL_METHODS): each is a `reftkit reft` run
@@ -374,13 +473,23 @@ class DemoConfig(_Config):
     cot: CotStyle = Field("natural", description="natural-language CoT, or Python programs run in the sandbox")
     n_train: int = Field(6000, gt=0, description="synthetic training questions (one reference CoT each)")
     n_test: int = Field(500, gt=0, description="held-out test questions (disjoint from training)")
-    one_line_fraction: float = Field(0.5, ge=0, le=1, description="share of reference CoTs from the annotator who skips steps (one-line / hand-computed)")
+    one_line_fraction: float = Field(0.5, ge=0, le=1, description=(
+        "share of reference CoTs from the annotator who skips steps (one-line / hand-computed)"
+    ))
     progress: bool = Field(True, description="show progress bars")
-    bf16: Literal["auto", "yes", "no"] = Field(DEMO_BF16, description="bf16 autocast of every stage; the tiny model runs faster and better in float32 (docs/cpu-bf16.md)")
-    overwrite_output_dir: bool = Field(False, description="rerun into an output_dir that holds an earlier demo's runs (they are replaced)")
-    warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up (from the tiny model)")
+    bf16: Literal["auto", "yes", "no"] = Field(DEMO_BF16, description=(
+        "bf16 autocast of every stage; the tiny model runs faster and better in float32 (docs/cpu-bf16.md)"
+    ))
+    overwrite_output_dir: bool = Field(False, description=(
+        "rerun into an output_dir that holds an earlier demo's runs (they are replaced)"
+    ))
+    warmup: dict[str, Any] = Field(default_factory=dict, description=(
+        "`reftkit sft` options of the warm-up (from the tiny model)"
+    ))
     sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the continued-SFT baseline")
-    reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options (e.g. lr, epochs, num_samples, max_train_examples, kl_coef)")
+    reft: dict[str, Any] = Field(default_factory=dict, description=(
+        "`reftkit reft` options (e.g. lr, epochs, num_samples, max_train_examples, kl_coef)"
+    ))
 
     @model_validator(mode="after")
     def _stages_valid(self):
@@ -409,19 +518,28 @@ class _ReproduceBase(RunOptions, DataOptions, SandboxOptions, Tracking):
 
     train_file: str | None = Field(None, description="training data of every training stage")
     eval_file: str | None = Field(None, description="the test set, read by the evaluation stages only")
-    eval_batch_size: int = Field(64, gt=0, description="responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks of eval_batch_size)")
+    eval_batch_size: int = Field(64, gt=0, description=(
+        "responses per decoding batch (k samples each: eval_batch_size // k prompts, or one prompt's samples in chunks "
+        "of eval_batch_size)"
+    ))
     max_eval_examples: int | None = Field(None, gt=0, description="evaluate on the first N test examples only")
-    demo: bool = Field(False, description="synthetic data and the tiny model, with the demo's settings as stage defaults")
+    demo: bool = Field(False, description=(
+        "synthetic data and the tiny model, with the demo's settings as stage defaults"
+    ))
     methods: list[MethodName] = Field(default_factory=lambda: ["sft", "offline_st", "online_st", "reft"],
                                       description="methods trained from the warm-up and compared")
     warmup: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of the warm-up")
     sft: dict[str, Any] = Field(default_factory=dict, description="`reftkit sft` options of continued SFT")
-    train_samples: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options for the warm-up's samples on the training questions (Offline-ST data, reranker data)")
+    train_samples: dict[str, Any] = Field(default_factory=dict, description=(
+        "`reftkit sample` options for the warm-up's samples on the training questions (Offline-ST data, reranker data)"
+    ))
     offline_st: dict[str, Any] = Field(default_factory=dict, description="`reftkit offline-st` options")
     online_st: dict[str, Any] = Field(default_factory=dict, description="`reftkit online-st` options")
     reft: dict[str, Any] = Field(default_factory=dict, description="`reftkit reft` options")
     reranker: dict[str, Any] = Field(default_factory=dict, description="`reftkit train-reranker` options")
-    eval: dict[str, Any] = Field(default_factory=dict, description="`reftkit sample` options on the test set (num_samples = k)")
+    eval: dict[str, Any] = Field(default_factory=dict, description=(
+        "`reftkit sample` options on the test set (num_samples = k)"
+    ))
 
     @model_validator(mode="after")
     def _stages_valid(self):
@@ -431,7 +549,8 @@ class _ReproduceBase(RunOptions, DataOptions, SandboxOptions, Tracking):
             raise ValueError("set train_file and eval_file (the test set), or demo: true")
         for name in self.stage_names():
             self.stage(name)  # an unknown or ill-typed stage option fails here, before any training
-        used = set(self.methods) | ({"reft"} if set(RL_METHODS) & set(self.methods) else set())  # RL family: reft's budget
+        # RL family: reft's budget
+        used = set(self.methods) | ({"reft"} if set(RL_METHODS) & set(self.methods) else set())
         unused = sorted(name for name in typing.get_args(MethodName) if getattr(self, name) and name not in used)
         if unused:
             raise ValueError(f"section {unused[0]!r} is given but {unused[0]} is not in methods")

@@ -23,7 +23,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from reftkit import __version__, yamlfile
 from reftkit.config import (
-    DemoConfig, EvalConfig, OfflineSTConfig, OnlineSTConfig, ReFTConfig, RerankerConfig, ReproduceConfig, SampleConfig,
+    DemoConfig,
+    EvalConfig,
+    OfflineSTConfig,
+    OnlineSTConfig,
+    ReFTConfig,
+    ReproduceConfig,
+    RerankerConfig,
+    SampleConfig,
     SFTConfig,
 )
 
@@ -39,7 +46,9 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("reftkit.trainers.sft", "train_sft", SFTConfig, "supervised fine-tuning (warm-up)"),
     "reft": Command("reftkit.trainers.reft", "train_reft", ReFTConfig, "ReFT: PPO from an SFT checkpoint"),
     "eval": Command("reftkit.commands.evaluate", "run_eval", EvalConfig, "greedy accuracy of a checkpoint"),
-    "sample": Command("reftkit.commands.sample", "run_sample", SampleConfig, "k samples per question: vote@k, pass@k, rerank@k"),
+    "sample": Command("reftkit.commands.sample", "run_sample", SampleConfig, (
+        "k samples per question: vote@k, pass@k, rerank@k"
+    )),
     "offline-st": Command("reftkit.trainers.offline_st", "train_offline_st", OfflineSTConfig,
                           "offline self-training: SFT on the data plus the model's own correct samples"),
     "online-st": Command("reftkit.trainers.online_st", "train_online_st", OnlineSTConfig,
@@ -48,7 +57,9 @@ COMMANDS: dict[str, Command] = {
                               "outcome reward model for rerank@k, from an SFT checkpoint"),
     "reproduce": Command("reftkit.commands.reproduce", "run_reproduce", ReproduceConfig,
                          "the paper's protocol: every method and inference strategy, one table"),
-    "demo": Command("reftkit.commands.demo", "run_demo", DemoConfig, "synthetic end-to-end demo: SFT, then ReFT vs SFT"),
+    "demo": Command("reftkit.commands.demo", "run_demo", DemoConfig, (
+        "synthetic end-to-end demo: SFT, then ReFT vs SFT"
+    )),
 }
 
 CONVENTIONS = (
@@ -121,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         # allow_abbrev=False: a prefix such as --lr must never silently mean another option
         p = sub.add_parser(name, help=cmd.help, description=cmd.config.__doc__, epilog=CONVENTIONS,
-                           usage=f"reftkit {name} [CONFIG] [--option VALUE ...]", allow_abbrev=False, formatter_class=_HelpFormatter)
+                           usage=(
+                               f"reftkit {name} [CONFIG] [--option VALUE ...]"
+                           ), allow_abbrev=False, formatter_class=_HelpFormatter)
         p.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG", help="YAML config file")
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings and errors only")
         by_section: dict[type, list[str]] = {}
@@ -140,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 _SECTION_TITLES = {
     "RunOptions": "run", "DataOptions": "data and prompts", "SandboxOptions": "program-CoT sandbox",
     "TrainData": "training data", "EvalData": "evaluation data", "Tracking": "tracking",
-    "RunDirOptions": "checkpoints and run directory", "OptimOptions": "optimiser", "MemoryOptions": "memory and batching",
+    "RunDirOptions": (
+        "checkpoints and run directory"
+    ), "OptimOptions": "optimiser", "MemoryOptions": "memory and batching",
     "LoraOptions": "LoRA", "AccumulationOptions": "gradient accumulation", "SamplingOptions": "sampling",
     "SamplesInput": "samples of the training questions",
 }

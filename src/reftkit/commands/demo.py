@@ -12,23 +12,22 @@ import json
 import time
 from pathlib import Path
 
-from reftkit.training.errors import RunError
-
-from reftkit.training.checkpoints import check_writable, on_main_process, previous_outputs
-from reftkit.training.rundir import owns_output_dir
 from reftkit.config import DEMO_LENGTHS, DemoConfig
 from reftkit.data.synthetic import make_splits
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
+from reftkit.training.checkpoints import check_writable, on_main_process, previous_outputs
 from reftkit.training.device import process_state
+from reftkit.training.errors import RunError
+from reftkit.training.rundir import owns_output_dir
 
 
 @owns_output_dir
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the three stages and prints (and returns) test accuracy and wall-clock per stage."""
-    from reftkit.writers import write_examples
     from reftkit.commands.evaluate import run_eval
     from reftkit.config import EvalConfig
+    from reftkit.writers import write_examples
 
     out = Path(cfg.output_dir)
 
@@ -64,7 +63,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def format_table(results: dict[str, dict], cfg: DemoConfig) -> str:
-    lines = [f"reftkit demo ({cfg.cot} CoT, seed {cfg.seed}, {cfg.n_train} train / {cfg.n_test} test synthetic problems)",
+    lines = [(
+        f"reftkit demo ({cfg.cot} CoT, seed {cfg.seed}, {cfg.n_train} train / {cfg.n_test} test synthetic problems)"
+    ),
              "", "| stage | test accuracy (greedy) | train time (s) |", "|---|---|---|"]
     lines += [f"| {name} | {r['test_accuracy']:.1%} | {r['train_seconds']:.0f} |" for name, r in results.items()]
     return "\n".join(lines)

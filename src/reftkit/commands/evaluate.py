@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 
-from reftkit.training.checkpoints import check_results_dir
-from reftkit.training.rundir import on_main_process, owns_output_dir
 from reftkit.config import EvalConfig
-from reftkit.grading.cot import open_grader
-from reftkit.rollout.decoding import evaluate_run
-from reftkit.modeling.model import load_causal_lm, load_tokenizer
-from reftkit.training.preflight import preflight
-from reftkit.training.metrics import Metrics
 from reftkit.data.loading import load_examples_for
+from reftkit.grading.cot import open_grader
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.rollout.decoding import evaluate_run
+from reftkit.training.checkpoints import check_results_dir
 from reftkit.training.device import make_accelerator
+from reftkit.training.metrics import Metrics
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import on_main_process, owns_output_dir
 
 log = logging.getLogger("reftkit")
 
@@ -54,5 +54,7 @@ def consistency_note(read_outs: dict) -> str:
 
 def status_note(read_outs: dict) -> str:
     """The log line's program part (program CoT): how many programs ended how, e.g. ", programs: 3 ok, 1 timeout"."""
-    ended = [f"{n} {key.removeprefix('programs_')}" for key, n in read_outs.items() if key.startswith("programs_") and n]
+    ended = [(
+        f"{n} {key.removeprefix('programs_')}"
+    ) for key, n in read_outs.items() if key.startswith("programs_") and n]
     return f", programs: {', '.join(ended)}" if ended else ""

@@ -22,17 +22,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from reftkit.rl.methods import ESTIMATORS, RL_METHODS
-from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
 from reftkit.commands.report import (
-    paired_counts, plot_accuracy, plot_curves, read_predictions, results_table, sampled_tokens,
+    paired_counts,
+    plot_accuracy,
+    plot_curves,
+    read_predictions,
+    results_table,
+    sampled_tokens,
 )
-from reftkit.writers import write_examples, write_json
 from reftkit.commands.sample import RESULTS_FILE, run_sample
+from reftkit.config import DemoConfig, EvalConfig, ReproduceConfig, only_fields
+from reftkit.rl.methods import ESTIMATORS, RL_METHODS
 from reftkit.training.checkpoints import STATE_FILE, latest_checkpoint
+from reftkit.training.device import process_state
 from reftkit.training.preflight import preflight
 from reftkit.training.rundir import owns_output_dir
-from reftkit.training.device import process_state
+from reftkit.writers import write_examples, write_json
 
 log = logging.getLogger("reftkit")
 METHOD_NAMES = {"warmup": "warm-up SFT", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST",
@@ -132,10 +137,10 @@ def write_demo_data(cfg: ReproduceConfig) -> tuple[str, str]:
 
 @owns_output_dir
 def run_reproduce(cfg: ReproduceConfig) -> dict:
-    from reftkit.trainers.reranker import train_reranker
     from reftkit.trainers.offline_st import train_offline_st
     from reftkit.trainers.online_st import train_online_st
     from reftkit.trainers.reft import train_reft
+    from reftkit.trainers.reranker import train_reranker
     from reftkit.trainers.sft import train_sft
 
     preflight(cfg)  # the model and both data files, before the first stage trains
@@ -156,7 +161,8 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     results = {}
     for method, model in models.items():
         results[METHOD_NAMES[method]] = eval_stage(cfg, method, model, reranker, test_file) | {
-            "train_seconds": stage_seconds(cfg.output_dir / method), "sampled_tokens": sampled_tokens(cfg.output_dir / method)}
+            "train_seconds": stage_seconds(cfg.output_dir / method),
+            "sampled_tokens": sampled_tokens(cfg.output_dir / method)}
     if "reft" in models:  # each method's greedy answers against ReFT's, question by question
         reft = read_predictions(greedy_predictions(cfg, "reft"))
         for method in models:

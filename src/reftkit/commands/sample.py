@@ -14,19 +14,19 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from reftkit.grading.answers import reasoning_of
-from reftkit.training.checkpoints import check_results_dir
-from reftkit.training.rundir import on_main_process, owns_output_dir
 from reftkit.config import SampleConfig
-from reftkit.grading.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
 from reftkit.data.readers import DataError
 from reftkit.data.records import Example
-from reftkit.rollout.decoding import decode_and_grade, row_status_counts
-from reftkit.rollout.generation import Sampling
+from reftkit.grading.answers import reasoning_of
+from reftkit.grading.cot import CotStyle, open_grader, program_body, response_prefix, warn_if_sandbox_limited
 from reftkit.grading.faithfulness import consistency_summary
 from reftkit.grading.reward_model import score_samples
-from reftkit.writers import write_json, write_jsonl
 from reftkit.grading.voting import majority_vote, pass_at_k, rerank
+from reftkit.rollout.decoding import decode_and_grade, row_status_counts
+from reftkit.rollout.generation import Sampling
+from reftkit.training.checkpoints import check_results_dir
+from reftkit.training.rundir import on_main_process, owns_output_dir
+from reftkit.writers import write_json, write_jsonl
 
 log = logging.getLogger("reftkit")
 SAMPLES_FILE, RESULTS_FILE = "samples.jsonl", "results.json"
@@ -71,10 +71,10 @@ def summarize(rows: Sequence[dict], examples: Sequence[Example]) -> dict:
 def run_sample(cfg: SampleConfig) -> dict:
     """Writes samples.jsonl and results.json into output_dir; returns the summary. Every input (the reranker
     too) is checked before sampling, and the samples are written before they are scored."""
-    from reftkit.modeling.model import load_causal_lm, load_tokenizer
-    from reftkit.training.preflight import preflight
     from reftkit.data.loading import load_examples_for
+    from reftkit.modeling.model import load_causal_lm, load_tokenizer
     from reftkit.training.device import make_accelerator
+    from reftkit.training.preflight import preflight
 
     preflight(cfg)
     accelerator = make_accelerator(cfg)
@@ -115,7 +115,9 @@ def read_samples(path: Path, examples: Sequence[Example]) -> list[dict]:
                 if field not in row:
                     raise DataError(f"{path} line {line_no}: field '{field}' is missing")
             if row["id"] not in index:
-                raise DataError(f"{path} line {line_no}: field 'id' = {row['id']!r} is not a question of the training data")
+                raise DataError(
+                    f"{path} line {line_no}: field 'id' = {row['id']!r} is not a question of the training data"
+                )
             rows.append(row | {"index": index[row["id"]]})
     return rows
 

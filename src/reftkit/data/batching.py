@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-
 # Examples are sorted by length inside windows of this many batches. Larger windows pad less but
 # make batch composition more predictable; 50 is the Hugging Face Trainer's value.
 WINDOW_BATCHES = 50

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reftkit.grading.cot import CotStyle, question_text, response_prefix, response_text
 from reftkit.data.records import Example
+from reftkit.grading.cot import CotStyle, question_text, response_prefix, response_text
 
 log = logging.getLogger("reftkit")
 

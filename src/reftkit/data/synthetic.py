@@ -22,8 +22,8 @@ from __future__ import annotations
 import operator
 import random
 
-from reftkit.grading.cot import CotStyle, program_header
 from reftkit.data.records import Example
+from reftkit.grading.cot import CotStyle, program_header
 
 NAMES = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Lily", "Omar", "Nina", "Ravi"]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells", "stamps", "cookies"]

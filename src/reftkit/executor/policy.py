@@ -159,7 +159,10 @@ def compile_violation(tree: ast.AST) -> str | None:
     """Why compiling `tree` in the worker would cost too much (compile_cost over COMPILE_COST_LIMIT), or None."""
     cost = compile_cost(tree)
     if cost > COMPILE_COST_LIMIT:
-        return f"program too costly to compile (~{min(cost, 10**12):,} nodes once `finally` bodies are copied; limit {COMPILE_COST_LIMIT:,})"
+        return (
+            f"program too costly to compile (~{min(cost, 10**12):,} nodes once `finally` bodies are copied; limit "
+            f"{COMPILE_COST_LIMIT:,})"
+        )
     return None
 
 

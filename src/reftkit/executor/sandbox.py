@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from types import CodeType
 from json import dumps
+from types import CodeType
 from typing import NoReturn
 
 from reftkit.executor import kernel, seccomp
@@ -281,7 +281,9 @@ def kernel_refusal(exc: OSError) -> str | None:
         return None
     code = errno.errorcode[err]
     filename = exc.filename if type(exc.filename) in (str, bytes) else None
-    return f"refused by the kernel ({code}): {filename!r}" if filename is not None else f"refused by the kernel ({code})"
+    return (
+        f"refused by the kernel ({code}): {filename!r}"
+    ) if filename is not None else f"refused by the kernel ({code})"
 
 
 def answer(value: object, limit: int) -> tuple[Status, str | None, str]:

@@ -13,7 +13,8 @@ Two tiers, both decided by the kernel, so that they hold when every in-Python la
   The child dies with SIGSYS, which the worker sees and reports as `forbidden`: the program cannot catch
   it, retry, or hide the attempt (it cannot forge a status it is not alive to write).
 * **named error** (SECCOMP_RET_ERRNO with errno ERRNO_BASE + syscall number): file-system mutations, data
-  and metadata, writeback of other processes' data (sync, syncfs, fsync, fdatasync, sync_file_range, msync) (Landlock governs neither chmod/chown/utime nor extended attributes, ACLs or inode flags),
+  and metadata, writeback of other processes' data (sync, syncfs, fsync, fdatasync, sync_file_range, msync)
+  (Landlock governs neither chmod/chown/utime nor extended attributes, ACLs or inode flags),
   `open`/`openat` with a write, create, truncate or append flag, and `ioctl` with any request but a few
   harmless ones that CPython makes (so no FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR... on a file opened for
   reading, which needs no write access, only ownership). Libraries that try to write a cache fail

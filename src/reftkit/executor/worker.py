@@ -28,7 +28,6 @@ import warnings
 from reftkit.executor import kernel
 from reftkit.executor.collect import children_list, collect, grow_pipe, kill_group, reap_strays
 from reftkit.executor.config import ExecutorConfig, Status
-from reftkit.executor.warm import warm_child_path
 from reftkit.executor.policy import AuditPolicy, Importer, module_valued_names, safe_builtins
 from reftkit.executor.sandbox import (
     EXIT_INTERNAL,
@@ -44,6 +43,7 @@ from reftkit.executor.sandbox import (
     probe_main,
     split_frames,
 )
+from reftkit.executor.warm import warm_child_path
 
 # Imported for the answer classification, and where stdlib code would import them lazily in a child.
 _ALWAYS_PRELOAD = ("fractions", "decimal", "numbers", "json")
@@ -316,7 +316,8 @@ class Zygote:
         """Landlock on the worker itself, before it forks anything: every process it forks then starts in its
         domain, the namespace's PID 1 included (the worker's death must still reach it: Landlock's signal
         scoping stops signals to processes outside the sender's domain, the parent-death signal included),
-        and each program's child inherits the domain instead of applying the ruleset itself. From here on the worker opens no file: its children list and pipes are open
+        and each program's child inherits the domain instead of applying the ruleset itself. From here on
+        the worker opens no file: its children list and pipes are open
         already, and each child opens /dev/null, which the ruleset allows. The process that parses program
         text is confined too."""
         ctx = self.ctx

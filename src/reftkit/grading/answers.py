@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Protocol
 
 from reftkit.data.numbers import Number, clean_answer_text, format_number, parse_number

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
-from reftkit.grading.answers import TRIGGER, Grade, Grader, NaturalLanguageGrader, is_correct, read_answer
 from reftkit.data.records import Example
 from reftkit.executor.config import Status
+from reftkit.grading.answers import TRIGGER, Grade, Grader, NaturalLanguageGrader, is_correct, read_answer
 
 log = logging.getLogger("reftkit")
 

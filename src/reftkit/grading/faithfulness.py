@@ -26,10 +26,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from reftkit.grading.answers import Grade, close, reasoning_of
-from reftkit.grading.cot import CotStyle
 from reftkit.data.numbers import Number, parse_number
 from reftkit.data.records import Example
+from reftkit.grading.answers import Grade, close, reasoning_of
+from reftkit.grading.cot import CotStyle
 
 LETTERS = "abcde"
 

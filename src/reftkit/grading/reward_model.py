@@ -18,9 +18,9 @@ import torch
 from accelerate.utils import gather_object
 from transformers import AutoModelForSequenceClassification
 
+from reftkit.data.prompts import pad_right, prompt_text, tail_token_ids
 from reftkit.data.records import Example
 from reftkit.modeling.model import load_pretrained, load_tokenizer
-from reftkit.data.prompts import pad_right, prompt_text, tail_token_ids
 
 
 def reranker_text(example: Example, output: str) -> str:
@@ -82,7 +82,8 @@ def score_texts(accelerator, model, tokenizer, texts: Sequence[str], batch_size:
     return [score for _, score in sorted(gather_object(scored))]
 
 
-def score_samples(accelerator, reranker_dir: str, examples: Sequence[Example], rows: Sequence[dict], cfg) -> list[float]:
+def score_samples(accelerator, reranker_dir: str, examples: Sequence[Example], rows: Sequence[dict],
+                  cfg) -> list[float]:
     """Scores sample rows (from `draw_samples` or a samples file) with a trained reranker."""
     model = load_reranker(reranker_dir).to(accelerator.device)
     tokenizer = load_tokenizer(reranker_dir)

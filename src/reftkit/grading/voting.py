@@ -18,8 +18,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 
-from reftkit.grading.answers import same_answer
 from reftkit.data.numbers import parse_number
+from reftkit.grading.answers import same_answer
 
 
 def answer_groups(answers: Sequence[str | None], tol: float = 1e-2, multiple_choice: bool = False) -> list[list[int]]:

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from reftkit.modeling.kvcache import cache_argument, logits_to_keep, prefix_cache, recording_cache, supports_shared_prefix
+from reftkit.modeling.kvcache import (
+    cache_argument,
+    logits_to_keep,
+    prefix_cache,
+    recording_cache,
+    supports_shared_prefix,
+)
 
 # A forward call's fixed cost in token-rows: a bucket is split off only when it saves more padding
 # than this (launch overheads dominate a small model's short forward).

@@ -10,12 +10,12 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from reftkit.grading.answers import Grade, Grader
 from reftkit.config import DataOptions
-from reftkit.grading.cot import CotStyle, response_prefix, status_counts, warn_if_sandbox_limited
-from reftkit.data.records import Example
-from reftkit.grading.faithfulness import consistency_summary, prediction_consistency
 from reftkit.data.prompts import FEW_SHOT_STOP, Truncations, encode_prompts
+from reftkit.data.records import Example
+from reftkit.grading.answers import Grade, Grader
+from reftkit.grading.cot import CotStyle, response_prefix, status_counts, warn_if_sandbox_limited
+from reftkit.grading.faithfulness import consistency_summary, prediction_consistency
 from reftkit.rollout.generation import Sampling, generate
 from reftkit.writers import write_jsonl
 
@@ -53,7 +53,8 @@ def decode_and_grade(
     """
     rank, world = (0, 1) if local else (accelerator.process_index, accelerator.num_processes)
     shard = list(range(rank, len(examples), world))
-    prompts = dict(zip(shard, encode_prompts(tokenizer, [examples[i] for i in shard], max_prompt_tokens, cot, shots, cuts),
+    prompts = dict(zip(shard, encode_prompts(tokenizer, [examples[i] for i in shard], max_prompt_tokens, cot, shots,
+                                             cuts),
                        strict=True))
     order = sorted(shard, key=lambda i: len(prompts[i]))
     per_batch = max(1, batch_size // num_samples)

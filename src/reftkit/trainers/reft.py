@@ -21,7 +21,12 @@ import torch
 from reftkit.config import ReFTConfig
 from reftkit.data.batching import shuffled_loader
 from reftkit.data.prompts import (
-    IGNORE_INDEX, Truncations, collate_sft, encode_prompt, encode_prompts, encode_sft_examples,
+    IGNORE_INDEX,
+    Truncations,
+    collate_sft,
+    encode_prompt,
+    encode_prompts,
+    encode_sft_examples,
 )
 from reftkit.data.records import Example
 from reftkit.grading.answers import reward_from_grade
@@ -312,7 +317,9 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                                      progress.step + 1, sft))
             record["time_update"] = time.perf_counter() - clock
             loop.record({**record, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, epoch, i,
-                        reward=f"{record['reward']:.2f}", acc=f"{record['train_accuracy']:.2f}", kl=f"{record['kl']:.2f}")
+                        reward=f"{record['reward']:.2f}", acc=(
+                            f"{record['train_accuracy']:.2f}"
+                        ), kl=f"{record['kl']:.2f}")
             updates_made += record["updates"]
             if accelerator.is_main_process:
                 warn_if_all_dropped(record, progress.step, cfg)

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from reftkit.data.batching import shuffled_loader
-from reftkit.training.checkpoints import claim_output_dir
-from reftkit.training.rundir import owns_output_dir
-from reftkit.config import RerankerConfig
-from reftkit.grading.cot import open_grader
-from reftkit.data.records import Example
-from reftkit.modeling.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from reftkit.training.preflight import preflight
-from reftkit.grading.reward_model import collate, encode_texts, new_reranker, reranker_text
-from reftkit.training.device import make_accelerator
-from reftkit.training.optim import make_optimizer
-from reftkit.data.loading import training_examples
 from reftkit.commands.sample import draw_samples, read_samples
+from reftkit.config import RerankerConfig
+from reftkit.data.batching import shuffled_loader
+from reftkit.data.loading import training_examples
+from reftkit.data.records import Example
+from reftkit.grading.cot import open_grader
+from reftkit.grading.reward_model import collate, encode_texts, new_reranker, reranker_text
+from reftkit.modeling.model import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from reftkit.training.checkpoints import claim_output_dir
+from reftkit.training.device import make_accelerator
 from reftkit.training.loop import fit, steps_per_epoch
+from reftkit.training.optim import make_optimizer
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import owns_output_dir
 
 
 def pos_weight(labels: Sequence[float]) -> float:

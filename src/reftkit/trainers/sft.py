@@ -5,15 +5,16 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from reftkit.data.batching import shuffled_loader
-from reftkit.training.rundir import owns_output_dir
 from reftkit.config import SFTConfig
-from reftkit.grading.cot import open_grader
-from reftkit.data.records import Example
-from reftkit.training.preflight import preflight
+from reftkit.data.batching import shuffled_loader
 from reftkit.data.prompts import collate_sft, encode_sft_examples
-from reftkit.training.optim import make_optimizer
+from reftkit.data.records import Example
+from reftkit.grading.cot import open_grader
 from reftkit.training.loop import fit, start_lm_run, steps_per_epoch
+from reftkit.training.optim import make_optimizer
+from reftkit.training.preflight import preflight
+from reftkit.training.rundir import owns_output_dir
+
 
 @owns_output_dir
 def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:

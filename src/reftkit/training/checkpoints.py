@@ -32,12 +32,17 @@ import torch
 from accelerate import Accelerator
 
 from reftkit.config import TrainerOptions
+from reftkit.data.prompts import Truncations
 from reftkit.modeling.lora import plain_model_and_state
 from reftkit.modeling.model import PolicyWithValueHead, language_model
-from reftkit.data.prompts import Truncations
 from reftkit.training.errors import NonFiniteError, RunError
 from reftkit.training.rundir import (
-    LOCK_FILE, check_inputs, check_writable, data_changes, data_fingerprints, on_main_process,
+    LOCK_FILE,
+    check_inputs,
+    check_writable,
+    data_changes,
+    data_fingerprints,
+    on_main_process,
 )
 from reftkit.writers import write_json
 
@@ -155,7 +160,8 @@ def check_results_dir(cfg, written: tuple[str, ...], *, training_runs: bool = Tr
     check_inputs(cfg, out, lambda name: name.removeprefix(".").removesuffix(".tmp") in written)
     if not training_runs and ((out / RUN_FILE).exists() or (out / "final").exists() or step_checkpoints(out)):
         raise RunError(f"output_dir {out} holds a training run: eval would add its rows to that run's metrics.jsonl "
-                       f"and its predictions beside the run's. Choose another --output_dir (for instance {out / 'eval'})")
+                       f"and its predictions beside the run's. "
+                       f"Choose another --output_dir (for instance {out / 'eval'})")
 
 
 def _nothing_to_resume(out: Path) -> str:

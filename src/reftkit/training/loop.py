@@ -32,7 +32,12 @@ from reftkit.modeling.loading import load_model_and_tokenizer, prepare_lm_for_tr
 from reftkit.modeling.model import language_model
 from reftkit.rollout.decoding import eval_record, evaluate_run
 from reftkit.training.checkpoints import (
-    Run, claim_output_dir, resume_from, save_final, save_step_checkpoint, step_checkpoint_due,
+    Run,
+    claim_output_dir,
+    resume_from,
+    save_final,
+    save_step_checkpoint,
+    step_checkpoint_due,
 )
 from reftkit.training.device import make_accelerator
 from reftkit.training.metrics import Metrics

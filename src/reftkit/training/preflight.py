@@ -55,8 +55,8 @@ def _max_lengths(cfg) -> dict[str, int]:
 def _check_data(cfg, train_given: bool, eval_given: bool) -> None:
     """Reads the data files the command will read, as it reads them (rows validated, CoTs required where it
     trains on them); a missing file the command needs is refused as it would refuse it."""
-    from reftkit.data.readers import is_hub_dataset
     from reftkit.data.loading import load_examples_for
+    from reftkit.data.readers import is_hub_dataset
 
     checks = []  # (role, path, required, needs_cot)
     if not train_given and (not isinstance(cfg, EvalConfig) or cfg.few_shot):  # eval: only few-shot reads it

@@ -1,5 +1,6 @@
 """A run directory's guards that need no model: one live run per directory (an flock held for the
-run's life), inputs that must not lie where a run writes, fingerprints of the data it trains on. What a training run may find there is reftkit.training.checkpoints'."""
+run's life), inputs that must not lie where a run writes, fingerprints of the data it trains on. What a
+training run may find there is reftkit.training.checkpoints'."""
 
 from __future__ import annotations
 
