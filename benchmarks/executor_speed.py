@@ -285,8 +285,8 @@ def main() -> None:
     parser.add_argument("--trainer-memory-gb", type=float, default=1.0,
                         help="touched memory the process holds in the second phase (model weights, optimizer)")
     parser.add_argument("--trainer-rounds", type=int, default=1)
-    parser.add_argument("--doc", default="", help="also write the markdown report to this path (docs/reports/executor-speed-history.md "
-                                                  "keeps every run's report: paste, do not overwrite)")
+    parser.add_argument("--doc", default="", help="also write the markdown report to this path "
+                        "(docs/reports/executor-speed-history.md keeps every run's report: paste, do not overwrite)")
     args = parser.parse_args()
 
     programs = svamp_programs(args.programs) if args.svamp else template_programs(args.programs)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--doc", type=Path, help="default: docs/demo-results[-program].md")
     args = parser.parse_args(argv)
-    doc = args.doc or Path("docs/reports/demo-results-natural.md" if args.cot == "natural" else "docs/reports/demo-results-program.md")
+    doc = args.doc or Path("docs/reports") / ("demo-results-natural.md" if args.cot == "natural"
+                                              else "demo-results-program.md")
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
         cfg = DemoConfig(seed=seed, cot=args.cot, output_dir=args.output_dir / f"seed{seed}", progress=False,

@@ -128,8 +128,8 @@ class ExecutorConfig:
     pin_workers: True (default) keeps each worker, and so each of its children, on one CPU when the pool has a
         worker for every CPU this process may use (os.sched_getaffinity; Linux): a child then runs where its
         worker waits for it, and neither wakes the other across CPUs nor needs TLB flushes sent to another CPU
-        at every fork and copy-on-write fault (docs/reports/executor-speed-history.md). With fewer workers than CPUs, or False,
-        the kernel places them.
+        at every fork and copy-on-write fault (docs/reports/executor-speed-history.md). With fewer workers than
+        CPUs, or False, the kernel places them.
     python_layers: True (default) keeps the in-Python layers: the static check, the restricted builtins with
         the import allow-list and module proxies, the audit hook. False is for tests only: it switches them
         off so that the tests can show what the kernel layers contain on their own (any import, open, eval
