@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny synthetic dataset and tiny checkpoints, built in code (no download)."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from reftkit.config import SFTConfig
+from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.data.prompts import prompt_text, response_text
 from reftkit.data.synthetic import make_splits
 from reftkit.modeling.tiny import build_model, build_tokenizer
@@ -34,6 +37,30 @@ def warmup_config(model, output_dir, **kw):
     """SFT long enough that the model writes the answer trigger, so PPO rewards vary."""
     return SFTConfig(model=str(model), output_dir=output_dir, epochs=40, batch_size=16, lr=1e-2,
                      eval_every_epoch=False, progress=False, **LENGTHS, **kw)
+
+
+def sft_config(out, model, **kw) -> SFTConfig:
+    """A short SFT run on a tiny model; a test overrides what it examines."""
+    base = dict(model=str(model), output_dir=out, epochs=2, batch_size=16, lr=1e-3, progress=False,
+                eval_every_epoch=False, eval_batch_size=16, **LENGTHS)
+    return SFTConfig(**{**base, **kw})
+
+
+def reft_config(out, model, **kw) -> ReFTConfig:
+    """A short ReFT run (2 samples per question, one minibatch per rollout batch) on a tiny checkpoint."""
+    base = dict(model=str(model), output_dir=out, epochs=1, batch_size=8, num_samples=2, mini_batch_size=8,
+                lr=1e-4, progress=False, eval_batch_size=16, **LENGTHS)
+    return ReFTConfig(**{**base, **kw})
+
+
+def weights(path) -> dict:
+    """The tensors of a run directory's model.safetensors."""
+    return load_file(str(path / "model.safetensors"))
+
+
+def metrics(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

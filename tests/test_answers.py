@@ -273,7 +273,7 @@ def test_is_correct_numeric(extracted: str | None, gold: str, expected: bool) ->
     assert is_correct(extracted, numeric(gold)) is expected
 
 
-# Not one number: each is no answer (reward 0), never its first number. Issue 22: "1 000" -> 1, "3-4" -> 3.
+# Not one number: each is no answer (reward 0), never its first number ("1 000" once read as 1, "3-4" as 3).
 NOT_ONE_NUMBER = [
     "3 or 4", "3-4", "3 - 4", "3\u20134", "3 to 4", "1 000", "1\u00a0000", "1,5", "1,00,000", "1,0000", "2 + 3", "2*3",
     "5, 6", "5 or six", "12 apples and 99 pears", "3/4/5", "1.5.2", "10 20/4", "3:4", "√3", "4π", "4 pi", "2^3",

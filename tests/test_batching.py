@@ -6,8 +6,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
-from conftest import LENGTHS
-from reftkit.config import SFTConfig
+from conftest import sft_config
 from reftkit.data.batching import LengthGroupedSampler, length_grouped_order, padding_fraction, shuffled_loader
 from reftkit.trainers import sft as sft_module
 from reftkit.trainers.sft import train_sft
@@ -107,9 +106,8 @@ def test_single_process_loader_follows_set_epoch(lengths):
     assert [b.tolist() for b in loader] == batches_of(grouped(lengths, seed=1, epoch=3))
 
 
-def sft_config(tmp_path, model, **kw):
-    return SFTConfig(model=str(model), output_dir=tmp_path, epochs=2, batch_size=8, lr=1e-3, progress=False,
-                     eval_every_epoch=False, group_by_length=True, save_every=1, **LENGTHS, **kw)
+def grouped_sft_config(out, model, **kw):
+    return sft_config(out, model, batch_size=8, group_by_length=True, save_every=1, **kw)
 
 
 @pytest.mark.slow
@@ -118,7 +116,7 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
     batches = []
     real_collate = sft_module.collate_sft
     monkeypatch.setattr(sft_module, "collate_sft", lambda b, pad_id: batches.append(b) or real_collate(b, pad_id))
-    full = train_sft(sft_config(tmp_path / "full", tiny_checkpoint), train)
+    full = train_sft(grouped_sft_config(tmp_path / "full", tiny_checkpoint), train)
     # Grouping reached the trainer: its batches pad less than random batches of the same examples.
     examples = [e for b in batches[:6] for e in b]  # epoch 1
     sizes = [len(e.input_ids) for e in examples]
@@ -135,9 +133,9 @@ def test_sft_resume_mid_epoch_matches_uninterrupted_run(tmp_path, splits, tiny_c
 
     monkeypatch.setattr(Metrics, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
-        train_sft(sft_config(tmp_path / "cut", tiny_checkpoint), train)
+        train_sft(grouped_sft_config(tmp_path / "cut", tiny_checkpoint), train)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "cut").name == "checkpoint-8"
-    resumed = train_sft(sft_config(tmp_path / "cut", tiny_checkpoint, resume=True), train)
+    resumed = train_sft(grouped_sft_config(tmp_path / "cut", tiny_checkpoint, resume=True), train)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -143,7 +143,7 @@ def test_few_shot_prompt_tokenizes_each_worked_example_as_sft_does(cot):
     assert encode_prompt(tokenizer, test[0], 5, cot, shots=train[:2]) == ids[-5:]
 
 
-# ----------------------------------------------------------------------------- issue 22 item 16: the sandbox's
+# ----------------------------------------------------------------------------- the sandbox's
 # own limits are reported (per-status counts, a warning when they stop a noticeable share of the programs)
 
 def test_programs_stopped_by_the_time_limit_are_counted_and_warned_about(caplog):

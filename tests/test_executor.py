@@ -27,6 +27,8 @@ import pytest
 
 from reftkit.executor import DEFAULT_ALLOWED_IMPORTS, ExecResult, ExecutorConfig, ProgramExecutor, Status
 
+# Module fixtures that run once with a child per program and once with 8 programs per child.
+PER_CHILD = {"params": [1, 8], "ids": ["per_program", "shared_8"]}
 LINUX = sys.platform.startswith("linux")
 OK, WRONG, ERROR, TIMEOUT, MEMORY, FORBIDDEN = (Status.OK, Status.WRONG_TYPE, Status.ERROR, Status.TIMEOUT,
                                                 Status.MEMORY, Status.FORBIDDEN)
@@ -141,7 +143,7 @@ BEHAVIOUR = {
 }
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+@pytest.fixture(scope="module", **PER_CHILD)
 def behaviour_results(request) -> dict[str, ExecResult]:
     executor = request.getfixturevalue("executor" if request.param == 1 else "shared_executor")
     names = list(BEHAVIOUR)
@@ -258,7 +260,7 @@ ATTACKS = {
             match C():
                 case C(k):
                     return k
-        """), {FORBIDDEN}),  # issue 15: positional patterns read attributes named by strings
+        """), {FORBIDDEN}),  # positional patterns read attributes named by strings
     "generator_frame": ("def solution():\n    g = (i for i in [1])\n    return g.gi_frame.f_back\n", {FORBIDDEN}),
     "traceback_frame": (prog("""
         def solution():
@@ -296,7 +298,7 @@ ATTACKS = {
 }
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+@pytest.fixture(scope="module", **PER_CHILD)
 def attack_run(request, tmp_path_factory) -> dict:
     """All attacks in one batch, then a benign program; with a canary file they must not touch. Once with a
     child per program, once with up to 8 programs per child (attacks then share children with each other)."""
@@ -669,7 +671,7 @@ AUDIT_ATTACKS = {
                 pass
             return 1
         """), "open"),
-    # Issue 15: the sticky record cleared through the sandbox's frame after catching the exception; the
+    # The sticky record cleared through the sandbox's frame after catching the exception; the
     # hook switched off by replacing __call__ on its class, or the code of its method.
     "caught_and_record_cleared": (prog(f"""
         def solution():
@@ -714,17 +716,21 @@ for _name, _hostile in (("segv", SEGV), ("exit", SILENT_EXIT), ("cpu", LOOP)):
 
 
 def _run_layers(mode: str, attacks: dict, canary: Path, created: Path) -> dict:
-    sources = {n: _fill(s, canary, created) for n, (s, _) in attacks.items()}
+    sources = {n: fill(s, {"CANARY": canary, "CREATED": created}) for n, (s, _) in attacks.items()}
     proc = subprocess.run([sys.executable, "-c", LAYER_SCRIPT, mode, json.dumps(sources)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def _fill(source: str | list[str], canary: Path, created: Path) -> str | list[str]:
+def fill(source: str | list[str], names: dict[str, object]) -> str | list[str]:
+    """`source` (or each of a list) with every placeholder of `names` replaced by its value, longer names
+    first (NR_INOTIFY_INIT1 before a shorter name it starts with)."""
     if isinstance(source, list):
-        return [_fill(s, canary, created) for s in source]
-    return source.replace("CANARY", str(canary)).replace("CREATED", str(created))
+        return [fill(s, names) for s in source]
+    for key in sorted(names, key=len, reverse=True):
+        source = source.replace(key, str(names[key]))
+    return source
 
 
 @pytest.fixture(scope="module")
@@ -742,7 +748,7 @@ def layer_runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", list(IMPORTER_ATTACKS))
 def test_import_function_hands_out_no_module(layer_runs, name):
-    """Issue 15: the sandbox's __import__, reached through a function's __globals__, returned real modules
+    """The sandbox's __import__, reached through a function's __globals__, returned real modules
     when called with a list fromlist (its branch for C callers). Now: a proxy of an allowed module, or None."""
     result = layer_runs["runs"]["restricted"][name]
     assert (result["s"], result["v"], result["d"]) == IMPORTER_ATTACKS[name][1], result
@@ -849,7 +855,7 @@ def test_root_with_a_world_readable_python_drops_to_nobody():
 
 
 def test_more_workers_than_usable_cpus_are_refused_naming_the_maximum(monkeypatch):
-    """Issue 22 item 16: --exec_workers 500 was accepted and ran slower; a count the machine cannot run
+    """--exec_workers 500 was accepted and ran slower; a count the machine cannot run
     is refused, in the config (before any work) and by the executor itself."""
     from pydantic import ValidationError
 

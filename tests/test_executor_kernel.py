@@ -2,7 +2,7 @@
 the real builtins, `__import__`, `os`, `resource`, `ctypes`, `fcntl`), as if it had escaped Python.
 
 The whole attack suite of test_executor.py runs again like that, then attacks written as an escaped program
-would write them (issue 15: other processes' limits, SysV IPC, signals through descriptors, tracing, kernel
+would write them (other processes' limits, SysV IPC, signals through descriptors, tracing, kernel
 interfaces), then the host is checked: canary, files, IPC objects, processes, the runner's and the workers'
 own limits, the next benign program. Also here: the worker health check, the shared-child weakness, the
 fallbacks when a namespace is missing.
@@ -24,7 +24,22 @@ import pytest
 from reftkit.executor import ExecResult, ExecutorConfig, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import Importer
 from reftkit.executor.sandbox import encode_result, frame, kernel_refusal
-from test_executor import ATTACKS, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, _wait_for, prog
+from test_executor import (
+    ATTACKS,
+    BENIGN,
+    CONFIG,
+    ERROR,
+    FORBIDDEN,
+    LINUX,
+    MEMORY,
+    OK,
+    PER_CHILD,
+    TIMEOUT,
+    WRONG,
+    _wait_for,
+    fill,
+    prog,
+)
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 KERNEL_CONFIG = dataclasses.replace(CONFIG, python_layers=False)
@@ -52,7 +67,7 @@ def _raw(name: str, *args: int) -> str:
 PIPE = "import fcntl, os, struct\ndef solution():\n    r, w = os.pipe()\n"
 # name -> (program, a word the detail must contain). WORKER_PID and RUNNER_PID are filled in by the test.
 ESCAPED = {
-    # other processes' resource limits (issue 15: a worker's RLIMIT_NOFILE set to 4 broke it for good)
+    # other processes' resource limits (a worker's RLIMIT_NOFILE set to 4 broke it for good)
     "prlimit_worker": ("import resource\ndef solution():\n"
                        "    resource.prlimit(WORKER_PID, resource.RLIMIT_NOFILE, (4, 4))\n"
                        "    return 1\n", "seccomp"),
@@ -110,12 +125,6 @@ ESCAPED = {
 }
 
 
-def _fill(source: str, names: dict[str, object]) -> str:
-    for key, value in names.items():
-        source = source.replace(key, str(value))
-    return source
-
-
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -154,7 +163,7 @@ def _own_limits() -> dict[str, tuple[int, int]]:
     return {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+@pytest.fixture(scope="module", **PER_CHILD)
 def kernel_run(request, tmp_path_factory) -> dict:
     """Both suites in one batch per mode, with the in-Python layers off; host snapshots around it."""
     workdir = tmp_path_factory.mktemp("kernel")
@@ -170,7 +179,7 @@ def kernel_run(request, tmp_path_factory) -> dict:
                  "NR_PRLIMIT": seccomp.syscall_numbers(kernel.ARCH, {"p": (302, 261)})["p"]}
         suites = {**{f"main:{n}": s for n, (s, _) in ATTACKS.items()},
                   **{f"esc:{n}": s for n, (s, _) in ESCAPED.items()}}
-        results = ex.run([_fill(s, names) for s in suites.values()] + [BENIGN])
+        results = ex.run([fill(s, names) for s in suites.values()] + [BENIGN])
         after = {"workers": {pid: _limits(pid) for pid in worker_limits if Path(f"/proc/{pid}").exists()},
                  "children": [_children(w.proc.pid) for w in ex._workers],
                  "ns_inits": [[_ns_init(w.proc.pid)] for w in ex._workers],
@@ -191,7 +200,7 @@ def test_main_attack_suite_contained_by_the_kernel_alone(kernel_run, name):
 @pytest.mark.parametrize("name", list(ESCAPED))
 def test_escaped_program_is_stopped_by_the_kernel(kernel_run, name):
     result = kernel_run["results"][f"esc:{name}"]
-    word = _fill(ESCAPED[name][1], kernel_run["names"])
+    word = fill(ESCAPED[name][1], kernel_run["names"])
     assert (result.status, result.value) == (FORBIDDEN, None), result
     assert word in result.detail, result
 
@@ -265,7 +274,7 @@ def test_shared_child_lets_an_escaped_program_forge_the_next_answer():
 
 def test_a_broken_worker_is_replaced(caplog):
     """A worker that can no longer run programs (here its open-file limit is lowered from outside, as a
-    program did in issue 15 before seccomp and the PID namespace stopped it) fails its known-good program
+    program once did before seccomp and the PID namespace stopped it) fails its known-good program
     and is replaced; the programs it could not run are answered by the new worker, not charged."""
     with ProgramExecutor(dataclasses.replace(CONFIG, workers=1)) as ex:
         assert ex.run([BENIGN])[0].value == "7"
@@ -465,7 +474,7 @@ def test_layers_applied_in_the_worker_hold_in_every_child():
         if ex.layers["privileges"].startswith(("partial", "on: not root")):  # capdrop: done in the worker
             assert {status[k] for k in ("CapInh", "CapPrm", "CapEff")} == {"0000000000000000"}
         names = {"WORKER_PID": worker}
-        attacks = [_fill(ESCAPED[n][0], names) for n in ("raw_clone", "kill_worker", "ptrace_attach", "raw_socket",
+        attacks = [fill(ESCAPED[n][0], names) for n in ("raw_clone", "kill_worker", "ptrace_attach", "raw_socket",
                                                           "raw_mount", "shmget", "fork", "socket")]
         for _ in range(2):  # later children of the same worker are no different
             results = ex.run([CAPABILITIES, *attacks, "def solution():\n    open('x', 'w')\n", BENIGN])

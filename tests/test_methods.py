@@ -87,7 +87,7 @@ def test_drop_uniform_groups_skips_questions_with_one_reward(tmp_path, splits, t
     assert [r["dropped_groups"] for r in logged] == [4, 4] and all(r["reward"] == 0.0 for r in logged)
     before, after = load_file(str(tiny_checkpoint / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # Issue 22 item 9: said in the metrics and the log, not only seen in unchanged weights.
+    # Said in the metrics and the log, not only seen in unchanged weights.
     assert [(r["groups"], r["updates"]) for r in logged] == [(4, 0), (4, 0)]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [w for w in warnings if "groups dropped" in w] == [

@@ -281,7 +281,7 @@ def test_few_shot_eval_prompts_with_training_examples_and_cuts_at_the_next_quest
 
 def test_sample_draws_many_samples_of_a_question_in_chunks_of_eval_batch_size(tmp_path, splits, tiny_checkpoint,
                                                                              monkeypatch):
-    """Issue 22 item 15: k samples of one question went to `generate` in one call (memory grew with k).
+    """k samples of one question once went to `generate` in one call (memory grew with k).
     At most eval_batch_size rows are in flight, whatever k; the rows are as before: k per question,
     in (question, sample) order, sample numbers 0..k-1, and the same seed gives the same samples."""
     from conftest import LENGTHS

@@ -256,7 +256,7 @@ def test_bad_reft_items(tmp_path, item, fragments):
     _raises(write_json(tmp_path / "train_nl.json", [reft_item("svamp_0"), item]), *fragments, fmt="reft")
 
 
-# Issue 22: gold answers that are not one number were read as their first ("1 000" -> 1, "3-4" -> 3).
+# Gold answers that are not one number were once read as their first ("1 000" -> 1, "3-4" -> 3).
 @pytest.mark.parametrize("gold", ["1 000", "3-4", "3 - 4", "3\u20134", "1,5", "1,00,000", "1,0000", "2 3", "3/4/5",
                                   "1.5.2", "10 20/4", "5, 6", "$5 $6", "1e5e5"])
 def test_a_gold_answer_that_is_not_one_number_is_refused_naming_file_item_and_field(tmp_path, gold):
@@ -430,7 +430,7 @@ def test_hf_without_datasets_package_gives_install_hint(tmp_path, monkeypatch):
         load_examples(tmp_path)  # auto: a directory datasets saved
 
 
-# ----------------------------------------------------------------------------- reference CoT (issue 14)
+# ----------------------------------------------------------------------------- reference CoT
 
 
 def test_reft_repo_test_sets_have_no_cot_and_are_read_for_evaluation(tmp_path):
@@ -488,7 +488,7 @@ def test_cot_source_names_the_file_line_and_the_formats_field(tmp_path):
     assert load_examples(path).examples[0].cot_source == f"{path} item 0, field 'answer_cot'"
 
 
-# ----------------------------------------------------------------------------- sources and messages (issue 14)
+# ----------------------------------------------------------------------------- sources and messages
 
 
 def test_directory_of_json_files_is_read_in_name_order(tmp_path):
@@ -545,7 +545,7 @@ def test_owner_slash_name_goes_to_the_hub(tmp_path, monkeypatch):
     assert load_examples("gsm8k", "hf", split="test").examples[0].cot == "gsm8k test"  # any name with hf
 
 
-# ----------------------------------------------------------------------------- big rows (issue 14)
+# ----------------------------------------------------------------------------- big rows
 
 
 def test_long_runs_of_spaces_do_not_make_the_answer_regexes_quadratic(tmp_path):

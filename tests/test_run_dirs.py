@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import reftkit
-from conftest import LENGTHS
+from conftest import LENGTHS, reft_config, sft_config, weights
 from reftkit.config import EvalConfig, OfflineSTConfig, RerankerConfig, SampleConfig
 from reftkit.data.readers import DataError
 from reftkit.trainers import sft as sft_module
@@ -27,7 +27,7 @@ from reftkit.training.checkpoints import RUN_FILE, STATE_FILE, config_changes, s
 from reftkit.training.errors import RunError
 from reftkit.training.rundir import LOCK_FILE, try_lock
 from reftkit.writers import write_examples
-from test_run_safety import reft_config, sft_config, strict_rows, weights
+from test_run_safety import strict_rows
 
 
 def saved_names(monkeypatch):

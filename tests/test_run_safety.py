@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import LENGTHS
+from conftest import LENGTHS, reft_config, sft_config, weights
 from reftkit.config import OnlineSTConfig, ReFTConfig, SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers import sft as sft_module
@@ -30,27 +29,11 @@ from reftkit.training.checkpoints import (
 from reftkit.training.errors import NonFiniteError, RunError
 
 
-def sft_config(out, model, **kw):
-    base = dict(model=str(model), output_dir=out, epochs=2, batch_size=16, lr=1e-3, progress=False,
-                eval_every_epoch=False, **LENGTHS)
-    return SFTConfig(**{**base, **kw})
-
-
-def reft_config(out, model, **kw):
-    base = dict(model=str(model), output_dir=out, epochs=1, batch_size=8, num_samples=2, mini_batch_size=8,
-                lr=1e-4, progress=False, **LENGTHS)
-    return ReFTConfig(**{**base, **kw})
-
-
 def strict_rows(run_dir):
     """metrics.jsonl rows, parsed as strict JSON (a bare NaN or Infinity is an error)."""
     def refuse(token):
         raise ValueError(f"non-standard JSON constant {token}")
     return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------- gradient accumulation

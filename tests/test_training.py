@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import LENGTHS
-from reftkit.config import ReFTConfig, SFTConfig
+from conftest import LENGTHS, metrics, reft_config, sft_config, weights
+from reftkit.config import SFTConfig
 from reftkit.trainers import reft as reft_module
 from reftkit.trainers.reft import train_reft
 from reftkit.trainers.sft import train_sft
@@ -18,29 +18,10 @@ from reftkit.training.checkpoints import latest_checkpoint
 from reftkit.training.metrics import Metrics
 
 
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def sft_config(tmp_path, model, **kw):
-    return SFTConfig(model=str(model), output_dir=tmp_path, epochs=2, batch_size=16, lr=1e-3, progress=False,
-                     eval_batch_size=16, **LENGTHS, **kw)
-
-
-def reft_config(tmp_path, model, **kw):
-    base = dict(model=str(model), output_dir=tmp_path, epochs=1, batch_size=8, num_samples=2, mini_batch_size=8,
-                lr=1e-4, progress=False, eval_batch_size=16, **LENGTHS)
-    return ReFTConfig(**{**base, **kw})
-
-
 @pytest.mark.slow
 def test_sft_then_reft_end_to_end(tmp_path, splits, warm_checkpoint):
     train, test = splits
-    sft_dir = train_sft(sft_config(tmp_path / "sft", "tiny"), train, test)
+    sft_dir = train_sft(sft_config(tmp_path / "sft", "tiny", eval_every_epoch=True), train, test)
     # A plain HF directory: loads without reftkit, and generates.
     lm = AutoModelForCausalLM.from_pretrained(sft_dir)
     tok = AutoTokenizer.from_pretrained(sft_dir)

@@ -73,7 +73,7 @@ def _grouped_by_scanning(answers, tol=1e-2, multiple_choice=False):
 
 
 def test_grouping_many_answers_follows_the_rule_without_comparing_each_to_every_group(monkeypatch):
-    """Issue 22 item 15: k samples with many distinct answers compared each with every group (k x groups);
+    """k samples with many distinct answers were once compared each with every group (k x groups);
     the groups are the rule's, and the comparisons stay a few per sample."""
     import random
 

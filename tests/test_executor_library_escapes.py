@@ -1,4 +1,4 @@
-"""Third red-team pass on the executor, against the production configuration (cot.open_grader: the default
+"""In-Python escapes through library functions, against the production configuration (cot.open_grader: the default
 allow-list with sympy, the in-Python layers on, a child per program or 8 per child).
 
 * In-Python escapes through library functions that turn strings into objects, with only the default
@@ -36,6 +36,7 @@ from test_executor import (
     FORBIDDEN,
     LINUX,
     OK,
+    PER_CHILD,
     _alive,
     _ns_pid,
     _ppid,
@@ -143,7 +144,7 @@ BENIGN_LIBRARY = {
 }
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+@pytest.fixture(scope="module", **PER_CHILD)
 def production_run(request):
     config = dataclasses.replace(PRODUCTION, programs_per_child=request.param)
     with ProgramExecutor(config) as ex:

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` on CPU.
+"""Run by tests/distributed/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` on CPU.
 
 Warm-up SFT then ReFT with two processes (gloo). Each process records the whitened advantages
 of its local rollout shard and a hash of its final weights into OUT/rank{r}.json.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for conftest
 from conftest import LENGTHS, tiny_model_dir, warmup_config  # noqa: E402
 from reftkit.config import ReFTConfig  # noqa: E402
 from reftkit.data.synthetic import make_splits  # noqa: E402

@@ -1,5 +1,5 @@
-"""Red-team probes of the executor's kernel layers, beyond tests/test_executor_kernel.py: what an escaped program
-(python_layers=False: real os, ctypes, fcntl, raw system calls) tries that the kernel-layer suite did not.
+"""What an escaped program (python_layers=False: real os, ctypes, fcntl, raw system calls) tries against the
+kernel layers beyond tests/test_executor_kernel.py's suite.
 
 Classes: file metadata outside the child (extended attributes, POSIX ACLs, inode flags through ioctl and
 file_setattr: Landlock governs none of them), host-wide per-user counts (POSIX timers and RLIMIT_SIGPENDING,
@@ -36,7 +36,7 @@ from reftkit.executor import ExecResult, ProgramExecutor, kernel, seccomp
 from reftkit.executor.policy import COMPILE_COST_LIMIT, check_program, compile_cost
 from reftkit.executor.sandbox import encode_result, frame
 from reftkit.executor.warm import _PROGRAMS as WARM_PROGRAMS
-from test_executor import BEHAVIOUR, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, OK, TIMEOUT, prog
+from test_executor import BEHAVIOUR, BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, OK, PER_CHILD, TIMEOUT, fill, prog
 from test_executor_kernel import (
     _children,
     _limits,
@@ -199,12 +199,6 @@ PROBES = {
 }
 
 
-def _fill(source: str, names: dict[str, object]) -> str:
-    for key in sorted(names, key=len, reverse=True):  # NR_INOTIFY_INIT1 before a shorter key it starts with
-        source = source.replace(key, str(names[key]))
-    return source
-
-
 def _inode_flags(path: Path) -> int | None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -227,7 +221,7 @@ def _xattrs(path: Path) -> dict[str, bytes] | None:
         return None  # no extended attributes here
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=["per_program", "shared_8"])
+@pytest.fixture(scope="module", **PER_CHILD)
 def redteam_run(request, tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("redteam")
     canary, library = workdir / "canary.txt", workdir / "rtlib"
@@ -255,7 +249,7 @@ def redteam_run(request, tmp_path_factory) -> dict:
             names = {"CANARY": canary, "VICTIM": victim, "WORKDIR": workdir, "RUNNER_PID": os.getpid(),
                      **{f"NR_{n.upper()}": _nr(n) for n in PROBE_CALLS}}
             start = time.monotonic()
-            results = ex.run([_fill(source, names) for source, _, _ in PROBES.values()] + [BENIGN])
+            results = ex.run([fill(source, names) for source, _, _ in PROBES.values()] + [BENIGN])
             elapsed = time.monotonic() - start
             after = {"workers": {p: _limits(p) for p in worker_limits if Path(f"/proc/{p}").exists()},
                      "children": [_children(w.proc.pid) for w in ex._workers],

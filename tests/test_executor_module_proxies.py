@@ -1,5 +1,6 @@
-"""Fourth red-team pass on the executor (production configuration: the default allow-list with sympy, the
-in-Python layers on). Each program below returned `ok` holding a real module or builtin before this pass:
+"""Module proxies, lambdify's namespace and parse_expr as ways out of Python's layers (production
+configuration: the default allow-list with sympy, the in-Python layers on). Each program below once
+returned `ok` holding a real module or builtin:
 
 * a module proxy re-initialised by the program (`math.__init__(M(), fake)`, allowed as a "super().__init__"
   attribute, with M().__name__ == 'sys' and a fake importer): `math.modules` was the real sys.modules. No
@@ -20,7 +21,7 @@ import pytest
 from reftkit.executor import ProgramExecutor
 from reftkit.executor.policy import check_library_code, check_program
 from test_executor import FORBIDDEN, OK, prog
-from test_executor_redteam3 import PRODUCTION
+from test_executor_library_escapes import PRODUCTION
 
 ESCAPES = {
     "proxy_reinit_to_sys": """

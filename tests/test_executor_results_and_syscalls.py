@@ -1,4 +1,5 @@
-"""Second red-team pass on the executor: classes tests/test_executor_redteam.py did not probe.
+"""The result path into the trainer, and the system calls an escaped program can still make (beyond
+tests/test_executor_kernel_escapes.py).
 
 * The result path end to end, into the trainer's grader (cot.ProgramGrader, answers.read_answer/is_correct), which
   runs in the trainer's process: odd values returned with the default layers (NaN, infinities, huge ints,
@@ -33,7 +34,7 @@ from reftkit.grading.answers import read_answer
 from reftkit.grading.cot import ProgramGrader, program_header
 from test_executor import BENIGN, CONFIG, ERROR, FORBIDDEN, LINUX, MEMORY, OK, TIMEOUT, WRONG, prog
 from test_executor_kernel import _children, _ns_init
-from test_executor_redteam import KILLED, RAW, REDTEAM_CONFIG
+from test_executor_kernel_escapes import KILLED, RAW, REDTEAM_CONFIG
 
 pytestmark = pytest.mark.skipif(not LINUX or kernel.ARCH is None, reason="Linux kernel layers (x86_64/aarch64)")
 
