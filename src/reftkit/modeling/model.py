@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from reftkit.modeling.hub import cache_only_note, cached_hub_dir, could_be_hub_id, hub_unreachable, missing_path_message
 from reftkit.modeling.pretrained import resolve
-from reftkit.modeling.scoring import position_ids_for, score_responses
+from reftkit.modeling.scoring import position_ids_for, score_responses, score_responses_with_extra_rows
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 _MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a peft adapter on one
@@ -145,11 +145,11 @@ class PolicyWithValueHead(nn.Module):
         self.value_head.to(dtype=lm.dtype)
 
     def forward(self, method: str, *args, **kwargs):
-        """Runs `response_scores` or `position_logits` by name. A policy that the accelerator wrapped
-        (DDP, FSDP) is called as `policy("response_scores", ...)`, so that the call goes through the
-        wrapper's forward (one forward per backward: gradients sync); an unwrapped policy may call the
-        methods directly."""
-        if method not in ("response_scores", "position_logits"):
+        """Runs `response_scores`, `response_scores_with_extra_rows` or `position_logits` by name. A
+        policy that the accelerator wrapped (DDP, FSDP) is called as `policy("response_scores", ...)`,
+        so that the call goes through the wrapper's forward (one forward per backward: gradients sync);
+        an unwrapped policy may call the methods directly."""
+        if method not in ("response_scores", "response_scores_with_extra_rows", "position_logits"):
             raise ValueError(f"unknown policy method {method!r}")
         return getattr(self, method)(*args, **kwargs)
 
@@ -159,6 +159,14 @@ class PolicyWithValueHead(nn.Module):
         group's prompt run once (see reftkit.modeling.scoring.score_responses)."""
         return score_responses(self.lm, input_ids, attention_mask, prompt_len, groups, temperature, self.value_head,
                                share)
+
+    def response_scores_with_extra_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                                        extra_ids: torch.Tensor, extra_mask: torch.Tensor, temperature: float = 1.0,
+                                        pad_id: int = 0):
+        """`response_scores` (padded) plus the logits of other rows in the same forward pass
+        (reftkit.modeling.scoring.score_responses_with_extra_rows): the SFT term's reference CoTs."""
+        return score_responses_with_extra_rows(self.lm, input_ids, attention_mask, prompt_len, extra_ids, extra_mask,
+                                               temperature, self.value_head, pad_id)
 
     def position_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(logits [B, L, V], values [B, L] or None) of every position."""

@@ -110,6 +110,30 @@ def score_responses(
     return _padded(lm, sequences, attention_mask, prompt_len, temperature, value_head)
 
 
+def score_responses_with_extra_rows(
+    lm: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, extra_ids: torch.Tensor,
+    extra_mask: torch.Tensor, temperature: float = 1.0, value_head: nn.Module | None = None, pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`score_responses`' padded way for the rows of `sequences`, plus the logits of `extra_ids` (right-padded
+    rows, e.g. reference CoTs) from the same forward pass: one forward per backward keeps DDP's gradient sync
+    as in a plain update. Both are right-padded to one width (causal: nothing changes). Returns (log-probs
+    [N, T], values [N, T] or None, extra logits [M, L, V])."""
+    n, width = sequences.shape
+    full = max(width, extra_ids.shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(t, (0, full - t.shape[1]), value=value)
+
+    ids = torch.cat([widen(sequences, pad_id), widen(extra_ids, pad_id)])
+    mask = torch.cat([widen(attention_mask, 0), widen(extra_mask, 0)])
+    logits, hidden = _forward(lm, ids, mask, position_ids_for(mask), value_head is not None, use_cache=False)
+    logprobs = token_logprobs(response_slice(logits[:n, :width], prompt_len), sequences[:, prompt_len:], temperature)
+    values = None
+    if value_head is not None:
+        values = response_slice(value_head(hidden).squeeze(-1)[:n, :width], prompt_len).float()
+    return logprobs, values, logits[n:]
+
+
 def _padded(lm, sequences, attention_mask, prompt_len, temperature, value_head):
     width = sequences.shape[1] - prompt_len
     logits, hidden = _forward(lm, sequences, attention_mask, position_ids_for(attention_mask), value_head is not None,

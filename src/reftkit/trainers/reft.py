@@ -33,7 +33,7 @@ from reftkit.grading.answers import reward_from_grade
 from reftkit.grading.cot import open_grader, status_counts, warn_if_sandbox_limited
 from reftkit.modeling.lora import reference_lm
 from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
-from reftkit.modeling.scoring import lm_response_logprobs, response_slice, token_logprobs
+from reftkit.modeling.scoring import lm_response_logprobs
 from reftkit.rl import ppo
 from reftkit.rollout.engines import check_engine, logprob_gap, make_engine
 from reftkit.rollout.generation import Sampling, generate
@@ -169,25 +169,16 @@ def _keep_rows(accelerator, batch: RolloutBatch, keep: torch.Tensor) -> RolloutB
 
 def outputs_with_references(policy, rows: RolloutBatch, references: list, pad_id: int, temperature: float):
     """(log-probs, values) of the rollout rows as `policy_outputs`, plus the mean token NLL of the
-    reference CoTs of their questions (the SFT term), from one forward pass over both: one
-    forward per backward keeps DDP's gradient sync as in the plain update. References are right-
-    padded and the rollout rows padded on the right to the same width (causal: nothing changes)."""
+    reference CoTs of their questions (the SFT term), from one forward pass over both
+    (reftkit.modeling.scoring.score_responses_with_extra_rows)."""
     questions = sorted(set(rows.question[rows.mask.sum(1) > 0].tolist())) or [int(rows.question[0])]
     device = rows.sequences.device
     refs = {k: v.to(device) for k, v in collate_sft([references[q] for q in questions], pad_id).items()}
-    n, width = rows.sequences.shape
-    full = max(width, refs["input_ids"].shape[1])
-
-    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, full - t.shape[1]), value=value)
-
-    logits, values = policy("position_logits",
-                            torch.cat([widen(rows.sequences, pad_id), widen(refs["input_ids"], pad_id)]),
-                            torch.cat([widen(rows.attention_mask, 0), widen(refs["attention_mask"], 0)]))
-    own, ref_logits = logits[:n, :width], logits[n:]
-    logprobs = token_logprobs(response_slice(own, rows.prompt_len), rows.sequences[:, rows.prompt_len:], temperature)
-    values = None if values is None else response_slice(values[:n, :width], rows.prompt_len).float()
-    labels = widen(refs["labels"], IGNORE_INDEX)
+    logprobs, values, ref_logits = policy("response_scores_with_extra_rows", rows.sequences, rows.attention_mask,
+                                          rows.prompt_len, refs["input_ids"], refs["attention_mask"], temperature,
+                                          pad_id)
+    labels = torch.nn.functional.pad(refs["labels"], (0, ref_logits.shape[1] - refs["labels"].shape[1]),
+                                     value=IGNORE_INDEX)
     nll = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                             ignore_index=IGNORE_INDEX)
     return logprobs, values, nll
