@@ -287,17 +287,17 @@ def test_sample_draws_many_samples_of_a_question_in_chunks_of_eval_batch_size(tm
     from conftest import LENGTHS
     from reftkit.commands.sample import run_sample
     from reftkit.config import SampleConfig
-    from reftkit.rollout import decoding as evaluate_module
+    from reftkit.rollout import decoding
     from reftkit.writers import write_examples
 
     calls = []
-    real = evaluate_module.generate
+    real = decoding.generate
 
     def spy(lm, tokenizer, prompts, sampling, k=1, *args, **kwargs):
         calls.append((len(prompts), k))
         return real(lm, tokenizer, prompts, sampling, k, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "generate", spy)
+    monkeypatch.setattr(decoding, "generate", spy)
     write_examples(tmp_path / "test.jsonl", splits[1][:2])
 
     def sample(out, k, batch):

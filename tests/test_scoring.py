@@ -166,7 +166,7 @@ def test_the_trainer_honours_share_prompts(tmp_path, splits, tiny_checkpoint, mo
     from conftest import LENGTHS
     from reftkit.config import ReFTConfig
     from reftkit.modeling import scoring
-    from reftkit.rollout import generation as rollout
+    from reftkit.rollout import generation
     from reftkit.trainers.reft import train_reft
 
     calls = {"prefill": 0, "scoring": 0}
@@ -177,7 +177,7 @@ def test_the_trainer_honours_share_prompts(tmp_path, splits, tiny_checkpoint, mo
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(rollout, "_prefilled", counting("prefill", rollout._prefilled))
+    monkeypatch.setattr(generation, "_prefilled", counting("prefill", generation._prefilled))
     monkeypatch.setattr(scoring, "_shared", counting("scoring", scoring._shared))
     cfg = ReFTConfig(model=str(tiny_checkpoint), output_dir=tmp_path, epochs=1, batch_size=4, num_samples=2,
                      mini_batch_size=4, ppo_epochs=1, lr=1e-4, progress=False, share_prompts=share, **LENGTHS)
