@@ -288,6 +288,16 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
     whiten_advantages: bool = Field(True, description="whiten over the global batch (all processes)")
     correct_reward: float = Field(1.0, description="reward of a correct final answer")
     partial_reward: float = Field(0.1, description="answer extracted but wrong; 0 turns partial credit off")
+    reward: list[str] = Field(default_factory=lambda: ["correctness"], description=(
+        "reward functions, each `correctness` (the paper's) or module:function with TRL's signature f(prompts, "
+        "completions, completion_ids, grades, **columns) -> list[float | None] (reftkit.grading.rewards); a "
+        "completion's reward is their weighted sum"))
+    reward_weights: list[float] = Field(default_factory=list, description="one weight per reward function; "
+                                        "empty: all 1")
+    mask_truncated: bool = Field(False, description=(
+        "DAPO's overlong filtering: completions cut at max_length (no EOS) get no loss and no gradient"))
+    log_samples_every: int = Field(0, ge=0, description=(
+        "every N rollout batches, write a few sampled completions with their rewards to samples.jsonl (0: never)"))
     eval_every: int = Field(0, ge=0, description="greedy eval every N rollout batches (0: each epoch only)")
     advantage: AdvantageName = Field("gae", description=advantage_help())
     kl_in: Literal["reward", "loss"] = Field("reward", description=(
@@ -317,6 +327,11 @@ class ReFTConfig(TrainerOptions, EvalData, LoraOptions, SamplingOptions, EngineO
         if max(self.estimator.min_samples, 2 if self.drop_uniform_groups else 1) > self.num_samples:
             raise ValueError(f"num_samples must be >= 2 for advantage={self.advantage} or drop_uniform_groups "
                              "(a group of one sample has no baseline)")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward)} reward "
+                             "functions")
+        if not self.reward:
+            raise ValueError("reward: name at least one reward function (`correctness` is the paper's)")
         if self.sft_coef_schedule != "constant" and not self.sft_coef:
             raise ValueError("sft_coef_schedule: set sft_coef > 0 (the schedule decays it)")
         return self

@@ -596,8 +596,8 @@ def _convert_rows(rows: _Rows, fmt: str, fields: Mapping[str, str] | None, *, la
             skipped.append(Skipped(f"{origin.name} {where}", reason))
             continue
         seen[example.id] = where if origin.label == label else f"{origin.name} {where}"
-        examples.append(replace(example, cot_source=f"{origin.label} {where}, field '{cot_column}'")
-                        if example.cot else example)
+        source = f"{origin.label} {where}, field '{cot_column}'" if example.cot else ""
+        examples.append(replace(example, cot_source=source, columns=row))
     if not examples:  # rows is never empty, so everything was skipped
         first = skipped[0]
         raise DataError(f"{label}: all {len(rows)} rows are invalid; first: {first.location}: {first.reason}")
@@ -629,15 +629,38 @@ def load_examples(
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; expected 'auto' or one of {FORMATS}")
-    unknown = set(fields or {}) - set(FIELD_KEYS)
-    if unknown:
-        raise DataError(f"fields: unknown keys {sorted(unknown)}; expected some of {FIELD_KEYS}")
+    _check_field_keys(fields)
     label = str(source)
     rows = _read_rows(source, fmt, split)
     row_fmt = _detect_format(rows, fields, label) if fmt in ("auto", "hf") else fmt
-    if fields:
-        usable = {"id", *_FORMAT_SPECS[row_fmt][3]}
-        unusable = sorted(set(fields) - usable)
-        if unusable:  # e.g. options= for gsm8k: refuse rather than ignore the user's mapping
-            raise DataError(f"{label}: fields {unusable} do not apply to the {row_fmt} format")
+    _check_fields_apply(fields, row_fmt, label)
     return _convert_rows(rows, row_fmt, fields, label=label, skip_invalid=skip_invalid, require_cot=require_cot)
+
+
+def examples_from_rows(rows, fmt: str = "auto", *, fields: dict[str, str] | None = None, require_cot: bool = True,
+                       label: str = "dataset") -> list[Example]:
+    """`load_examples` of rows held in memory: a list of dicts or a `datasets.Dataset` (its rows), read by the
+    same rules and with the same messages, `label` naming them ("dataset row 3: ...")."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    _check_field_keys(fields)
+    origin = _Origin(label, label, label)
+    listed: _Rows = [(origin, f"row {i}", dict(row) if isinstance(row, Mapping) else row) for i, row in enumerate(rows)]
+    if not listed:
+        raise DataError(f"{label}: no rows")
+    row_fmt = _detect_format(listed, fields, label) if fmt == "auto" else fmt
+    _check_fields_apply(fields, row_fmt, label)
+    return _convert_rows(listed, row_fmt, fields, label=label, skip_invalid=False, require_cot=require_cot).examples
+
+
+def _check_field_keys(fields: Mapping[str, str] | None) -> None:
+    unknown = set(fields or {}) - set(FIELD_KEYS)
+    if unknown:
+        raise DataError(f"fields: unknown keys {sorted(unknown)}; expected some of {FIELD_KEYS}")
+
+
+def _check_fields_apply(fields: Mapping[str, str] | None, fmt: str, label: str) -> None:
+    if fields:
+        unusable = sorted(set(fields) - {"id", *_FORMAT_SPECS[fmt][3]})
+        if unusable:  # e.g. options= for gsm8k: refuse rather than ignore the user's mapping
+            raise DataError(f"{label}: fields {unusable} do not apply to the {fmt} format")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class Example:
         empty when the source has none (evaluation-only data).
     cot_source: where the cot was read, as messages name it ("train.jsonl line 3, field 'answer'");
         empty for examples made in code. Not part of equality.
+    columns: the source row as read (every column, the data's own included), for reward functions
+        (reftkit.grading.rewards); empty for examples made in code. Not part of equality.
     """
 
     id: str
@@ -24,6 +28,7 @@ class Example:
     answer: str
     options: tuple[str, ...] | None = None
     cot_source: str = field(default="", compare=False, repr=False)
+    columns: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_multiple_choice(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from reftkit.config import TrainerOptions
@@ -24,9 +25,10 @@ def load_model_and_tokenizer(name_or_path: str, train: list[Example], seed: int,
 
 def prepare_lm_for_training(lm: PreTrainedModel, cfg: TrainerOptions) -> PreTrainedModel:
     """Gradient checkpointing and/or LoRA adapters, as configured. Checkpointing is switched on
-    first, on the plain model, so peft sees it and keeps the (frozen) embedding output differentiable."""
+    first, on the plain model, so peft sees it and keeps the (frozen) embedding output differentiable.
+    A model that already has adapters (a `PeftModel` passed in) keeps them and gets no second set."""
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
-    if cfg.lora_r:
+    if cfg.lora_r and not isinstance(lm, PeftModel):
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     return lm

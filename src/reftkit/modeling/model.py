@@ -114,8 +114,13 @@ def load_tokenizer(name_or_path: str):
     problem = tokenizer_files_problem(Path(source)) if Path(source).is_dir() else None
     if problem:
         raise FileNotFoundError(f"model {name_or_path!r}: {problem}")
-    tok = load_pretrained(AutoTokenizer, name_or_path)
-    if tok.pad_token_id is None:  # many base models ship without one; EOS is the usual stand-in
+    return prepare_tokenizer(load_pretrained(AutoTokenizer, name_or_path))
+
+
+def prepare_tokenizer(tok):
+    """A tokenizer as the trainers use it: a pad token (many base models ship without one; EOS is the usual
+    stand-in) and left padding (prompts end where the response starts)."""
+    if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok

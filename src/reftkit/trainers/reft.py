@@ -11,12 +11,14 @@ the reference CoTs (`sft_coef`) and DAPO's dropping of groups with one reward (`
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from reftkit.config import ReFTConfig
 from reftkit.data.batching import shuffled_loader
@@ -27,10 +29,11 @@ from reftkit.data.prompts import (
     encode_prompt,
     encode_prompts,
     encode_sft_examples,
+    prompt_text,
 )
 from reftkit.data.records import Example
-from reftkit.grading.answers import reward_from_grade
 from reftkit.grading.cot import open_grader, status_counts, warn_if_sandbox_limited
+from reftkit.grading.rewards import Rewards
 from reftkit.modeling.lora import reference_lm
 from reftkit.modeling.model import PolicyWithValueHead, checkpointing_in_eval_mode, load_causal_lm
 from reftkit.modeling.scoring import lm_response_logprobs
@@ -45,6 +48,7 @@ from reftkit.training.preflight import preflight
 from reftkit.training.rundir import owns_output_dir
 
 log = logging.getLogger("reftkit")
+SAMPLES_SHOWN = 4  # completions a --log_samples_every step writes to samples.jsonl (the main process's first)
 
 
 @dataclass
@@ -89,13 +93,24 @@ def minibatch_order(batch: RolloutBatch, generator: torch.Generator, whole_quest
 
 @torch.no_grad()
 def make_rollout(accelerator, policy, ref_lm, tokenizer, examples: list[Example], cfg: ReFTConfig, grader,
-                 engine=None, cuts: Truncations | None = None):
-    """Samples, grades and scores one batch of questions. Returns (RolloutBatch, stats)."""
+                 engine=None, cuts: Truncations | None = None, rewards: Rewards | None = None, keep: int = 0):
+    """Samples, grades and rewards (`rewards`: the config's reward functions by default) one batch of
+    questions, and scores it. Returns (RolloutBatch, stats); with `keep`, stats["samples"] holds this
+    process's first `keep` completions with their rewards, for a person to read."""
+    rewards = rewards or rewards_of(cfg)
     with accelerator.autocast():  # same precision for sampling, pi_old, pi_ref and the update
-        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts)
+        return _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts, rewards,
+                             keep)
 
 
-def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine=None, cuts=None):
+def rewards_of(cfg: ReFTConfig) -> Rewards:
+    """The run's reward functions: `--reward` (the paper's correctness by default) with `--reward_weights`."""
+    return Rewards(cfg.reward, cfg.reward_weights or None, correct_reward=cfg.correct_reward,
+                   partial_reward=cfg.partial_reward)
+
+
+def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts, rewards: Rewards,
+                  keep: int = 0):
     k = cfg.num_samples
     sampling = Sampling.of(cfg)
     prompts = encode_prompts(tokenizer, examples, cfg.max_prompt_tokens, cfg.cot, cuts=cuts)  # counted, warned once
@@ -108,8 +123,13 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
     repeated = [ex for ex in examples for _ in range(k)]  # generate keeps prompt order
     grades = grader.grade(out.texts, repeated)
     seconds["time_grading"], clock = time.perf_counter() - clock, time.perf_counter()
-    scores = torch.tensor([reward_from_grade(g, cfg.correct_reward, cfg.partial_reward) for g in grades],
-                          device=out.sequences.device)
+    responses = out.sequences[:, out.prompt_len:]
+    lengths = out.response_mask.sum(1)
+    completion_ids = [row[:n] for row, n in zip(responses.tolist(), lengths.long().tolist(), strict=True)]
+    given = rewards.score([prompt_text(ex, cfg.cot) for ex in repeated], out.texts, completion_ids, repeated, grades)
+    scores = torch.tensor(given.totals, device=out.sequences.device)
+    # Cut at max_length: no EOS among its tokens. DAPO's overlong filtering keeps such a completion out of the loss.
+    truncated = ~((responses == tokenizer.eos_token_id) & (out.response_mask > 0)).any(dim=1)
 
     question = torch.arange(len(examples), device=out.sequences.device).repeat_interleave(k)
     old_logprobs, old_values = policy_outputs(policy, out.sequences, out.attention_mask, out.prompt_len,
@@ -132,8 +152,9 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
         sequence_rewards = scores - reward_beta * kl.sum(dim=1)
         advantages = ppo.group_advantages(sequence_rewards, k, cfg.advantage).unsqueeze(1) * mask
 
-    batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, mask, old_logprobs, advantages, question,
-                         old_values, returns, ref_logprobs if cfg.kl_in == "loss" else None)
+    loss_mask = mask * (~truncated).unsqueeze(1) if cfg.mask_truncated else mask
+    batch = RolloutBatch(out.sequences, out.attention_mask, out.prompt_len, loss_mask, old_logprobs, advantages,
+                         question, old_values, returns, ref_logprobs if cfg.kl_in == "loss" else None)
     dropped = 0
     if cfg.drop_uniform_groups:
         uniform = ppo.uniform_groups(scores, k)
@@ -142,17 +163,35 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
 
     # Program CoT: how the batch's programs ended (ok, error, timeout, ...), in the same reduction.
     statuses = status_counts(g.detail for g in grades) if cfg.cot == "program" else {}
-    counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped, *statuses.values()],
-                          device=mask.device)
-    stats = torch.cat([torch.stack([scores.sum(), kl.sum(), mask.sum()]).float(), counts.float()])
+    per_function = [v for name in rewards.names for v in (given.sums[name], given.counts[name])]
+    counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped, given.missing, *per_function,
+                           *statuses.values()], device=mask.device)
+    # The entropy of the sampled tokens, estimated by their mean negative log-prob (unbiased when sampling at
+    # the scoring temperature without top-k/top-p), costs nothing beyond the scoring pass.
+    stats = torch.cat([torch.stack([scores.sum(), kl.sum(), mask.sum(), -(old_logprobs * mask).sum(),
+                                    truncated.sum()]).float(), counts.float()])
+    longest = accelerator.gather(lengths.max().float()[None]).max()  # over all processes
     # Totals over all processes, read in one device-to-host copy per rollout batch.
-    reward, kl_sum, tokens, n_correct, n, dropped, *status_totals = accelerator.reduce(stats, "sum").tolist()
+    longest, reward, kl_sum, tokens, neg_logp, cut, n_correct, n, dropped, missing, *rest = \
+        torch.cat([longest[None], accelerator.reduce(stats, "sum")]).tolist()
+    function_totals, status_totals = rest[: 2 * len(rewards.names)], rest[2 * len(rewards.names):]
     record = {"reward": reward / n, "train_accuracy": n_correct / n, "kl": kl_sum / n, "response_tokens": tokens / n,
+              "response_tokens_max": round(longest), "truncated": cut / n, "entropy": neg_logp / max(tokens, 1),
               "sampled_tokens": int(tokens), **{key: int(v) for key, v in zip(statuses, status_totals, strict=True)}}
+    if rewards.custom:  # each function's mean over the completions it rewarded, and those none rewarded
+        for name, total, count in zip(rewards.names, function_totals[::2], function_totals[1::2], strict=True):
+            record[f"reward_{name}"] = total / count if count else None
+        record["rewards_missing"] = int(missing)
     # old log-probs, values, reference, advantages; measured after `.tolist()` has synced the device
     seconds["time_scoring"] = time.perf_counter() - clock
     if cfg.drop_uniform_groups:
         record["dropped_groups"], record["groups"] = int(dropped), int(n) // k
+    if keep:
+        record["samples"] = [{"id": ex.id, "question": ex.question, "answer": ex.answer, "completion": text,
+                              "extracted": g.extracted, "correct": g.correct, "reward": reward,
+                              "truncated": bool(cut_off)}
+                             for ex, text, g, reward, cut_off in zip(repeated[:keep], out.texts, grades,
+                                                                      given.totals, truncated.tolist(), strict=False)]
     return batch, {**record, **seconds}
 
 
@@ -248,22 +287,36 @@ def ppo_update(accelerator, policy, optimizer, scheduler, batch: RolloutBatch, c
 
 
 @owns_output_dir
-def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
-    """Runs ReFT from the warm-up checkpoint `cfg.model`; returns the final model directory."""
-    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
+def train_reft(cfg: ReFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None, *,
+               rewards: Rewards | None = None, model=None, tokenizer=None) -> Path:
+    """Runs ReFT from the warm-up checkpoint `cfg.model` (or the loaded `model` and `tokenizer`), rewarded by
+    `rewards` (the config's reward functions by default); returns the final model directory."""
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None, model_given=model is not None)
+    rewards = rewards or rewards_of(cfg)  # a reward that cannot be imported fails here, before anything loads
     with open_grader(cfg) as grader:
-        return _train_reft(cfg, train, eval_set, grader)
+        return _train_reft(cfg, train, eval_set, grader, rewards, model, tokenizer)
 
 
-def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
+def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader,
+                rewards: Rewards, model=None, tokenizer=None) -> Path:
+    own_reference = cfg.kl_beta > 0 and cfg.ref_model in (None, cfg.model)
+    # A given model's reference is its frozen copy, taken before training touches it (a PeftModel's is
+    # itself with its adapters off).
+    given_ref = copy.deepcopy(model).eval().requires_grad_(False) \
+        if model is not None and own_reference and not isinstance(model, PeftModel) and not cfg.lora_r else None
     accelerator, run, train, eval_set, lm, tokenizer = start_lm_run(
-        cfg, "reft", train, eval_set, require_cot=cfg.train_needs_cot,
+        cfg, "reft", train, eval_set, require_cot=cfg.train_needs_cot, model=model, tokenizer=tokenizer,
         before_claim=lambda acc: check_engine(cfg.rollout_engine, acc.num_processes))  # installed?
     policy = PolicyWithValueHead(lm, critic=cfg.critic)
-    policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
+    if model is None:
+        policy.load_value_head(Path(cfg.model))  # continue a ReFT model's critic when it has one
     ref_lm = None  # with LoRA the reference is the policy with its adapters off: no second copy; kl_coef 0: none
-    if cfg.kl_beta > 0 and (not cfg.lora_r or cfg.ref_model not in (None, cfg.model)):
-        ref_lm = load_causal_lm(cfg.ref_model or cfg.model).to(accelerator.device).eval().requires_grad_(False)
+    if cfg.kl_beta > 0 and not own_reference:
+        ref_lm = load_causal_lm(cfg.ref_model).to(accelerator.device).eval().requires_grad_(False)
+    elif given_ref is not None:
+        ref_lm = given_ref.to(accelerator.device)
+    elif own_reference and model is None and not cfg.lora_r:
+        ref_lm = load_causal_lm(cfg.model).to(accelerator.device).eval().requires_grad_(False)
 
     def prompt_lengths() -> list[int]:
         return [len(encode_prompt(tokenizer, ex, cfg.max_prompt_tokens, cfg.cot)) for ex in train]
@@ -292,8 +345,11 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
     for epoch in loop.epochs():
         for i, indices in loop.batches(loader, epoch):
             # 1. Rollout: sample, grade and score the batch's questions with the current policy.
+            show = cfg.log_samples_every and (progress.step + 1) % cfg.log_samples_every == 0
             rollout, record = make_rollout(accelerator, policy, ref_lm, tokenizer,
-                                           [train[j] for j in indices.tolist()], cfg, grader, engine, run.cuts)
+                                           [train[j] for j in indices.tolist()], cfg, grader, engine, run.cuts,
+                                           rewards, keep=SAMPLES_SHOWN if show else 0)
+            samples = record.pop("samples", None)
             engine.sleep()  # vLLM sleep mode: the engine's memory is free for the update
             # 2. Update: ppo_epochs passes over the rollout. Minibatch order: a function of (seed, step),
             # identical on every process and after --resume.
@@ -313,6 +369,7 @@ def _train_reft(cfg: ReFTConfig, train: list[Example] | None, eval_set: list[Exa
                         ), kl=f"{record['kl']:.2f}")
             updates_made += record["updates"]
             if accelerator.is_main_process:
+                loop.log_samples(samples or [])
                 warn_if_all_dropped(record, progress.step, cfg)
                 # once a run: the counts of every batch are in metrics.jsonl
                 limits_warned = limits_warned or warn_if_sandbox_limited(record, cfg, f"rollout batch {progress.step}")

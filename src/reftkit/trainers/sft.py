@@ -17,15 +17,19 @@ from reftkit.training.rundir import owns_output_dir
 
 
 @owns_output_dir
-def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None) -> Path:
-    """Runs SFT and returns the directory of the final model (a plain HF checkpoint)."""
-    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None)
+def train_sft(cfg: SFTConfig, train: list[Example] | None = None, eval_set: list[Example] | None = None, *,
+              model=None, tokenizer=None) -> Path:
+    """Runs SFT from `cfg.model` (or the loaded `model` and `tokenizer`) and returns the directory of the final
+    model (a plain HF checkpoint)."""
+    preflight(cfg, train_given=train is not None, eval_given=eval_set is not None, model_given=model is not None)
     with open_grader(cfg) as grader:  # for program CoT, this starts the sandbox the evaluations use
-        return _train_sft(cfg, train, eval_set, grader)
+        return _train_sft(cfg, train, eval_set, grader, model, tokenizer)
 
 
-def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader) -> Path:
-    accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "sft", train, eval_set)
+def _train_sft(cfg: SFTConfig, train: list[Example] | None, eval_set: list[Example] | None, grader, model=None,
+               tokenizer=None) -> Path:
+    accelerator, run, train, eval_set, model, tokenizer = start_lm_run(cfg, "sft", train, eval_set, model=model,
+                                                                       tokenizer=tokenizer)
     features = encode_sft_examples(tokenizer, train, cfg.max_prompt_tokens, cfg.max_length, cfg.cot, run.cuts)
     loader = shuffled_loader(features, lambda: [len(f.input_ids) for f in features], cfg.batch_size, cfg.seed,
                              cfg.group_by_length, collate_fn=partial(collate_sft, pad_id=tokenizer.pad_token_id))

@@ -35,6 +35,7 @@ from reftkit.config import TrainerOptions
 from reftkit.data.prompts import Truncations
 from reftkit.modeling.lora import plain_model_and_state
 from reftkit.modeling.model import PolicyWithValueHead, language_model
+from reftkit.training.card import write_model_card
 from reftkit.training.errors import NonFiniteError, RunError
 from reftkit.training.rundir import (
     LOCK_FILE,
@@ -54,11 +55,12 @@ RUN_FILE = "reftkit_run.json"  # the run that owns this directory: id, command, 
 _STEP_DIR = re.compile(r"checkpoint-(\d+)")
 # What a run writes into its directory: the only names `overwrite_output_dir` removes (checkpoint-N:
 # `step_of`; a checkpoint-best/ is not a run's).
-_RUN_OUTPUTS = (".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "predictions*.jsonl", RUN_FILE)
+_RUN_OUTPUTS = (".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "samples.jsonl", "predictions*.jsonl",
+               RUN_FILE)
 # Settings a resumed run may change: how it is watched and evaluated, not what it trains.
 RESUMABLE = frozenset({"resume", "overwrite_output_dir", "output_dir", "progress", "log_with", "eval_file",
                        "eval_batch_size", "max_eval_examples", "eval_every", "eval_every_epoch", "save_every",
-                       "exec_workers", "nonfinite"})
+                       "exec_workers", "nonfinite", "log_samples_every"})
 NOT_SETTINGS = frozenset({"resume", "overwrite_output_dir"})  # how a run was started: never a change to report
 
 
@@ -342,6 +344,9 @@ def save_checkpoint(
         save_hf_model(accelerator, model, tokenizer, tmp)
         if progress is not None:
             accelerator.save_state(str(tmp / ACCELERATE_DIR))
+        elif accelerator.is_main_process:  # the final model: its card
+            command = (_run_file(output_dir) or {}).get("command", "")
+            write_model_card(tmp, config, command, output_dir / "metrics.jsonl")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"progress": progress.__dict__ if progress else None, "config": config, "time": time.time(),

@@ -29,7 +29,7 @@ from reftkit.config import TrainerOptions
 from reftkit.data.loading import load_examples_for, training_examples
 from reftkit.data.records import Example
 from reftkit.modeling.loading import load_model_and_tokenizer, prepare_lm_for_training
-from reftkit.modeling.model import language_model
+from reftkit.modeling.model import language_model, load_tokenizer, prepare_tokenizer
 from reftkit.rollout.decoding import eval_record, evaluate_run
 from reftkit.training.checkpoints import (
     Run,
@@ -74,6 +74,8 @@ class TrainingRun:
         self.run = resume_from(accelerator, cfg, run) if cfg.resume else run
         self.progress = self.run.progress
         self.metrics = Metrics(accelerator, cfg, name, self.run.resumed_at)
+        # sampled completions a person can read (ReFT's --log_samples_every), kept in step with metrics.jsonl
+        self.samples = Metrics(accelerator, cfg, name, self.run.resumed_at, file="samples.jsonl", track=False)
         self.batches_in_epoch = math.inf  # the epoch's length, set by `batches` (save_every: `step_checkpoint_due`)
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=self.progress.step, desc=name,
                         disable=not (cfg.progress and accelerator.is_main_process))
@@ -108,6 +110,11 @@ class TrainingRun:
         if postfix:
             self.bar.set_postfix(postfix)
         self.metrics.log(row, progress.step)
+
+    def log_samples(self, rows: list[dict]) -> None:
+        """Rows of samples.jsonl at this step (main process): a few completions with their rewards."""
+        for row in rows:
+            self.samples.log(row, self.progress.step)
 
     def checkpoint_if_due(self) -> None:
         if step_checkpoint_due(self.cfg, self.progress, self.batches_in_epoch):
@@ -160,10 +167,12 @@ def fit(
 
 
 def start_lm_run(cfg: TrainerOptions, command: str, train: list[Example] | None, eval_set: list[Example] | None,
-                 *, require_cot: bool = True, before_claim: Callable[[Accelerator], None] | None = None):
+                 *, require_cot: bool = True, before_claim: Callable[[Accelerator], None] | None = None,
+                 model=None, tokenizer=None):
     """(accelerator, run, train, eval_set, model, tokenizer) of a run that fine-tunes a causal LM,
     with the configured LoRA / gradient checkpointing applied. `before_claim` checks what must hold
-    before the output_dir is claimed; require_cot=False: only questions and gold answers are needed."""
+    before the output_dir is claimed; require_cot=False: only questions and gold answers are needed.
+    `model` (a loaded transformers or peft model) and `tokenizer` stand for cfg.model when given."""
     accelerator = make_accelerator(cfg)
     if before_claim is not None:
         before_claim(accelerator)
@@ -171,5 +180,9 @@ def start_lm_run(cfg: TrainerOptions, command: str, train: list[Example] | None,
     train = training_examples(train, cfg, require_cot=require_cot)
     if eval_set is None and cfg.eval_file:
         eval_set = load_examples_for(cfg.eval_file, cfg, "eval")[: cfg.max_eval_examples]
-    model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, train, cfg.seed, cfg.cot)
+    else:
+        tokenizer = prepare_tokenizer(tokenizer if tokenizer is not None
+                                      else load_tokenizer(getattr(model, "name_or_path", cfg.model)))
     return accelerator, run, train, eval_set, prepare_lm_for_training(model, cfg), tokenizer

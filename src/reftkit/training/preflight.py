@@ -24,14 +24,14 @@ _POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_
                     "seq_length")
 
 
-def preflight(cfg, *, train_given: bool = False, eval_given: bool = False) -> None:
+def preflight(cfg, *, train_given: bool = False, eval_given: bool = False, model_given: bool = False) -> None:
     """Raises (ValueError, FileNotFoundError, DataError: one line each) when an input of `cfg` cannot
-    serve the command. train_given / eval_given: the caller passes those examples itself, so the
-    train_file / eval_file is not read."""
+    serve the command. train_given / eval_given / model_given: the caller passes those examples, or the
+    loaded model, itself, so the train_file / eval_file / model is not read."""
     if isinstance(cfg, ReproduceConfig) and cfg.demo:
         return  # synthetic data and the in-code model
     lengths = _max_lengths(cfg)
-    if cfg.model != "tiny":  # tiny is built in code
+    if cfg.model != "tiny" and not model_given:  # tiny is built in code
         check_model(cfg.model, lengths)
     for name in ("ref_model", "reranker"):
         value = getattr(cfg, name, None)

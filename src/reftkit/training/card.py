@@ -1,0 +1,76 @@
+"""The model card (README.md) of a run's final model, written with huggingface_hub's card tools."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from reftkit import __version__
+
+# The settings a reader of the card needs first; the whole config is in trainer_state.json beside it.
+_KEY_SETTINGS = ("model", "train_file", "cot", "epochs", "batch_size", "lr", "num_samples", "advantage", "kl_coef",
+                 "ppo_epochs", "mini_batch_size", "reward", "sft_coef", "lora_r", "max_length", "bf16", "seed")
+_METHODS = {"sft": "supervised fine-tuning", "reft": "ReFT (online RL from a warm-up SFT checkpoint)",
+            "online-st": "online self-training", "offline-st": "offline self-training",
+            "train-reranker": "an outcome reward model (reranker)"}
+
+
+def final_metrics(metrics_file: Path) -> dict[str, float]:
+    """The last value of each headline metric in metrics.jsonl (eval accuracy, train reward and accuracy, loss)."""
+    last: dict[str, float] = {}
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            for key in ("eval_accuracy", "reward", "train_accuracy", "loss", "kl"):
+                value = row.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    last[key] = value
+    return last
+
+
+def model_card(config: dict, command: str, metrics: dict[str, float]) -> ModelCard:
+    """A card for a model trained by `command` with `config` (the run's settings), `metrics` its last figures."""
+    base = str(config.get("model", ""))
+    method = _METHODS.get(command, command)
+    if command == "reft" and config.get("advantage", "gae") != "gae":
+        method += f", advantage estimator {config['advantage']}"
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["reftkit", command, "math-reasoning"], base_model=base or None)
+    settings = "\n".join(f"| `{key}` | `{json.dumps(config[key])}` |" for key in _KEY_SETTINGS if key in config)
+    figures = "\n".join(f"| {key} | {value:.4f} |" for key, value in metrics.items()) or "| (none logged) | |"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {Path(base).name or base or "model"}, trained with reftkit ({command})
+
+Trained with reftkit {__version__}: {method}, from `{base}`.
+It is a plain `transformers` checkpoint: `AutoModelForCausalLM.from_pretrained(this directory)` loads it.
+The prompt format is the one it was trained on: `Question:\\n{{question}}\\nAnswer reasoning:\\n`, and it
+ends its answer with `Therefore, the answer is: {{answer}}` (natural CoT) or a Python program (program CoT).
+
+## Settings
+
+| option | value |
+|---|---|
+{settings}
+
+Every setting is in `trainer_state.json`, beside this card.
+
+## Last figures of the run (metrics.jsonl)
+
+| metric | value |
+|---|---|
+{figures}
+"""
+    return ModelCard(text)
+
+
+def write_model_card(directory: Path, config: dict, command: str, metrics_file: Path) -> None:
+    model_card(config, command, final_metrics(metrics_file)).save(Path(directory) / "README.md")
