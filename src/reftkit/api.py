@@ -60,7 +60,8 @@ def to_examples(data, columns: dict[str, str] | None = None, data_format: str = 
     rows = list(data)
     if rows and all(isinstance(row, Example) for row in rows):
         return rows
-    return examples_from_rows(rows, data_format, fields=columns, require_cot=require_cot, label=label)
+    fmt = "auto" if data_format == "hf" else data_format  # rows in memory: their format, read off their columns
+    return examples_from_rows(rows, fmt, fields=columns, require_cot=require_cot, label=label)
 
 
 class _Trainer:

@@ -2,7 +2,7 @@
 
 A reward function is called once per rollout batch as
 
-    f(prompts, completions, completion_ids=..., grades=..., **columns) -> list[float | None]
+    f(prompts=..., completions=..., completion_ids=..., grades=..., **columns) -> list[float | None]
 
 `prompts` and `completions` are texts (one row per sampled completion, a question's k samples in a
 row), `completion_ids` their token ids, `grades` what the run's grader read off each completion
@@ -129,14 +129,14 @@ class Rewards:
 
 def _call(fn, name, prompts, completions, kwargs, examples) -> list:
     """fn's values as a list; when it raises, the first completion it raises on alone is named."""
-    try:
-        return list(fn(list(prompts), list(completions), **kwargs))
+    try:  # keywords, as TRL calls them: f(prompts=..., completions=..., **kwargs)
+        return list(fn(prompts=list(prompts), completions=list(completions), **kwargs))
     except Exception as error:  # noqa: BLE001 -- any failure of user code stops the run, named
         culprit = None
         for i in range(len(completions)):
             one = {k: [v[i]] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
             try:
-                fn([prompts[i]], [completions[i]], **one)
+                fn(prompts=[prompts[i]], completions=[completions[i]], **one)
             except Exception:  # noqa: BLE001
                 culprit = i
                 break

@@ -16,6 +16,7 @@ _KEY_SETTINGS = ("model", "train_file", "cot", "epochs", "batch_size", "lr", "nu
 _METHODS = {"sft": "supervised fine-tuning", "reft": "ReFT (online RL from a warm-up SFT checkpoint)",
             "online-st": "online self-training", "offline-st": "offline self-training",
             "train-reranker": "an outcome reward model (reranker)"}
+_PIPELINES = {"train-reranker": "text-classification"}  # the rest generate text
 
 
 def final_metrics(metrics_file: Path) -> dict[str, float]:
@@ -40,7 +41,7 @@ def model_card(config: dict, command: str, metrics: dict[str, float]) -> ModelCa
     method = _METHODS.get(command, command)
     if command == "reft" and config.get("advantage", "gae") != "gae":
         method += f", advantage estimator {config['advantage']}"
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+    data = ModelCardData(library_name="transformers", pipeline_tag=_PIPELINES.get(command, "text-generation"),
                          tags=["reftkit", command, "math-reasoning"], base_model=base or None)
     settings = "\n".join(f"| `{key}` | `{json.dumps(config[key])}` |" for key in _KEY_SETTINGS if key in config)
     figures = "\n".join(f"| {key} | {value:.4f} |" for key, value in metrics.items()) or "| (none logged) | |"
