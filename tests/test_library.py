@@ -3,6 +3,8 @@
 
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
@@ -12,6 +14,7 @@ from reftkit import ReFTConfig, ReFTTrainer, SFTConfig, SFTTrainer
 from reftkit.data.readers import DataError, examples_from_rows
 from reftkit.grading.answers import Grade
 from reftkit.grading.rewards import RewardError, Rewards, correctness
+from reftkit.training.errors import RunError
 
 
 def rows_of(examples, bonus=None):
@@ -178,3 +181,52 @@ def test_a_reft_run_logs_entropy_truncation_lengths_and_writes_a_model_card(tmp_
     card = ModelCard.load(final / "README.md")
     assert "reftkit" in card.data.tags and card.data.base_model == str(warm_checkpoint)
     assert "ReFT" in card.text and "| `lr` | `0.0001` |" in card.text
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+def test_push_to_hub_uploads_the_final_model_with_its_card(tmp_path, monkeypatch, splits, tiny_checkpoint):
+    import huggingface_hub
+
+    from conftest import sft_config
+    from reftkit.trainers.sft import train_sft
+    from reftkit.training import preflight
+
+    calls = []
+
+    class FakeHub:  # stands for huggingface_hub.HfApi: the network part cannot run here
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload", kwargs["repo_id"], sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())))
+            return SimpleNamespace(commit_url="https://huggingface.co/me/model/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(preflight, "hub_unreachable", lambda: None)
+    final = train_sft(sft_config(tmp_path / "run", tiny_checkpoint, epochs=1, push_to_hub="me/model"), splits[0][:16])
+    assert calls[0] == ("create", "me/model") and calls[1][:2] == ("upload", "me/model")
+    assert {"README.md", "config.json", "model.safetensors"} <= set(calls[1][2]) and final.exists()
+
+    class BrokenHub(FakeHub):
+        def upload_folder(self, **kwargs):
+            raise OSError("401 Client Error: Unauthorized\nmore lines")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", BrokenHub)
+    with pytest.raises(RunError, match=r"push_to_hub 'me/model': the upload failed \(OSError: 401 Client Error: "
+                                       r"Unauthorized\); the model is saved in .*final"):
+        train_sft(sft_config(tmp_path / "again", tiny_checkpoint, epochs=1, push_to_hub="me/model"), splits[0][:16])
+    assert (tmp_path / "again" / "final" / "model.safetensors").exists()
+
+
+def test_push_to_hub_offline_is_refused_before_training(tmp_path, monkeypatch, splits, tiny_checkpoint):
+    from conftest import sft_config
+    from reftkit.trainers.sft import train_sft
+    from reftkit.training import preflight
+
+    monkeypatch.setattr(preflight, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    with pytest.raises(ValueError, match="push_to_hub 'me/model': the Hugging Face Hub cannot be reached "
+                                         r"\(HF_HUB_OFFLINE is set\)"):
+        train_sft(sft_config(tmp_path / "run", tiny_checkpoint, push_to_hub="me/model"), splits[0][:16])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

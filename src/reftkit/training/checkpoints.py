@@ -35,8 +35,8 @@ from reftkit.config import TrainerOptions
 from reftkit.data.prompts import Truncations
 from reftkit.modeling.lora import plain_model_and_state
 from reftkit.modeling.model import PolicyWithValueHead, language_model
-from reftkit.training.card import write_model_card
 from reftkit.training.errors import NonFiniteError, RunError
+from reftkit.training.publish import write_model_card
 from reftkit.training.rundir import (
     LOCK_FILE,
     check_inputs,
@@ -60,7 +60,7 @@ _RUN_OUTPUTS = (".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "sa
 # Settings a resumed run may change: how it is watched and evaluated, not what it trains.
 RESUMABLE = frozenset({"resume", "overwrite_output_dir", "output_dir", "progress", "log_with", "eval_file",
                        "eval_batch_size", "max_eval_examples", "eval_every", "eval_every_epoch", "save_every",
-                       "exec_workers", "nonfinite", "log_samples_every"})
+                       "exec_workers", "nonfinite", "log_samples_every", "push_to_hub"})
 NOT_SETTINGS = frozenset({"resume", "overwrite_output_dir"})  # how a run was started: never a change to report
 
 

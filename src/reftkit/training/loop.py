@@ -42,6 +42,7 @@ from reftkit.training.checkpoints import (
 from reftkit.training.device import make_accelerator
 from reftkit.training.metrics import Metrics
 from reftkit.training.optim import guarded_step
+from reftkit.training.publish import push_to_hub
 
 log = logging.getLogger("reftkit")
 
@@ -139,9 +140,12 @@ class TrainingRun:
         self.checkpoint()
 
     def finish(self) -> Path:
+        """The final model (and, with push_to_hub, its upload); returns its directory."""
         self.bar.close()
         final = save_final(self.accelerator, self.model, self.tokenizer, self.cfg, self.run)
         self.metrics.close()
+        if self.cfg.push_to_hub and self.accelerator.is_main_process:
+            log.info("pushed %s to the Hub: %s", final, push_to_hub(final, self.cfg.push_to_hub))
         return final
 
     def checkpoint(self) -> None:

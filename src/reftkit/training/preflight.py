@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from reftkit.config import EvalConfig, ReproduceConfig, SampleConfig, TrainData
-from reftkit.modeling.hub import missing_path_message
+from reftkit.modeling.hub import hub_unreachable, missing_path_message
 
 # Config fields of relative positions (RoPE, ALiBi): no table to run past, so no hard length limit.
 _RELATIVE_POSITIONS = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct",
@@ -38,6 +38,11 @@ def preflight(cfg, *, train_given: bool = False, eval_given: bool = False, model
         if isinstance(value, str):  # reproduce's `reranker` is a stage section, not a model
             check_model(value, lengths, what=name, tokenizer=name == "reranker")
     _check_data(cfg, train_given, eval_given)
+    if getattr(cfg, "push_to_hub", None):  # known now, not after hours of training
+        offline = hub_unreachable()
+        if offline:
+            raise ValueError(f"push_to_hub {cfg.push_to_hub!r}: the Hugging Face Hub cannot be reached ({offline}); "
+                             "drop push_to_hub and upload the final model later")
     samples = getattr(cfg, "samples_file", None)
     if samples is not None and not Path(samples).expanduser().is_file():
         if Path(samples).expanduser().exists():

@@ -1,4 +1,5 @@
-"""The model card (README.md) of a run's final model, written with huggingface_hub's card tools."""
+"""A run's final model for others: its model card (README.md, huggingface_hub's card tools) and its upload
+to the Hugging Face Hub (`push_to_hub`)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,22 @@ Every setting is in `trainer_state.json`, beside this card.
 
 def write_model_card(directory: Path, config: dict, command: str, metrics_file: Path) -> None:
     model_card(config, command, final_metrics(metrics_file)).save(Path(directory) / "README.md")
+
+
+def push_to_hub(directory: Path, repo_id: str) -> str:
+    """Uploads `directory` to the Hub model repo `repo_id` (created if missing); returns the commit's URL. Any
+    failure (offline, no token, no rights) is one line that says the model is saved locally."""
+    from huggingface_hub import HfApi
+
+    from reftkit.training.errors import RunError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), repo_type="model",
+                                 commit_message=f"reftkit {__version__}: {Path(directory).parent.name}")
+    except Exception as error:  # noqa: BLE001 -- whatever the Hub client raises, the run's model is safe
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RunError(f"push_to_hub {repo_id!r}: the upload failed ({type(error).__name__}: {first}); the model "
+                       f"is saved in {directory}") from None
+    return getattr(info, "commit_url", str(info))
