@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from conftest import LENGTHS
 from reftkit.config import ReFTConfig, SFTConfig
 from reftkit.data.prompts import encode_prompt
+from reftkit.grading.rewards import Rewards
 from reftkit.modeling import loading as model_loading
 from reftkit.modeling.lora import add_lora, lora_layers, merged_state_dict, reference_lm
 from reftkit.modeling.model import (
@@ -122,11 +123,14 @@ def test_reft_with_lora_loads_no_second_model_and_saves_merged_weights(tmp_path,
         monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     # An untrained model earns no reward; alternating rewards give PPO something to learn.
     rewards = itertools.cycle([0.0, 1.0, 1.0])
-    monkeypatch.setattr(reft_module, "reward_from_grade", lambda *_: next(rewards))
+
+    def alternating(completions, **kwargs):
+        return [next(rewards) for _ in completions]
+
     cfg = ReFTConfig(model=str(tiny_checkpoint), output_dir=tmp_path, epochs=1, batch_size=8, num_samples=2,
                      mini_batch_size=8, lr=1e-2, progress=False, lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
                      gradient_checkpointing=True, **LENGTHS)
-    final = reft_module.train_reft(cfg, splits[0][:16])
+    final = reft_module.train_reft(cfg, splits[0][:16], rewards=Rewards([alternating]))
     assert len(loads) == 1  # the policy; the reference is the same model with adapters off
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters (B = 0): policy == reference

@@ -146,9 +146,9 @@ def test_reproduce_refuses_a_section_of_a_method_it_does_not_run():
 def test_unwritable_output_dir_fails_before_any_work(tmp_path, splits, tiny_checkpoint, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    from reftkit.trainers import fit
+    from reftkit.training import loop
 
-    monkeypatch.setattr(fit, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(loop, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(RunError, match="is not writable"):
         train_sft(sft_config(blocker / "run", tiny_checkpoint), splits[0])
 

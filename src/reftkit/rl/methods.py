@@ -100,7 +100,7 @@ def advantage_help() -> str:
     """`--advantage`'s help, from the registry."""
     parts = [f"{e.name} = {e.advantage}" + ("" if e.critic else " (no critic)")
              + ("" if e.loss == "sequence_mean" else f", loss: {LOSS_MODES[e.loss]}") for e in ESTIMATORS.values()]
-    return "advantage estimator: " + "; ".join(parts) + ". Critic-free estimators need num_samples >= 2"
+    return "advantage estimator: " + "; ".join(parts) + ". Estimators without a critic need num_samples >= 2"
 
 
 def methods_table() -> str:

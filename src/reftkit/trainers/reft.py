@@ -109,7 +109,7 @@ def rewards_of(cfg: ReFTConfig) -> Rewards:
                    partial_reward=cfg.partial_reward)
 
 
-def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts, rewards: Rewards,
+def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader, engine, cuts, reward_fns: Rewards,
                   keep: int = 0):
     k = cfg.num_samples
     sampling = Sampling.of(cfg)
@@ -126,7 +126,7 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
     responses = out.sequences[:, out.prompt_len:]
     lengths = out.response_mask.sum(1)
     completion_ids = [row[:n] for row, n in zip(responses.tolist(), lengths.long().tolist(), strict=True)]
-    given = rewards.score([prompt_text(ex, cfg.cot) for ex in repeated], out.texts, completion_ids, repeated, grades)
+    given = reward_fns.score([prompt_text(ex, cfg.cot) for ex in repeated], out.texts, completion_ids, repeated, grades)
     scores = torch.tensor(given.totals, device=out.sequences.device)
     # Cut at max_length: no EOS among its tokens. DAPO's overlong filtering keeps such a completion out of the loss.
     truncated = ~((responses == tokenizer.eos_token_id) & (out.response_mask > 0)).any(dim=1)
@@ -163,7 +163,7 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
 
     # Program CoT: how the batch's programs ended (ok, error, timeout, ...), in the same reduction.
     statuses = status_counts(g.detail for g in grades) if cfg.cot == "program" else {}
-    per_function = [v for name in rewards.names for v in (given.sums[name], given.counts[name])]
+    per_function = [v for name in reward_fns.names for v in (given.sums[name], given.counts[name])]
     counts = torch.tensor([sum(g.correct for g in grades), len(grades), dropped, given.missing, *per_function,
                            *statuses.values()], device=mask.device)
     # The entropy of the sampled tokens, estimated by their mean negative log-prob (unbiased when sampling at
@@ -174,12 +174,12 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
     # Totals over all processes, read in one device-to-host copy per rollout batch.
     longest, reward, kl_sum, tokens, neg_logp, cut, n_correct, n, dropped, missing, *rest = \
         torch.cat([longest[None], accelerator.reduce(stats, "sum")]).tolist()
-    function_totals, status_totals = rest[: 2 * len(rewards.names)], rest[2 * len(rewards.names):]
+    function_totals, status_totals = rest[: 2 * len(reward_fns.names)], rest[2 * len(reward_fns.names):]
     record = {"reward": reward / n, "train_accuracy": n_correct / n, "kl": kl_sum / n, "response_tokens": tokens / n,
               "response_tokens_max": round(longest), "truncated": cut / n, "entropy": neg_logp / max(tokens, 1),
               "sampled_tokens": int(tokens), **{key: int(v) for key, v in zip(statuses, status_totals, strict=True)}}
-    if rewards.custom:  # each function's mean over the completions it rewarded, and those none rewarded
-        for name, total, count in zip(rewards.names, function_totals[::2], function_totals[1::2], strict=True):
+    if reward_fns.custom:  # each function's mean over the completions it rewarded, and those none rewarded
+        for name, total, count in zip(reward_fns.names, function_totals[::2], function_totals[1::2], strict=True):
             record[f"reward_{name}"] = total / count if count else None
         record["rewards_missing"] = int(missing)
     # old log-probs, values, reference, advantages; measured after `.tolist()` has synced the device
