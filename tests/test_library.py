@@ -166,18 +166,30 @@ def test_reward_specs_and_weights_are_checked_before_a_run():
 
 
 @pytest.mark.slow
-def test_a_reft_run_logs_entropy_truncation_lengths_and_writes_a_model_card(tmp_path, splits, warm_checkpoint):
-    from reftkit.trainers.reft import train_reft
+def test_a_reft_run_logs_entropy_truncation_lengths_and_writes_a_model_card(tmp_path, splits, warm_checkpoint,
+                                                                           monkeypatch):
+    from transformers import AutoTokenizer
 
+    from reftkit.trainers import reft as reft_module
+
+    batches = []
+    real_update = reft_module.ppo_update
+    monkeypatch.setattr(reft_module, "ppo_update", lambda acc, policy, opt, sched, batch, *a, **k:
+                        batches.append(batch) or real_update(acc, policy, opt, sched, batch, *a, **k))
     cfg = ReFTConfig(model=str(warm_checkpoint), output_dir=tmp_path / "short", batch_size=8, num_samples=2,
                      mini_batch_size=16, lr=1e-4, progress=False, max_prompt_tokens=64, max_length=68,
                      mask_truncated=True)
-    final = train_reft(cfg, splits[0][:8])
+    final = reft_module.train_reft(cfg, splits[0][:8])
     (row,) = [r for r in metrics(tmp_path / "short") if "reward" in r]
-    # 4 new tokens at most: the warm model's answers never end by then, so every completion is cut, and with
-    # mask_truncated none of them has a loss
-    assert row["truncated"] == 1.0 and row["response_tokens_max"] == 4 and row["policy_loss"] == 0.0
-    assert row["entropy"] > 0 and "reward_correctness" not in row  # the paper's reward alone: no per-function rows
+    # 4 new tokens at most: most of the warm model's answers are cut there; with mask_truncated those have no loss
+    (batch,) = batches
+    responses = batch.sequences[:, batch.prompt_len:]
+    eos = AutoTokenizer.from_pretrained(warm_checkpoint).eos_token_id
+    ended = (responses == eos).any(dim=1)
+    assert row["truncated"] == pytest.approx(1 - ended.float().mean().item()) and row["truncated"] >= 0.5
+    assert (batch.mask.sum(dim=1) > 0).tolist() == ended.tolist()
+    assert row["response_tokens_max"] == 4 and row["entropy"] > 0
+    assert "reward_correctness" not in row  # the paper's reward alone: no per-function rows
     card = ModelCard.load(final / "README.md")
     assert "reftkit" in card.data.tags and card.data.base_model == str(warm_checkpoint)
     assert "ReFT" in card.text and "| `lr` | `0.0001` |" in card.text
