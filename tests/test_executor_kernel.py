@@ -197,6 +197,7 @@ def test_main_attack_suite_contained_by_the_kernel_alone(kernel_run, name):
         assert result.status in ATTACKS[name][1], result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ESCAPED))
 def test_escaped_program_is_stopped_by_the_kernel(kernel_run, name):
     result = kernel_run["results"][f"esc:{name}"]
@@ -205,6 +206,7 @@ def test_escaped_program_is_stopped_by_the_kernel(kernel_run, name):
     assert word in result.detail, result
 
 
+@pytest.mark.slow
 def test_kernel_alone_leaves_the_host_unharmed(kernel_run):
     assert kernel_run["canary"].read_text() == "precious"
     assert not kernel_run["created"].exists()
@@ -429,6 +431,7 @@ def _strictest(*returns: int) -> int:
     return returns[signed.index(min(signed))]
 
 
+@pytest.mark.slow
 def test_seccomp_filter_halves_decide_like_the_whole():
     """The worker installs one half of the filter and every child adds the other (seccomp.CHILD_CALLS): for
     every syscall number and the arguments the filter looks at, a child under both gets exactly the whole

@@ -264,6 +264,7 @@ def redteam_run(request, tmp_path_factory) -> dict:
             "after": after, "worker_limits": worker_limits, "elapsed": elapsed, "canary": canary, "victim": victim}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROBES))
 def test_escaped_probe_is_contained(redteam_run, name):
     result = redteam_run["results"][name]
@@ -273,6 +274,7 @@ def test_escaped_probe_is_contained(redteam_run, name):
         assert result.value is None, result
 
 
+@pytest.mark.slow
 def test_cpython_own_ioctls_still_work(redteam_run):
     """The ioctl allow-list keeps what CPython does on its own descriptors (FIONBIO, FIOCLEX/FIONCLEX,
     TCGETS, TIOCGWINSZ): the pipe is non-blocking now, no terminal, and TIOCGWINSZ fails with ENOTTY, the
@@ -280,6 +282,7 @@ def test_cpython_own_ioctls_still_work(redteam_run):
     assert redteam_run["results"]["cpython_own_ioctls_still_work"] == ExecResult(OK, f"False False {errno.ENOTTY}")
 
 
+@pytest.mark.slow
 def test_redteam_batch_leaves_the_host_unharmed(redteam_run):
     before, after = redteam_run["before"], redteam_run["after"]
     assert redteam_run["canary"].read_text() == "precious"

@@ -89,6 +89,7 @@ def _example(answer: str = "7") -> Example:
     return Example("rt2", "How many?", "", answer)
 
 
+@pytest.mark.slow
 def test_odd_return_values_reach_the_grader_as_bounded_text():
     """Every odd value a program can return with the default layers ends as a status in the child, and the
     trainer's grader reads what comes back without raising: a canonical number or no answer."""

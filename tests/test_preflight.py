@@ -340,6 +340,7 @@ def test_missing_tokenizer_files_are_a_one_line_cli_error_before_the_model_loads
 
 # ----------------------------------------------------------------------------- item 13a: Ctrl-C
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_with_the_resume_hint(data):
     env = {**os.environ, "PYTHONPATH": str(Path(reftkit.__file__).parents[1])}
     out = data / "run"

@@ -202,6 +202,7 @@ def live_run():
         proc.wait()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_runs_directory_is_refused(tmp_path, splits, tiny_checkpoint, live_run, monkeypatch):
     run = tmp_path / "run"
     interrupt_at_log(monkeypatch, calls=4)
@@ -221,6 +222,7 @@ def test_a_second_run_on_a_live_runs_directory_is_refused(tmp_path, splits, tiny
     assert [r["step"] for r in strict_rows(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_blocks_neither_lock_nor_retry(tmp_path, splits, tiny_checkpoint,
                                                                                  live_run):
     run = tmp_path / "run"
@@ -322,6 +324,7 @@ def test_eval_into_a_training_runs_directory_is_refused(tmp_path, splits, tiny_c
     run_eval(cfg.model_copy(update={"output_dir": run / "eval"}))
 
 
+@pytest.mark.slow
 def test_reproduce_counts_the_train_time_of_every_part(tmp_path, splits, tiny_checkpoint, monkeypatch):
     from reftkit.commands.reproduce import STAGE_FILE, resumable_training
 
