@@ -146,6 +146,7 @@ def test_few_shot_prompt_tokenizes_each_worked_example_as_sft_does(cot):
 # ----------------------------------------------------------------------------- the sandbox's
 # own limits are reported (per-status counts, a warning when they stop a noticeable share of the programs)
 
+@pytest.mark.slow
 def test_programs_stopped_by_the_time_limit_are_counted_and_warned_about(caplog):
     """The real sandbox: 4 programs that return their answer, 4 that never return; only the limit stops them."""
     from reftkit.grading.cot import status_counts, warn_if_sandbox_limited

@@ -379,6 +379,7 @@ def one_shared_worker():
         yield ex
 
 
+@pytest.mark.slow
 def test_shared_child_failures_stay_with_their_program(one_shared_worker):
     results = one_shared_worker.run([source for source, _, _ in SHARED_CASES])
     assert [(r.status, r.value) for r in results] == [(status, value) for _, status, value in SHARED_CASES]
@@ -417,6 +418,7 @@ def test_workers_cover_every_cpu_then_each_stays_on_one():
         os.sched_setaffinity(0, own)
 
 
+@pytest.mark.slow
 def test_killed_workers_are_replaced(executor):
     hogs = ["def solution():\n    while True:\n        pass\n", "def solution():\n    return len(bytearray(10**11))\n"]
     loop, memory = hogs

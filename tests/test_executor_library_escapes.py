@@ -254,6 +254,7 @@ def test_a_worker_killed_in_the_middle_of_a_chunk_charges_no_innocent_program():
         assert victim not in {w.proc.pid for w in ex._workers}
 
 
+@pytest.mark.slow
 def test_a_killed_trainer_leaves_no_process():
     """The trainer SIGKILLed with both pools up and a program running: the workers read EOF and leave, and
     each namespace's PID 1 (and so every program) dies with its worker."""
