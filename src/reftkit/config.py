@@ -499,10 +499,6 @@ class DemoConfig(_Config):
     bf16: Literal["auto", "yes", "no"] = Field(DEMO_BF16, description=(
         "bf16 autocast of every stage; the tiny model runs faster and better in float32 (docs/cpu-bf16.md)"
     ))
-    push_to_hub: str | None = Field(None, description=(
-        "after the final save, upload the final model (with its model card) to this Hugging Face Hub repo id "
-        "(huggingface_hub; needs a token with write access)"
-    ))
     overwrite_output_dir: bool = Field(False, description=(
         "rerun into an output_dir that holds an earlier demo's runs (they are replaced)"
     ))
