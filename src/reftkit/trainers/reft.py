@@ -125,7 +125,9 @@ def _make_rollout(accelerator, policy, ref_lm, tokenizer, examples, cfg, grader,
     seconds["time_grading"], clock = time.perf_counter() - clock, time.perf_counter()
     responses = out.sequences[:, out.prompt_len:]
     lengths = out.response_mask.sum(1)
-    completion_ids = [row[:n] for row, n in zip(responses.tolist(), lengths.long().tolist(), strict=True)]
+    # token ids on the host only for functions that may read them: the paper's reward alone needs no device sync
+    completion_ids = [row[:n] for row, n in zip(responses.tolist(), lengths.long().tolist(), strict=True)] \
+        if reward_fns.custom else [[] for _ in out.texts]
     given = reward_fns.score([prompt_text(ex, cfg.cot) for ex in repeated], out.texts, completion_ids, repeated, grades)
     scores = torch.tensor(given.totals, device=out.sequences.device)
     # Cut at max_length: no EOS among its tokens. DAPO's overlong filtering keeps such a completion out of the loss.
